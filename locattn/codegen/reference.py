@@ -1,0 +1,91 @@
+"""Reference implementation: dense masked softmax attention in fp32 (fp64 for fp64 inputs).
+
+Builds the full ``[Sq, Sk]`` pattern mask from the pattern's predicate, so it costs O(S^2) memory: it is
+the semantic definition every faster implementation is tested against, and it runs on any device.
+
+Semantics shared by every implementation:
+  scores = scale * q @ k^T + bias;  allowed = pattern & mask & (causal: j <= i, top-left aligned)
+  out    = softmax(scores over allowed keys) @ v;  lse = logsumexp(scores over allowed keys)
+  A query row with no allowed key gets ``out = 0`` and ``lse = -inf`` (SDPA would give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns.base import allowed
+from .registry import AttentionCall, Implementation
+
+
+def compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[B, Hk, S, D] -> [B, Hq, S, D] by repeating each kv head Hq // Hk times (GQA)."""
+    hk = x.shape[1]
+    return x if hk == hq else x.repeat_interleave(hq // hk, dim=1)
+
+
+def keep_mask(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
+    """Pattern & causal for token indices ``qi [..., M, 1]``, ``kj [..., 1, N]`` (site mask not included)."""
+    keep = allowed(call.pattern, call.layout, qi, kj)
+    if call.is_causal:
+        keep = keep & (kj <= qi)
+    return keep
+
+
+def reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a [B, H, Sq, Sk] gradient down to the broadcast shape of the tensor it belongs to."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+class Reference(Implementation):
+    name = "reference"
+
+    def _scores(self, call: AttentionCall, ct: torch.dtype):
+        q, k = call.q.to(ct), expand_kv(call.k, call.q.shape[1]).to(ct)
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        s = (q @ k.transpose(-2, -1)) * call.scale
+        if call.bias is not None:
+            s = s + call.bias.to(ct)
+        dev = q.device
+        keep = keep_mask(call, torch.arange(s_q, device=dev)[:, None], torch.arange(s_k, device=dev)[None, :])
+        if call.mask is not None:
+            keep = keep & call.mask
+        keep = keep.expand_as(s)
+        return s.masked_fill(~keep, float("-inf")), keep
+
+    def forward(self, call):
+        ct = compute_dtype(call.q, call.k, call.v)
+        s, keep = self._scores(call, ct)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # empty rows: exp(-inf) = 0
+        out = p @ expand_kv(call.v, call.q.shape[1]).to(ct)
+        return out.to(call.q.dtype), lse.float()
+
+    def backward(self, call, grad_out, out, lse, need_dbias):
+        ct = compute_dtype(call.q, call.k, call.v)
+        hq, hk = call.q.shape[1], call.k.shape[1]
+        s, keep = self._scores(call, ct)
+        lse_c = lse.to(ct)
+        p = torch.exp(s - lse_c.masked_fill(torch.isinf(lse_c), 0)[..., None])
+        do = grad_out.to(ct)
+        v = expand_kv(call.v, hq).to(ct)
+        k = expand_kv(call.k, hq).to(ct)
+        dv = p.transpose(-2, -1) @ do
+        dp = do @ v.transpose(-2, -1)
+        delta = (do * out.to(ct)).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq = (ds @ k) * call.scale
+        dk = (ds.transpose(-2, -1) @ call.q.to(ct)) * call.scale
+        if hk != hq:  # sum the repeated heads back onto their kv head
+            b, _, s_k, _ = dk.shape
+            dk = dk.view(b, hk, hq // hk, s_k, -1).sum(2)
+            dv = dv.view(b, hk, hq // hk, s_k, -1).sum(2)
+        dbias = reduce_to(ds, call.bias.shape) if need_dbias and call.bias is not None else None
+        return dq, dk, dv, dbias

@@ -1,0 +1,102 @@
+"""The one ordered registry of implementations of ``locattn::attention``.
+
+Each implementation answers ``can_run(call) -> (ok, reason)``; dispatch walks the list in order and takes the
+first that can run, counting why the ones before it could not (``counters()["dispatch"]``). An explicit
+override (policy ``backend = "..."`` or ``torch.compile(..., options={"backend": ...})``) picks one by name and
+raises :class:`BackendUnavailable` with its reason if it cannot run — an override never silently degrades.
+
+Later implementations (Triton, fast CPU) are one entry each: subclass :class:`Implementation` and add an
+instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..counters import bump, log
+from ..patterns.base import Layout, Pattern
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested implementation cannot run this call."""
+
+
+@dataclass
+class AttentionCall:
+    """One head group of one op call. Shapes (4-D, contiguous not required):
+
+    q: [B, Hq, Sq, D]; k: [B, Hk, Sk, D]; v: [B, Hk, Sk, Dv] with Hq % Hk == 0 (GQA);
+    mask: bool, broadcastable to [B, Hq, Sq, Sk] (True = attend) or None;
+    bias: float, broadcastable to [B, Hq, Sq, Sk] (added to the scaled scores) or None.
+    ``layout`` is resolved (concrete grid) for local patterns.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    bias: torch.Tensor | None
+    scale: float
+    is_causal: bool
+    pattern: Pattern
+    layout: Layout
+
+
+class Implementation:
+    name: str = ""
+
+    def can_run(self, call: AttentionCall) -> tuple[bool, str]:
+        return True, ""
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (float32; -inf for empty rows)."""
+        raise NotImplementedError
+
+    def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns ``dq, dk, dv`` shaped like q, k, v and ``dbias`` shaped like ``call.bias`` (or None)."""
+        raise NotImplementedError
+
+
+IMPLEMENTATIONS: list[Implementation] = []
+
+
+def register(impl: Implementation, before: str | None = None) -> None:
+    """Add an implementation (before the one named ``before``, else at the end)."""
+    names = [i.name for i in IMPLEMENTATIONS]
+    if impl.name in names:
+        IMPLEMENTATIONS[names.index(impl.name)] = impl
+        return
+    IMPLEMENTATIONS.insert(names.index(before) if before in names else len(IMPLEMENTATIONS), impl)
+
+
+def get(name: str) -> Implementation:
+    for impl in IMPLEMENTATIONS:
+        if impl.name == name:
+            return impl
+    raise BackendUnavailable(f"unknown locattn backend {name!r}; known: {[i.name for i in IMPLEMENTATIONS]}")
+
+
+def candidates(call: AttentionCall) -> list[tuple[str, bool, str]]:
+    """Which implementations could run ``call``: ``[(name, ok, reason)]`` in dispatch order."""
+    return [(impl.name, *impl.can_run(call)) for impl in IMPLEMENTATIONS]
+
+
+def select(call: AttentionCall, override: str = "") -> Implementation:
+    if override and override != "auto":
+        impl = get(override)
+        ok, why = impl.can_run(call)
+        if not ok:
+            raise BackendUnavailable(f"locattn backend {override!r} was requested but cannot run: {why}")
+        bump("dispatch", impl.name)
+        return impl
+    for impl in IMPLEMENTATIONS:
+        ok, why = impl.can_run(call)
+        if ok:
+            bump("dispatch", impl.name)
+            return impl
+        bump("dispatch", f"skip {impl.name}: {why}")
+        log.debug("locattn: %s cannot run (%s)", impl.name, why)
+    raise BackendUnavailable("no locattn implementation can run this call")  # reference always can

@@ -1,0 +1,169 @@
+"""The ``torch.ops.locattn`` custom ops every rewritten site calls.
+
+``locattn::attention(q, k, v, mask, bias, scale, is_causal, spec, backend) -> (out, lse)``
+
+  q: [B, Hq, Sq, D]   k: [B, Hk, Sk, D]   v: [B, Hk, Sk, Dv]   (Hq % Hk == 0: GQA without repeating k/v)
+  mask: bool broadcastable to [B, Hq, Sq, Sk] (True = attend) or None
+  bias: float broadcastable to [B, Hq, Sq, Sk], added to the scaled scores, or None (differentiable)
+  scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
+  spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
+  backend: "" / "auto" for registry order, or an implementation name that must run
+  out: [B, Hq, Sq, Dv] contiguous, q's dtype; lse: [B, Hq, Sq] float32 (-inf where a row has no key)
+
+The op attends exactly the pairs the pattern allows AND the site's mask / causal allow. A query row left
+with no allowed key outputs zeros. The backward is a second op, ``locattn::attention_backward``.
+
+Example::
+
+    out, lse = torch.ops.locattn.attention(q, k, v, None, None, 0.125, False, spec.to_json(), "")
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codegen import registry
+from .codegen.registry import AttentionCall
+from .patterns.base import PatternError
+from .patterns.spec import HeadGroup, SiteSpec, parse_spec
+
+
+def _as4d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or t.dim() >= 4:
+        return t
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def _head_slice(t: Optional[torch.Tensor], heads: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or heads is None or t.shape[1] == 1:
+        return t
+    return t.index_select(1, heads)
+
+
+def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
+    """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads or None, call)]``."""
+    hq, hk = q.shape[1], k.shape[1]
+    if hq % hk:
+        raise ValueError(f"locattn: {hq} query heads are not a multiple of {hk} key/value heads")
+    mask, bias = _as4d(mask), _as4d(bias)
+    s_q, s_k = q.shape[-2], k.shape[-2]
+    out = []
+    for g in spec.groups:
+        layout = g.layout
+        if g.pattern.local:
+            if s_q != s_k:
+                raise PatternError(f"pattern {g.pattern.name} needs self-attention but Sq={s_q} != Sk={s_k}")
+            layout = layout.resolve(s_q)
+            g.pattern.validate(layout.grid)
+        if g.heads is None:
+            out.append((None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            continue
+        hq_idx = torch.tensor(g.heads, device=q.device)
+        rep = hq // hk
+        # GQA: a group of query heads needs their kv heads; keep one kv head per query head when mixed
+        kv_idx = hq_idx // rep
+        out.append((hq_idx, AttentionCall(q.index_select(1, hq_idx), k.index_select(1, kv_idx),
+                                          v.index_select(1, kv_idx), _head_slice(mask, hq_idx),
+                                          _head_slice(bias, hq_idx), scale, is_causal, g.pattern, layout)))
+    return out
+
+
+@torch.library.custom_op("locattn::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    b, hq, s_q, _ = q.shape
+    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    if len(groups) == 1 and groups[0][0] is None:
+        o, lse = registry.select(groups[0][1], backend).forward(groups[0][1])
+        return o.contiguous(), lse.contiguous()
+    out = q.new_empty(b, hq, s_q, v.shape[-1])
+    lse_out = q.new_empty(b, hq, s_q, dtype=torch.float32)
+    for heads, call in groups:
+        o, lse = registry.select(call, backend).forward(call)
+        out.index_copy_(1, heads, o.to(out.dtype))
+        lse_out.index_copy_(1, heads, lse)
+    return out, lse_out
+
+
+@attention.register_fake
+def _(q, k, v, mask, bias, scale, is_causal, spec, backend):
+    b, hq, s_q, _ = q.shape
+    return q.new_empty(b, hq, s_q, v.shape[-1]), q.new_empty(b, hq, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("locattn::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str, backend: str,
+                       need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape; empty if not needed)."""
+    grad_out = grad_out.contiguous()
+    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dbias = torch.zeros_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
+    rep = q.shape[1] // k.shape[1]
+    for heads, call in groups:
+        if heads is None:
+            g_o, o, l = grad_out, out, lse
+        else:
+            g_o, o, l = grad_out.index_select(1, heads), out.index_select(1, heads), lse.index_select(1, heads)
+        gq, gk, gv, gb = registry.select(call, backend).backward(call, g_o, o, l, need_dbias)
+        if heads is None:
+            dq, dk, dv = gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+            if gb is not None:
+                dbias = gb.to(dbias.dtype).reshape(dbias.shape)
+        else:
+            dq.index_add_(1, heads, gq.to(q.dtype))
+            dk.index_add_(1, heads // rep, gk.to(k.dtype))
+            dv.index_add_(1, heads // rep, gv.to(v.dtype))
+            if gb is not None:
+                if bias.dim() >= 4 and bias.shape[-3] != 1:
+                    dbias.view(-1, *bias.shape[-3:]).index_add_(1, heads, gb.reshape(-1, *gb.shape[-3:]).to(dbias.dtype))
+                else:
+                    dbias += gb.to(dbias.dtype).reshape(dbias.shape)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, mask, bias, scale, is_causal, spec, backend, need_dbias):
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if (need_dbias and bias is not None) \
+        else q.new_empty(0)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dbias)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, bias, scale, is_causal, spec, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, bias)
+    ctx.meta = (scale, is_causal, spec, backend)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, mask, bias = ctx.saved_tensors
+    scale, is_causal, spec, backend = ctx.meta
+    dq, dk, dv, dbias = attention_backward(grad_out, q, k, v, out, lse, mask, bias, scale, is_causal, spec,
+                                           backend, ctx.bias_grad)
+    return dq, dk, dv, None, (dbias if ctx.bias_grad else None), None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_implementations() -> None:
+    from .codegen.blocked import Blocked
+    from .codegen.reference import Reference
+
+    registry.register(Blocked())
+    registry.register(Reference())
+
+
+_register_implementations()
+
+__all__ = ["attention", "attention_backward", "HeadGroup", "SiteSpec"]

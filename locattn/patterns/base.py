@@ -1,0 +1,264 @@
+"""What a pattern is: a separable, per-axis interval predicate over token coordinates.
+
+Every local pattern of locattn is *separable*: query ``i`` may attend key ``j`` iff on every grid axis the
+key's coordinate lies in an interval that depends only on the query's coordinate on that axis. Dilation is
+folded in by re-ordering each axis into its dilation groups ("u-space"): coordinate ``c`` with dilation ``d``
+lives in group ``g = c % d`` at position ``p = c // d``, and u-space lists group 0, then group 1, ...
+In u-space every pattern's key set is one closed interval ``[lo(u), hi(u)]`` per axis, which is what lets
+the block plan (:mod:`locattn.patterns.plan`) be derived analytically, the density be counted in O(S), and
+the kernels test membership with two comparisons.
+
+A pattern module defines one :class:`Pattern` subclass with
+
+* typed parameters (dataclass fields; per-axis ones are tuples, one entry per grid axis),
+* ``key_interval(axis, ndim, p, n) -> (lo, hi)``: the group-local key interval (inclusive) for group positions ``p`` on a
+  group of ``n`` positions — the whole meaning of the pattern,
+* ``dilation_of(axis)`` (1 unless the pattern dilates) and ``validate(grid)``.
+
+Modifiers shared by all patterns live in :class:`Layout`: the token ``grid`` (row-major), ``prefix`` /
+``suffix`` global tokens (attend to and are attended by everything) and ``sinks`` (the first N keys are
+attended by every query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+class PatternError(ValueError):
+    """A pattern's parameters are invalid, or do not fit a site's token layout."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout: how a sequence is split into global tokens and a row-major grid
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token layout of one self-attention sequence: ``[prefix globals][row-major grid][suffix globals]``.
+
+    ``grid`` is ``None`` for a 1-D pattern over the whole non-global sequence; :meth:`resolve` fixes it from
+    the runtime length. ``sinks`` counts keys ``0..sinks-1`` (token indices) that every query attends.
+    """
+
+    grid: tuple[int, ...] | None = None
+    prefix: int = 0
+    suffix: int = 0
+    sinks: int = 0
+
+    def resolve(self, seq_len: int) -> "Layout":
+        """Return the layout with a concrete grid for a sequence of ``seq_len`` tokens (checks the sizes)."""
+        n_grid = seq_len - self.prefix - self.suffix
+        if n_grid < 1:
+            raise PatternError(
+                f"sequence of {seq_len} tokens is too short for {self.prefix} prefix + {self.suffix} suffix globals")
+        if self.grid is None:
+            return dataclasses.replace(self, grid=(n_grid,))
+        prod = 1
+        for n in self.grid:
+            prod *= n
+        if prod != n_grid:
+            raise PatternError(
+                f"grid {'x'.join(map(str, self.grid))} has {prod} tokens (+{self.prefix + self.suffix} globals = "
+                f"{prod + self.prefix + self.suffix}) but the sequence has {seq_len} tokens")
+        return self
+
+    @property
+    def n_grid(self) -> int:
+        assert self.grid is not None, "resolve() the layout first"
+        prod = 1
+        for n in self.grid:
+            prod *= n
+        return prod
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix + self.n_grid + self.suffix
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dilation groups ("u-space") of one axis
+
+
+def dilation_groups(c: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split axis coordinates ``c`` (int64, values in ``[0, n)``) into dilation groups.
+
+    Returns ``(offset, p, n_g)``-style tensors ``(u, offset, p, n_g)``: the u-space position, the u-space
+    offset of the coordinate's group, its position inside the group and the group's size. Groups
+    ``0 .. n % d - 1`` hold ``n // d + 1`` positions, the others ``n // d``.
+    """
+    if d == 1:
+        zero = torch.zeros_like(c)
+        return c, zero, c, torch.full_like(c, n)
+    q, r = divmod(n, d)
+    g = c % d
+    p = c // d
+    n_g = q + (g < r).to(c.dtype)
+    offset = g * q + torch.minimum(g, torch.full_like(g, r))
+    return offset + p, offset, p, n_g
+
+
+def u_to_coord(u: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """Inverse of :func:`dilation_groups`: u-space positions back to axis coordinates."""
+    if d == 1:
+        return u
+    q, r = divmod(n, d)
+    big = r * (q + 1)
+    in_big = u < big
+    g_big, p_big = u // (q + 1), u % (q + 1)
+    if q > 0:
+        g_small, p_small = r + (u - big) // q, (u - big) % q
+    else:  # n < d: every group has one position and all are "big"
+        g_small, p_small = g_big, p_big
+    g = torch.where(in_big, g_big, g_small)
+    p = torch.where(in_big, p_big, p_small)
+    return g + p * d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patterns
+
+
+def _per_axis(value: Any, ndim: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != ndim:
+            raise PatternError(f"'{name}' has {len(value)} entries but the grid has {ndim} axes")
+        return tuple(value)
+    return (value,) * ndim
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base of all patterns. Subclasses are frozen dataclasses whose fields are the pattern's parameters.
+
+    Per-axis parameters are stored as given (an int/bool or a tuple); :meth:`axis_param` broadcasts them to
+    the grid's rank. ``name`` is the key used in policy files.
+    """
+
+    name: ClassVar[str] = ""
+    #: parameter name -> (python type of one entry, per-axis?, minimum value or None)
+    params: ClassVar[dict[str, tuple[type, bool, int | None]]] = {}
+    #: False for ``dense`` only: a local pattern needs a self-attention site (S_q == S_k) and a grid
+    local: ClassVar[bool] = True
+
+    # -- per-axis helpers ----------------------------------------------------------------------------------
+    def axis_param(self, name: str, ndim: int) -> tuple:
+        return _per_axis(getattr(self, name), ndim, name)
+
+    def dilation_of(self, axis: int, ndim: int) -> int:
+        return 1
+
+    def validate(self, grid: tuple[int, ...]) -> None:
+        """Raise :class:`PatternError` if the pattern does not fit ``grid`` (arity, sizes)."""
+        for name, (_, per_axis, _) in self.params.items():
+            if per_axis:
+                self.axis_param(name, len(grid))
+
+    def key_interval(self, axis: int, ndim: int, p: torch.Tensor, n: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inclusive key interval ``[lo, hi]`` (group positions) seen by queries at group positions ``p``.
+
+        ``n`` is the size of each query's dilation group (a tensor like ``p`` or an int).
+        """
+        raise NotImplementedError
+
+    # -- derived: u-space bounds of one axis -----------------------------------------------------------------
+    def axis_bounds(self, axis: int, grid: tuple[int, ...], c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u-space key interval ``[lo, hi]`` for query coordinates ``c`` on ``axis`` (``c``: int64 tensor)."""
+        d = self.dilation_of(axis, len(grid))
+        _, offset, p, n_g = dilation_groups(c, grid[axis], d)
+        lo, hi = self.key_interval(axis, len(grid), p, n_g)
+        return offset + lo, offset + hi
+
+    def to_params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def describe(self) -> str:
+        ps = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and v == f.default:
+                continue
+            ps.append(f"{f.name}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}")
+        return f"{self.name}({', '.join(ps)})" if ps else self.name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The predicate, evaluated on token indices (used by the reference, the partial-block masks of the CPU path,
+# and the pictures). Shapes broadcast: qi [..., M, 1], kj [..., 1, N] -> bool [..., M, N].
+
+
+def token_coords(t: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Row-major grid coordinates of token indices ``t`` (globals get clamped garbage; mask them yourself)."""
+    assert layout.grid is not None
+    g = (t - layout.prefix).clamp(0, layout.n_grid - 1)
+    coords = []
+    for n in reversed(layout.grid):
+        coords.append(g % n)
+        g = g // n
+    return coords[::-1]
+
+
+def is_global(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    return (t < layout.prefix) | (t >= layout.prefix + layout.n_grid)
+
+
+def allowed(pattern: Pattern, layout: Layout, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
+    """Pattern predicate ``allowed[i, j]`` for query tokens ``qi`` and key tokens ``kj`` (broadcasting).
+
+    Does *not* include the site's own mask or ``is_causal``; those are combined by the implementations.
+    """
+    if not pattern.local:
+        return torch.ones(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
+    assert layout.grid is not None
+    grid = layout.grid
+    qc, kc = token_coords(qi, layout), token_coords(kj, layout)
+    ok = None
+    for a in range(len(grid)):
+        d = pattern.dilation_of(a, len(grid))
+        lo, hi = pattern.axis_bounds(a, grid, qc[a])
+        ku, _, _, _ = dilation_groups(kc[a], grid[a], d)
+        ax = (ku >= lo) & (ku <= hi)
+        ok = ax if ok is None else ok & ax
+    ok = ok | is_global(qi, layout) | is_global(kj, layout)
+    if layout.sinks:
+        ok = ok | (kj < layout.sinks)
+    return ok
+
+
+def dense_mask(pattern: Pattern, layout: Layout, s_q: int, s_k: int, device=None) -> torch.Tensor:
+    """The full ``[s_q, s_k]`` boolean mask of a pattern (O(S^2): tests, pictures and tiny sites only)."""
+    qi = torch.arange(s_q, device=device)[:, None]
+    kj = torch.arange(s_k, device=device)[None, :]
+    return allowed(pattern, layout, qi, kj)
+
+
+def count_allowed(pattern: Pattern, layout: Layout, s_q: int, s_k: int) -> int:
+    """Exact number of allowed (query, key) pairs of the pattern, in O(S * (1 + sinks)) time and memory."""
+    if not pattern.local:
+        return s_q * s_k
+    grid = layout.grid
+    assert grid is not None
+    t = torch.arange(layout.prefix, layout.prefix + layout.n_grid)
+    coords = token_coords(t, layout)
+    per_q = torch.ones_like(t)
+    for a in range(len(grid)):
+        lo, hi = pattern.axis_bounds(a, grid, coords[a])
+        per_q = per_q * (hi - lo + 1).clamp_min(0)
+    n_glob = layout.prefix + layout.suffix
+    per_q = per_q + n_glob
+    extra_sinks = 0
+    n_sink_grid = max(0, min(layout.sinks, layout.prefix + layout.n_grid) - layout.prefix)
+    if n_sink_grid:
+        # grid sink keys that a query's window does not already contain
+        sink_tok = torch.arange(layout.prefix, layout.prefix + n_sink_grid)
+        inside = allowed(pattern, dataclasses.replace(layout, sinks=0), t[:, None], sink_tok[None, :])
+        extra_sinks = int((~inside).sum())
+    return int(per_q.sum()) + extra_sinks + n_glob * s_k

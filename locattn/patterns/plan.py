@@ -1,0 +1,291 @@
+"""Block plans: which key blocks each query block visits, derived analytically from a pattern.
+
+Glossary
+--------
+slot        position in the kernel's blocked token order; ``slots[s]`` is a token index or -1 (padding)
+BLOCK_M/N   query / key slots per block
+tile        the spatial shape (in u-space, see :mod:`locattn.patterns.base`) of one grid block;
+            ``prod(tile) <= BLOCK``. 1-D grids use ``tile = (BLOCK,)``: slots are the model's token order.
+full block  every (query, key) pair of the block pair is allowed by the pattern and the key block has no
+            padding: no per-element mask needed
+partial     some pairs are allowed, some not (or padding): the kernel evaluates the predicate
+
+Layout of slots: ``[prefix globals][grid tiles, row-major over the tile grid][suffix globals]``, each part
+padded to whole blocks. Queries of global blocks visit every key block; every query block visits the global
+key blocks and the blocks holding attention sinks.
+
+Cost: per axis O(n_axis * tile) work, then O(blocks visited) for the product over axes — never an S x S
+mask. A 1M-token plan takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Layout, Pattern, allowed, u_to_coord
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: plans are cached objects holding tensors
+class BlockPlan:
+    """CSR block plan. ``kv_idx[kv_ptr[m]:kv_ptr[m+1]]`` are the key blocks of query block ``m``.
+
+    q_slots: [n_qblocks * block_m] int64 token indices (-1 = padding); k_slots likewise for keys.
+    kv_full: [nnz] bool. q_tile/k_tile: spatial tile shape of grid blocks (u-space), None for 1-D token order.
+    """
+
+    block_m: int
+    block_n: int
+    q_slots: torch.Tensor
+    k_slots: torch.Tensor
+    kv_ptr: torch.Tensor
+    kv_idx: torch.Tensor
+    kv_full: torch.Tensor
+    q_tile: tuple[int, ...]
+    k_tile: tuple[int, ...]
+
+    @property
+    def n_qblocks(self) -> int:
+        return self.q_slots.numel() // self.block_m
+
+    @property
+    def n_kblocks(self) -> int:
+        return self.k_slots.numel() // self.block_n
+
+    @property
+    def nnz(self) -> int:
+        return self.kv_idx.numel()
+
+    @property
+    def n_full(self) -> int:
+        return int(self.kv_full.sum())
+
+    @property
+    def max_kv_blocks(self) -> int:
+        return int((self.kv_ptr[1:] - self.kv_ptr[:-1]).max()) if self.n_qblocks else 0
+
+    @property
+    def block_density(self) -> float:
+        """Visited block pairs / all block pairs."""
+        return self.nnz / max(1, self.n_qblocks * self.n_kblocks)
+
+    def pairs(self) -> set[tuple[int, int, bool]]:
+        """Set of ``(q_block, k_block, full)`` (tests and pictures)."""
+        rows = torch.repeat_interleave(torch.arange(self.n_qblocks), self.kv_ptr[1:] - self.kv_ptr[:-1])
+        return set(zip(rows.tolist(), self.kv_idx.tolist(), self.kv_full.tolist()))
+
+
+def choose_tile(grid: tuple[int, ...], block: int, pattern: Pattern | None = None) -> tuple[int, ...]:
+    """Spatial tile of ``block`` slots for ``grid``: powers of two grown round-robin from the last axis.
+
+    ``tiled`` patterns whose tile has exactly ``block`` tokens use that tile (perfectly block-sparse).
+    """
+    if len(grid) == 1:
+        return (block,)
+    if pattern is not None and getattr(pattern, "name", "") == "tiled":
+        t = pattern.axis_param("tile", len(grid))
+        if math.prod(t) == block:
+            return tuple(t)
+    t = [1] * len(grid)
+    grown = True
+    while math.prod(t) < block and grown:
+        grown = False
+        for a in reversed(range(len(grid))):
+            if math.prod(t) < block and t[a] < grid[a]:
+                t[a] *= 2
+                grown = True
+    return tuple(t)
+
+
+def _grid_slots(layout: Layout, pattern: Pattern, tile: tuple[int, ...], block: int) -> torch.Tensor:
+    """Token index of every slot of the grid part: tiles row-major over the tile grid, padded to ``block``."""
+    grid = layout.grid
+    assert grid is not None
+    ndim = len(grid)
+    n_tiles = [-(-n // t) for n, t in zip(grid, tile)]
+    # u-space coordinate of (tile index, offset in tile) per axis, then back to grid coordinates
+    per_axis = []
+    for a in range(ndim):
+        u = torch.arange(n_tiles[a])[:, None] * tile[a] + torch.arange(tile[a])[None, :]  # [nt, t]
+        valid = u < grid[a]
+        c = u_to_coord(u.clamp_max(grid[a] - 1), grid[a], pattern.dilation_of(a, ndim))
+        per_axis.append((c, valid))
+    # broadcast to [nt_0, ..., nt_{d-1}, t_0, ..., t_{d-1}]
+    shape = n_tiles + list(tile)
+    tok = torch.zeros(shape, dtype=torch.long)
+    valid = torch.ones(shape, dtype=torch.bool)
+    stride = 1
+    for a in reversed(range(ndim)):
+        view = [1] * (2 * ndim)
+        view[a], view[ndim + a] = n_tiles[a], tile[a]
+        c, v = per_axis[a]
+        tok = tok + c.view(view) * stride
+        valid = valid & v.view(view)
+        stride *= grid[a]
+    tok = torch.where(valid, tok + layout.prefix, torch.full_like(tok, -1))
+    tok = tok.reshape(math.prod(n_tiles), math.prod(tile))
+    pad = block - tok.shape[1]
+    if pad:
+        tok = torch.cat([tok, torch.full((tok.shape[0], pad), -1, dtype=torch.long)], 1)
+    return tok.reshape(-1)
+
+
+def _pad_range(start: int, stop: int, block: int) -> torch.Tensor:
+    n = stop - start
+    if n <= 0:
+        return torch.empty(0, dtype=torch.long)
+    t = torch.arange(start, stop)
+    pad = (-n) % block
+    return torch.cat([t, torch.full((pad,), -1, dtype=torch.long)]) if pad else t
+
+
+def _axis_pairs(pattern: Pattern, grid, a: int, tq: int, tk: int):
+    """Per-axis block relation: for each query tile, the touched key tiles and whether each is full.
+
+    Returns (idx [nq, m] int64, valid [nq, m] bool, full [nq, m] bool).
+    """
+    n = grid[a]
+    ndim = len(grid)
+    d = pattern.dilation_of(a, ndim)
+    u = torch.arange(n)
+    lo, hi = pattern.axis_bounds(a, grid, u_to_coord(u, n, d))  # u-space bounds of query at u
+    nq, nk = -(-n // tq), -(-n // tk)
+    qpad = nq * tq - n
+    big = torch.iinfo(torch.long).max // 4
+    lo_t = torch.cat([lo, torch.full((qpad,), big)]).view(nq, tq)   # padded queries touch nothing
+    hi_t = torch.cat([hi, torch.full((qpad,), -big)]).view(nq, tq)
+    valid_q = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(qpad, dtype=torch.bool)]).view(nq, tq)
+    k_first = torch.div(lo_t.min(1).values, tk, rounding_mode="floor").clamp(0, nk - 1)
+    k_last = torch.div(hi_t.max(1).values, tk, rounding_mode="floor").clamp(0, nk - 1)
+    m = int((k_last - k_first).max()) + 1
+    cand = k_first[:, None] + torch.arange(m)[None, :]                    # [nq, m]
+    in_range = cand <= k_last[:, None]
+    ks, ke = cand * tk, torch.minimum((cand + 1) * tk, torch.tensor(n)) - 1  # key tile u-range
+    hit = (lo_t[:, None, :] <= ke[:, :, None]) & (hi_t[:, None, :] >= ks[:, :, None])  # [nq, m, tq]
+    touched = hit.any(2) & in_range
+    cover = (lo_t[:, None, :] <= ks[:, :, None]) & (hi_t[:, None, :] >= ke[:, :, None])
+    full = (cover | ~valid_q[:, None, :]).all(2) & touched & ((cand + 1) * tk <= n)
+    return cand, touched, full
+
+
+@functools.lru_cache(maxsize=256)
+def build_plan(pattern: Pattern, layout: Layout, s_q: int, s_k: int, block_m: int, block_n: int,
+               causal: bool = False) -> BlockPlan:
+    """Block plan of ``pattern`` on ``layout`` (resolved for self-attention, or ignored for dense).
+
+    ``causal``: the site's own ``is_causal`` (top-left aligned, token indices): blocks entirely above the
+    diagonal are dropped, blocks straddling it are partial.
+    """
+    if not pattern.local:
+        return _dense_plan(s_q, s_k, block_m, block_n, causal)
+    assert s_q == s_k and layout.grid is not None and layout.seq_len == s_q
+    grid = layout.grid
+    ndim = len(grid)
+    tq, tk = choose_tile(grid, block_m, pattern), choose_tile(grid, block_n, pattern)
+
+    # --- slots
+    pre_q, pre_k = _pad_range(0, layout.prefix, block_m), _pad_range(0, layout.prefix, block_n)
+    suf_lo = layout.prefix + layout.n_grid
+    suf_q, suf_k = _pad_range(suf_lo, s_q, block_m), _pad_range(suf_lo, s_k, block_n)
+    grid_q, grid_k = _grid_slots(layout, pattern, tq, block_m), _grid_slots(layout, pattern, tk, block_n)
+    q_slots = torch.cat([pre_q, grid_q, suf_q])
+    k_slots = torch.cat([pre_k, grid_k, suf_k])
+    nq_pre, nk_pre = pre_q.numel() // block_m, pre_k.numel() // block_n
+    nq_grid, nk_grid = grid_q.numel() // block_m, grid_k.numel() // block_n
+    nq, nk = q_slots.numel() // block_m, k_slots.numel() // block_n
+    k_has_pad = (k_slots.view(nk, block_n) < 0).any(1)
+
+    # --- grid x grid: product of per-axis relations
+    axes = [_axis_pairs(pattern, grid, a, tq[a], tk[a]) for a in range(ndim)]
+    nqt = [ax[0].shape[0] for ax in axes]
+    nkt = [-(-grid[a] // tk[a]) for a in range(ndim)]
+    # query tile multi-index of each grid query block (row-major over the tile grid)
+    qb = torch.arange(nq_grid)
+    q_multi = []
+    rem = qb
+    for a in reversed(range(ndim)):
+        q_multi.append(rem % nqt[a])
+        rem = rem // nqt[a]
+    q_multi = q_multi[::-1]
+    kidx = torch.zeros(nq_grid, *[1] * ndim, dtype=torch.long)
+    touched = torch.ones(nq_grid, *[1] * ndim, dtype=torch.bool)
+    full = torch.ones(nq_grid, *[1] * ndim, dtype=torch.bool)
+    stride = 1
+    for a in reversed(range(ndim)):
+        cand, t, f = (x[q_multi[a]] for x in axes[a])  # [nq_grid, m_a]
+        view = [nq_grid] + [1] * ndim
+        view[1 + a] = cand.shape[1]
+        kidx = kidx + cand.view(view) * stride
+        touched = touched & t.view(view)
+        full = full & f.view(view)
+        stride *= nkt[a]
+    rows = (qb + nq_pre).view(-1, *[1] * ndim).expand_as(touched)
+    rows, cols, fulls = rows[touched], kidx.expand_as(touched)[touched] + nk_pre, full.expand_as(touched)[touched]
+    fulls = fulls & ~k_has_pad[cols]
+
+    parts_r, parts_c = [rows], [cols]
+    # --- global query blocks see every key block; every query block sees the global key blocks
+    glob_q = torch.cat([torch.arange(nq_pre), torch.arange(nq_pre + nq_grid, nq)])
+    glob_k = torch.cat([torch.arange(nk_pre), torch.arange(nk_pre + nk_grid, nk)])
+    if glob_q.numel():
+        parts_r.append(glob_q.repeat_interleave(nk))
+        parts_c.append(torch.arange(nk).repeat(glob_q.numel()))
+    if glob_k.numel():
+        parts_r.append(torch.arange(nq).repeat_interleave(glob_k.numel()))
+        parts_c.append(glob_k.repeat(nq))
+    extra_full = [fulls]
+    for r, c in zip(parts_r[1:], parts_c[1:]):
+        extra_full.append(~k_has_pad[c])
+    # --- sinks: key blocks holding tokens < sinks (grid part only; prefix sinks are already global)
+    if layout.sinks > layout.prefix:
+        sink_blocks = torch.unique(torch.nonzero((k_slots >= 0) & (k_slots < layout.sinks)).flatten() // block_n)
+        sink_blocks = sink_blocks[(sink_blocks >= nk_pre) & (sink_blocks < nk_pre + nk_grid)]
+        if sink_blocks.numel():
+            parts_r.append(torch.arange(nq).repeat_interleave(sink_blocks.numel()))
+            parts_c.append(sink_blocks.repeat(nq))
+            # full iff every pair is allowed (sink or window) and the key block has no padding: evaluated
+            # exactly, O(S * block_n * sink blocks)
+            qs = q_slots.view(nq, block_m)
+            ks = k_slots.view(nk, block_n)[sink_blocks]
+            ok = allowed(pattern, layout, qs[:, None, :, None], ks[None, :, None, :])
+            ok = ok | (qs < 0)[:, None, :, None]
+            all_ok = ok.all(-1).all(-1) & (ks >= 0).all(1)[None, :]
+            extra_full.append(all_ok.reshape(-1))
+    rows, cols, fulls = torch.cat(parts_r), torch.cat(parts_c), torch.cat(extra_full)
+    return _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causal)
+
+
+def _dense_plan(s_q, s_k, block_m, block_n, causal) -> BlockPlan:
+    q_slots, k_slots = _pad_range(0, s_q, block_m), _pad_range(0, s_k, block_n)
+    nq, nk = q_slots.numel() // block_m, k_slots.numel() // block_n
+    rows = torch.arange(nq).repeat_interleave(nk)
+    cols = torch.arange(nk).repeat(nq)
+    full = ~(k_slots.view(nk, block_n) < 0).any(1)[cols]
+    return _finish(rows, cols, full, q_slots, k_slots, block_m, block_n, (block_m,), (block_n,), causal)
+
+
+def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causal) -> BlockPlan:
+    nq, nk = q_slots.numel() // block_m, k_slots.numel() // block_n
+    if causal:
+        big = torch.iinfo(torch.long).max
+        qs, ks = q_slots.view(nq, block_m), k_slots.view(nk, block_n)
+        q_min = torch.where(qs >= 0, qs, big).min(1).values
+        q_max = qs.max(1).values
+        k_min = torch.where(ks >= 0, ks, big).min(1).values
+        k_max = ks.max(1).values
+        keep = k_min[cols] <= q_max[rows]
+        fulls = fulls & (k_max[cols] <= q_min[rows])
+        rows, cols, fulls = rows[keep], cols[keep], fulls[keep]
+    # union of duplicate (row, col) entries: full if any source says full; sort by (row, col)
+    key = rows * nk + cols
+    uniq, inv = torch.unique(key, return_inverse=True)
+    full_u = torch.zeros(uniq.numel(), dtype=torch.int8).scatter_reduce_(0, inv, fulls.to(torch.int8), "amax").bool()
+    r_u, c_u = uniq // nk, uniq % nk
+    counts = torch.bincount(r_u, minlength=nq)
+    kv_ptr = torch.zeros(nq + 1, dtype=torch.long)
+    kv_ptr[1:] = torch.cumsum(counts, 0)
+    return BlockPlan(block_m, block_n, q_slots, k_slots, kv_ptr, c_u.contiguous(), full_u.contiguous(),
+                     tuple(tq), tuple(tk))

@@ -1,0 +1,102 @@
+"""The resolved pattern of one site, per head group, and its string form carried by the custom op.
+
+A :class:`SiteSpec` is what the policy decides for one site after its grid/globals are resolved. It travels
+into ``torch.ops.locattn.attention`` as a canonical JSON string (custom ops take strings, Inductor keeps them
+as constants, and equal specs compare equal); :func:`parse_spec` turns it back into objects, cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from . import PATTERNS
+from .base import Layout, Pattern
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """One pattern applied to ``heads`` (query head indices; ``None`` = all heads) on ``layout``."""
+
+    heads: tuple[int, ...] | None
+    pattern: Pattern
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Per-head plan of one site: disjoint head groups covering every query head."""
+
+    groups: tuple[HeadGroup, ...]
+
+    @property
+    def is_dense(self) -> bool:
+        return all(not g.pattern.local for g in self.groups)
+
+    def to_json(self) -> str:
+        out = []
+        for g in self.groups:
+            out.append({
+                "heads": list(g.heads) if g.heads is not None else None,
+                "pattern": g.pattern.name,
+                "params": g.pattern.to_params(),
+                "grid": list(g.layout.grid) if g.layout.grid is not None else None,
+                "prefix": g.layout.prefix, "suffix": g.layout.suffix, "sinks": g.layout.sinks,
+            })
+        return json.dumps({"v": 1, "groups": out}, sort_keys=True, separators=(",", ":"))
+
+    def describe(self) -> str:
+        parts = []
+        for g in self.groups:
+            s = g.pattern.describe()
+            lay = g.layout
+            extras = []
+            if lay.grid is not None and g.pattern.local:
+                extras.append("grid=" + "x".join(map(str, lay.grid)))
+            if lay.prefix or lay.suffix:
+                extras.append(f"globals={lay.prefix}+{lay.suffix}")
+            if lay.sinks:
+                extras.append(f"sinks={lay.sinks}")
+            if extras:
+                s += "[" + ", ".join(extras) + "]"
+            if g.heads is not None:
+                s = f"h{_ranges(g.heads)}:" + s
+            parts.append(s)
+        return "; ".join(parts)
+
+
+def _ranges(heads: tuple[int, ...]) -> str:
+    out, start, prev = [], None, None
+    for h in heads:
+        if start is None:
+            start = prev = h
+        elif h == prev + 1:
+            prev = h
+        else:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = h
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(out)
+
+
+def _pattern_from_params(name: str, params: dict) -> Pattern:
+    cls = PATTERNS[name]
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    return cls(**kw)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_spec(text: str) -> SiteSpec:
+    d = json.loads(text)
+    groups = []
+    for g in d["groups"]:
+        layout = Layout(grid=tuple(g["grid"]) if g["grid"] is not None else None,
+                        prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
+        groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
+                                _pattern_from_params(g["pattern"], g["params"]), layout))
+    return SiteSpec(tuple(groups))
+
+
+DENSE_SPEC = SiteSpec((HeadGroup(None, PATTERNS["dense"](), Layout()),))
