@@ -289,3 +289,29 @@ def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causa
     kv_ptr[1:] = torch.cumsum(counts, 0)
     return BlockPlan(block_m, block_n, q_slots, k_slots, kv_ptr, c_u.contiguous(), full_u.contiguous(),
                      tuple(tq), tuple(tk))
+
+
+def count_pairs(plan: BlockPlan, pattern: Pattern, layout: Layout, causal: bool) -> int:
+    """Exact number of allowed (query, key) pairs, pattern & causal, by walking the plan's blocks.
+
+    Full blocks count their valid slots; partial blocks evaluate the predicate (cost O(partial blocks x
+    BLOCK_M x BLOCK_N), chunked). Used by ``explain`` for density and FLOPs.
+    """
+    nq = plan.n_qblocks
+    rows = torch.repeat_interleave(torch.arange(nq), plan.kv_ptr[1:] - plan.kv_ptr[:-1])
+    qs = plan.q_slots.view(nq, plan.block_m)
+    ks = plan.k_slots.view(plan.n_kblocks, plan.block_n)
+    q_valid = (qs >= 0).sum(1)
+    k_valid = (ks >= 0).sum(1)
+    full = plan.kv_full
+    total = int((q_valid[rows[full]] * k_valid[plan.kv_idx[full]]).sum())
+    pr, pc = rows[~full], plan.kv_idx[~full]
+    step = max(1, (1 << 22) // (plan.block_m * plan.block_n))
+    for i in range(0, pr.numel(), step):
+        qi = qs[pr[i:i + step]][:, :, None]
+        kj = ks[pc[i:i + step]][:, None, :]
+        ok = allowed(pattern, layout, qi.clamp_min(0), kj.clamp_min(0)) & (qi >= 0) & (kj >= 0)
+        if causal:
+            ok = ok & (kj <= qi)
+        total += int(ok.sum())
+    return total

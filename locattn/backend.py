@@ -1,0 +1,75 @@
+"""The ``locattn`` torch.compile backend.
+
+``torch.compile(model, backend="locattn", options={...})`` resolves through the ``torch_dynamo_backends``
+entry point to :func:`locattn_backend`. Options:
+
+* ``policy``: a path, a dict or a :class:`locattn.Policy` (else ``$LOCATTN_POLICY``, else all-dense),
+* ``backend``: implementation override for every site (``"reference"``, ``"blocked"``, ...),
+* any other key is an Inductor config patch, passed to ``compile_fx``.
+
+``locattn.backend(policy=...)`` returns a :class:`LocattnBackend` object for users who prefer objects; it
+also keeps the decisions of every graph it compiled (``.decisions``), which ``explain`` reads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import ops  # noqa: F401  (registers torch.ops.locattn)
+from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
+from .policy import Policy
+
+OUR_OPTIONS = {"policy", "backend"}
+
+
+class LocattnBackend:
+    """A torch.compile backend: rewrite attention sites per ``policy``, then Inductor (or eager)."""
+
+    def __init__(self, policy: Any = None, backend: str = "", inductor: bool = True,
+                 inductor_config: dict | None = None):
+        self.policy = Policy.coerce(policy)
+        self.backend = backend
+        self.inductor = inductor
+        self.inductor_config = dict(inductor_config or {})
+        self.decisions: list[Decision] = []
+        self._graphs = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
+        graph_id = self._graphs
+        self._graphs += 1
+        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id)
+        self.decisions.extend(decisions)
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            if self.inductor_config:
+                return compile_fx(gm, example_inputs, config_patches=self.inductor_config)
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    def warn_unmatched(self) -> None:
+        warn_unmatched(self.policy, self.decisions)
+
+    def __repr__(self) -> str:
+        return f"LocattnBackend(policy={self.policy.source!r}, fingerprint={self.policy.fingerprint()})"
+
+
+def backend(policy: Any = None, backend: str = "", inductor: bool = True, **inductor_config) -> LocattnBackend:
+    """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``."""
+    return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config)
+
+
+def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """Entry point of ``backend="locattn"``. Reads the policy afresh at every compile."""
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
+    b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options)
+    compiled = b(gm, example_inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        b.warn_unmatched()
+    return compiled

@@ -1,0 +1,480 @@
+"""Fused Triton flash-attention kernels driven by a :class:`~locattn.patterns.plan.BlockPlan`.
+
+Glossary
+--------
+BLOCK_M      query slots per program tile (rows of the score tile)
+BLOCK_N      key slots per program tile (columns of the score tile)
+BLOCK_D      head dim of q/k padded to a power of two (>= 16); loads are masked with ``d < D``
+BLOCK_DV     head dim of v/out padded likewise (``DV`` may differ from ``D``)
+slot         position in the plan's blocked order; ``q_slots[slot]`` / ``k_slots[slot]`` is the token index
+             (-1 = padding). Rows are *gathered* by token index inside the kernel: no permuted copy of q/k/v.
+kv_ptr/kv_split/kv_idx
+             the plan's CSR, reordered so each query block lists its full key blocks first:
+             ``kv_idx[kv_ptr[m]:kv_split[m]]`` are full, ``kv_idx[kv_split[m]:kv_ptr[m+1]]`` partial.
+qb_ptr/qb_split/qb_idx
+             the transposed CSR (query blocks of each key block, full first) for the dK/dV kernel.
+q_lo/q_hi    int32 [3, n_q_slots]: per query slot and axis, the inclusive u-space key interval
+k_u          int32 [3, n_k_slots]: per key slot and axis, the key's u-space coordinate
+NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
+prefix/grid_end/sinks
+             global tokens are ``t < prefix`` or ``t >= grid_end``; keys ``t < sinks`` are sinks
+IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all
+CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
+             blocks entirely above the diagonal and marks straddling blocks partial)
+HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
+HAS_BIAS     site float bias, added to the scaled scores on every visited block; same stride convention
+GROUP        GQA group size Hq // Hk: query head h reads kv head h // GROUP
+VISIT        instrumented mode: every visit adds 1 (full) or 16 (partial) to ``Visits[bh, m, n]``
+PRECISION    ``tl.dot`` input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
+             (ignored for fp16/bf16 operands)
+
+Scores are kept in log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``; ``lse`` is stored
+in natural-log units. A row with no allowed key ends with ``l == 0``: it stores ``out = 0``, ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
+          NDIM: tl.constexpr, CAUSAL: tl.constexpr):
+    """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``)."""
+    keep = (qt[:, None] >= 0) & (kt[None, :] >= 0)
+    if NDIM > 0:
+        win = (ku0[None, :] >= qlo0[:, None]) & (ku0[None, :] <= qhi0[:, None])
+        if NDIM > 1:
+            win = win & (ku1[None, :] >= qlo1[:, None]) & (ku1[None, :] <= qhi1[:, None])
+        if NDIM > 2:
+            win = win & (ku2[None, :] >= qlo2[:, None]) & (ku2[None, :] <= qhi2[:, None])
+        q_glob = (qt < prefix) | (qt >= grid_end)
+        k_glob = (kt < prefix) | (kt >= grid_end) | (kt < sinks)
+        keep = keep & (win | q_glob[:, None] | k_glob[None, :])
+    if CAUSAL:
+        keep = keep & (kt[None, :] <= qt[:, None])
+    return keep
+
+
+@triton.jit
+def _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM: tl.constexpr):
+    """Per query slot u-space intervals of up to three axes (unused axes give dummies)."""
+    zero = qslot * 0
+    qlo0 = zero
+    qhi0 = zero
+    qlo1 = zero
+    qhi1 = zero
+    qlo2 = zero
+    qhi2 = zero
+    if NDIM > 0:
+        qlo0 = tl.load(q_lo + qslot)
+        qhi0 = tl.load(q_hi + qslot)
+    if NDIM > 1:
+        qlo1 = tl.load(q_lo + n_q_slots + qslot)
+        qhi1 = tl.load(q_hi + n_q_slots + qslot)
+    if NDIM > 2:
+        qlo2 = tl.load(q_lo + 2 * n_q_slots + qslot)
+        qhi2 = tl.load(q_hi + 2 * n_q_slots + qslot)
+    return qlo0, qhi0, qlo1, qhi1, qlo2, qhi2
+
+
+@triton.jit
+def _load_ku(k_u, n_k_slots, kslot, NDIM: tl.constexpr):
+    zero = kslot * 0
+    ku0 = zero
+    ku1 = zero
+    ku2 = zero
+    if NDIM > 0:
+        ku0 = tl.load(k_u + kslot)
+    if NDIM > 1:
+        ku1 = tl.load(k_u + n_k_slots + kslot)
+    if NDIM > 2:
+        ku2 = tl.load(k_u + 2 * n_k_slots + kslot)
+    return ku0, ku1, ku2
+
+
+@triton.jit
+def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk,
+                HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]."""
+    if HAS_MASK or HAS_BIAS:
+        qv, kv = qt >= 0, kt >= 0
+        qi = tl.where(qv, qt, 0).to(tl.int64)
+        kj = tl.where(kv, kt, 0).to(tl.int64)
+        io = qv[:, None] & kv[None, :]
+        if HAS_BIAS:
+            b = tl.load(B_bh + qi[:, None] * stride_bq + kj[None, :] * stride_bk, mask=io, other=0.0)
+            s = s + b.to(tl.float32) * 1.4426950408889634
+        if HAS_MASK:
+            mk = tl.load(M_bh + qi[:, None] * stride_mq + kj[None, :] * stride_mk, mask=io, other=0)
+            s = tl.where(mk != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _record_visit(ptr, IS_FULL: tl.constexpr):
+    """Instrumented mode: a full visit adds 1, a partial one 16 (atomics catch double visits)."""
+    if IS_FULL:
+        tl.atomic_add(ptr, 1)
+    else:
+        tl.atomic_add(ptr, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
+               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+               n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for i in range(start, end):
+        n = tl.load(kv_idx + i)
+        kslot = n * BLOCK_N + offs_n
+        kt = tl.load(k_slots + kslot)
+        kv = kt >= 0
+        kj = tl.where(kv, kt, 0).to(tl.int64)
+        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        if not IS_FULL:
+            ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                         NDIM, CAUSAL)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if IS_FULL and not HAS_MASK and not HAS_BIAS:
+            m_use = m_new  # every score is finite: no empty-row guard needed
+        else:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                    mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        if VISIT:
+            _record_visit(Visit_row + n, IS_FULL)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
+             q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
+             stride_qb, stride_qh, stride_qs, stride_qd,
+             stride_kb, stride_kh, stride_ks, stride_kd,
+             stride_vb, stride_vh, stride_vs, stride_vd,
+             stride_ob, stride_oh, stride_os, stride_od,
+             stride_lb, stride_lh, stride_ls,
+             stride_mb, stride_mh, stride_mq, stride_mk,
+             stride_bb, stride_bh, stride_bq, stride_bk,
+             H, GROUP, D, DV, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
+             sm_scale, prefix, grid_end, sinks,
+             NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qslot = pid_m * BLOCK_M + offs_m
+    qt = tl.load(q_slots + qslot)
+    qv = qt >= 0
+    qi = tl.where(qv, qt, 0).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+    qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
+    K_bh = K + b * stride_kb + hk * stride_kh
+    V_bh = V + b * stride_vb + hk * stride_vh
+    M_bh = Mask + b * stride_mb + h * stride_mh
+    B_bh = Bias + b * stride_bb + h * stride_bh
+    Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    start = tl.load(kv_ptr + pid_m)
+    split = tl.load(kv_split + pid_m)
+    end = tl.load(kv_ptr + pid_m + 1)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
+                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                               stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
+                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                               stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               PRECISION)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_os + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=qv[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=qv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_od,
+                        stride_gb, stride_gh, stride_gs, stride_gd, H, S, DV,
+                        BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``Delta[b, h, s] = sum_d dO * O`` (fp32, contiguous [B, H, S]); rows in token order."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    io = (rows[:, None] < S) & (offs_dv[None, :] < DV)
+    r = rows.to(tl.int64)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + r[:, None] * stride_os + offs_dv[None, :] * stride_od,
+                mask=io, other=0.0).to(tl.float32)
+    do = tl.load(dO + b * stride_gb + h * stride_gh + r[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
+                 mask=io, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * S + r, tl.sum(o * do, 1), mask=rows < S)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+              K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
+              stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+              n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for i in range(start, end):
+        n = tl.load(kv_idx + i)
+        kslot = n * BLOCK_N + offs_n
+        kt = tl.load(k_slots + kslot)
+        kv = kt >= 0
+        kj = tl.where(kv, kt, 0).to(tl.int64)
+        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+        vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
+                     mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        if not IS_FULL:
+            ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                         NDIM, CAUSAL)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+        if VISIT:
+            _record_visit(Visit_row + n, IS_FULL)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
+                q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
+                stride_qb, stride_qh, stride_qs, stride_qd,
+                stride_kb, stride_kh, stride_ks, stride_kd,
+                stride_vb, stride_vh, stride_vs, stride_vd,
+                stride_gb, stride_gh, stride_gs, stride_gd,
+                stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+                stride_mb, stride_mh, stride_mq, stride_mk,
+                stride_bb, stride_bh, stride_bq, stride_bk,
+                H, GROUP, S_q, D, DV, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
+                sm_scale, prefix, grid_end, sinks,
+                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
+    contiguous fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qslot = pid_m * BLOCK_M + offs_m
+    qt = tl.load(q_slots + qslot)
+    qv = qt >= 0
+    qi = tl.where(qv, qt, 0).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(dO + b * stride_gb + h * stride_gh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
+                 mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row = pid_bh.to(tl.int64) * S_q + qi
+    lse = tl.load(LSE + row, mask=qv, other=float("inf"))
+    # empty rows (lse = -inf) and padding rows: +inf makes every p = exp2(s - inf) = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + row, mask=qv, other=0.0)
+    qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
+    K_bh = K + b * stride_kb + hk * stride_kh
+    V_bh = V + b * stride_vb + hk * stride_vh
+    M_bh = Mask + b * stride_mb + h * stride_mh
+    B_bh = Bias + b * stride_bb + h * stride_bh
+    Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = tl.load(kv_ptr + pid_m)
+    split = tl.load(kv_split + pid_m)
+    end = tl.load(kv_ptr + pid_m + 1)
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
+                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                   n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
+                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                   n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION)
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
+                q_slots, q_lo, q_hi, qb_idx, start, end, Visits_h, n_kblocks, pid_n,
+                stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
+                stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end, sinks,
+                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for i in range(start, end):
+        m = tl.load(qb_idx + i)
+        qslot = m * BLOCK_M + offs_m
+        qt = tl.load(q_slots + qslot)
+        qv = qt >= 0
+        qi = tl.where(qv, qt, 0).to(tl.int64)
+        q = tl.load(Q_bh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
+                     mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE_bh + qi, mask=qv, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
+        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        if not IS_FULL:
+            qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
+            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                         NDIM, CAUSAL)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])                       # [BLOCK_M, BLOCK_N]
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if NEED_DBIAS:
+            kv = kt >= 0
+            kj = tl.where(kv, kt, 0).to(tl.int64)
+            tl.store(dB_bh + qi[:, None] * stride_dbq + kj[None, :] * stride_dbk, ds,
+                     mask=qv[:, None] & kv[None, :])
+        if VISIT:
+            _record_visit(Visits_h + m.to(tl.int64) * n_kblocks + pid_n, IS_FULL)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
+                  q_slots, k_slots, q_lo, q_hi, k_u, qb_ptr, qb_split, qb_idx, Visits,
+                  stride_qb, stride_qh, stride_qs, stride_qd,
+                  stride_kb, stride_kh, stride_ks, stride_kd,
+                  stride_vb, stride_vh, stride_vs, stride_vd,
+                  stride_gb, stride_gh, stride_gs, stride_gd,
+                  stride_mb, stride_mh, stride_mq, stride_mk,
+                  stride_bb, stride_bh, stride_bq, stride_bk,
+                  stride_dkb, stride_dkh, stride_dks, stride_dkd,
+                  stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+                  stride_dbb, stride_dbh, stride_dbq, stride_dbk,
+                  H, HK, GROUP, S_q, D, DV, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
+                  sm_scale, prefix, grid_end, sinks,
+                  NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+    """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
+
+    Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
+    transposed plan): the GQA sum happens in registers, so the result is deterministic without atomics.
+    dBias (fp32 [B, H, S_q, S_k]) receives ``ds`` of every visited pair.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = (pid_bh % HK).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kslot = pid_n * BLOCK_N + offs_n
+    kt = tl.load(k_slots + kslot)
+    kv = kt >= 0
+    kj = tl.where(kv, kt, 0).to(tl.int64)
+    kT = tl.load(K + b * stride_kb + hk * stride_kh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                 mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    vT = tl.load(V + b * stride_vb + hk * stride_vh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
+                 mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+    qk_scale = sm_scale * 1.4426950408889634
+    start = tl.load(qb_ptr + pid_n)
+    split = tl.load(qb_split + pid_n)
+    end = tl.load(qb_ptr + pid_n + 1)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Q_bh = Q + b * stride_qb + h * stride_qh
+        dO_bh = dO + b * stride_gb + h * stride_gh
+        LSE_bh = LSE + (b * H + h) * S_q
+        Delta_bh = Delta + (b * H + h) * S_q
+        M_bh = Mask + b * stride_mb + h * stride_mh
+        B_bh = Bias + b * stride_bb + h * stride_bh
+        dB_bh = dBias + b * stride_dbb + h * stride_dbh
+        Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
+        dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, start, split, Visits_h, n_kblocks, pid_n,
+                             stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
+                             sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D,
+                             BLOCK_DV, VISIT, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, split, end, Visits_h, n_kblocks, pid_n,
+                             stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
+                             sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M, BLOCK_D,
+                             BLOCK_DV, VISIT, PRECISION)
+    offs_nd = kj[:, None]
+    tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
+    tl.store(dV + b * stride_dvb + hk * stride_dvh + offs_nd * stride_dvs + offs_dv[None, :] * stride_dvd,
+             dv.to(dV.dtype.element_ty), mask=kv[:, None] & (offs_dv[None, :] < DV))

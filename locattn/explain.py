@@ -1,0 +1,132 @@
+"""``locattn.explain``: what the backend does to a model, site by site.
+
+    report = locattn.explain(model, x, policy="policy.toml")
+    print(report)            # a table: one row per site, rewritten or left alone with its reason
+    report.to_json()         # the same for machines
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .backend import LocattnBackend
+from .passes.rewrite import Decision
+
+
+def _fmt_shape(s) -> str:
+    return "x".join(str(x) for x in s)
+
+
+def _fmt_flops(f: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if f >= div:
+            return f"{f / div:.2f}{unit}"
+    return f"{f:.0f}"
+
+
+@dataclass
+class Report:
+    decisions: list[Decision]
+    policy_source: str = ""
+
+    @property
+    def rewritten(self) -> list[Decision]:
+        return [d for d in self.decisions if d.rewritten]
+
+    @property
+    def left(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.rewritten]
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for i, d in enumerate(self.decisions):
+            s = d.site
+            out.append({
+                "index": i,
+                "graph": s.graph_id,
+                "path": s.path,
+                "form": s.form,
+                "q": list(s.q_shape),
+                "k": list(s.k_shape),
+                "v": list(s.v_shape),
+                "layout": s.layout,
+                "mask": s.mask_desc,
+                "gqa": s.heads != s.kv_heads,
+                "rewritten": d.rewritten,
+                "pattern": d.spec.describe() if d.spec is not None else None,
+                "spec": json.loads(d.spec.to_json()) if d.spec is not None else None,
+                "backend": d.backend or "auto",
+                "rules": list(d.rules),
+                "density": d.density,
+                "blocks_full": d.blocks_full,
+                "blocks_partial": d.blocks_partial,
+                "attn_flops_dense": d.attn_flops_dense,
+                "attn_flops": d.attn_flops if d.rewritten else d.attn_flops_dense,
+                "reason": d.reason,
+                "notes": list(d.notes),
+                "replaced": list(s.replaced),
+                "token_grid": getattr(s, "token_grid_desc", None),
+            })
+        return out
+
+    def to_json(self, **kw) -> str:
+        return json.dumps({"policy": self.policy_source, "sites": self.rows()}, **kw)
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        head = ["#", "path", "form", "q", "k", "mask", "pattern", "density", "blocks f/p", "FLOPs dense->ours"]
+        table = []
+        for r in rows:
+            if r["rewritten"]:
+                pat = r["pattern"]
+                dens = f"{r['density']:.3f}" if r["density"] is not None else "?"
+                blocks = f"{r['blocks_full']}/{r['blocks_partial']}"
+                flops = f"{_fmt_flops(r['attn_flops_dense'])}->{_fmt_flops(r['attn_flops'])}"
+            else:
+                pat, dens, blocks, flops = "(left alone)", "1", "-", _fmt_flops(r["attn_flops_dense"])
+            table.append([str(r["index"]), r["path"] or "<root>", r["form"] + (" gqa" if r["gqa"] else ""),
+                          _fmt_shape(r["q"]), _fmt_shape(r["k"]), r["mask"], pat, dens, blocks, flops])
+        widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
+        lines = [f"locattn explain: {len(rows)} attention site(s), {len(self.rewritten)} rewritten, "
+                 f"{len(self.left)} left alone (policy: {self.policy_source})"]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        for t in table:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(t, widths)))
+        notes = [(r["index"], r["reason"]) for r in rows if not r["rewritten"]]
+        notes += [(r["index"], n) for r in rows for n in r["notes"]]
+        notes += [(r["index"], "grid: " + r["token_grid"]) for r in rows if r["token_grid"]]
+        notes += [(r["index"], "replaced nodes: " + ", ".join(r["replaced"])) for r in rows if r["form"] != "sdpa"]
+        if notes:
+            lines.append("")
+            lines += [f"  [{i}] {n}" for i, n in sorted(notes, key=lambda x: x[0])]
+        dense = sum(r["attn_flops_dense"] for r in rows)
+        ours = sum(r["attn_flops"] for r in rows)
+        if dense:
+            lines.append(f"attention FLOPs: dense {_fmt_flops(dense)}, with this policy {_fmt_flops(ours)} "
+                         f"({ours / dense:.1%})")
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: str = "", dynamic: bool | None = None,
+            inductor: bool = False, **kwargs) -> Report:
+    """Compile ``model`` with the locattn backend, run it once on ``args``/``kwargs`` and report every site.
+
+    Resets Dynamo's caches first (so the model is traced afresh). With ``inductor=False`` (default) the
+    rewritten graphs run eagerly, which is enough to see every decision and much faster.
+    """
+    torch._dynamo.reset()
+    b = LocattnBackend(policy, backend=backend, inductor=inductor)
+    compiled = torch.compile(model, backend=b, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        b.warn_unmatched()
+    torch._dynamo.reset()
+    return Report(b.decisions, b.policy.source)

@@ -1,0 +1,131 @@
+"""``AttentionSite``: one softmax-attention computation found in a Dynamo graph, in canonical form.
+
+Every finder (SDPA calls here, hand-written attention in :mod:`locattn.passes.match_manual`) produces sites
+with the same fields, so the policy, the rewrite and ``explain`` never care how a site was spelled.
+
+Canonical form: ``q [B, Hq, Sq, D]``, ``k [B, Hk, Sk, D]``, ``v [B, Hk, Sk, Dv]`` as graph nodes (a finder may
+insert view nodes to get there), an optional bool ``mask`` and float ``bias`` node (broadcastable to
+``[B, Hq, Sq, Sk]``), a static ``scale`` and ``is_causal``. ``replace`` swaps the original computation for the
+op's output; it is the finder's job to map ``[B, Hq, Sq, Dv]`` back to the layout the model expects.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+
+def normalize_path(raw: str) -> str:
+    """``"L['self'].blocks[0]._modules['attn']"`` -> ``"blocks.0.attn"``; root-level ops give ``""``."""
+    p = re.sub(r"^[LG]\['[^']*'\]", "", raw)
+    p = re.sub(r"(?:\.)?__dict__\['_modules'\]\['([^']*)'\]", r".\1", p)
+    p = re.sub(r"(?:\.)?_modules\['([^']*)'\]", r".\1", p)
+    p = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", p)
+    p = re.sub(r"\.{2,}", ".", p)
+    return p.strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Normalized path of the innermost module whose forward produced ``node`` (``""`` at the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1]
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return normalize_path(str(raw))
+
+
+def example(node: Any) -> Any:
+    """The FakeTensor (or value) a Dynamo-level node stands for."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def static_int(x) -> int | None:
+    """``x`` as a Python int if it is static (or a SymInt with a hint we may use for reporting), else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            return int(x.node.hint) if x.node.hint is not None else None
+        except Exception:
+            return None
+    return None
+
+
+@dataclass(eq=False)
+class AttentionSite:
+    """One attention site. Shapes are tuples of ints (symbolic sizes reported by their example hint)."""
+
+    index: int
+    path: str
+    form: str                          # "sdpa", "matmul", "bmm", "baddbmm", "einsum", ...
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    layout: str = "BHSD"               # layout the model used, e.g. "BHSD", "(BH)SD", "BSHD"
+    mask: fx.Node | None = None        # bool, True = attend
+    mask_shape: tuple[int, ...] | None = None
+    bias: fx.Node | None = None        # float, added to the scaled scores
+    bias_shape: tuple[int, ...] | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    dropout_p: float = 0.0
+    replaced: tuple[str, ...] = ()     # names of the nodes a manual site replaces (explain)
+    replace: Callable[[fx.Node], None] | None = field(default=None, repr=False)
+    symbolic_seq: bool = False         # sequence length is symbolic (dynamic shapes)
+    graph_id: int = 0
+    #: a finder's reason not to rewrite even before the policy is consulted (e.g. dropout in training)
+    blocker: str = ""
+
+    @property
+    def heads(self) -> int:
+        return self.q_shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_shape[1]
+
+    @property
+    def s_q(self) -> int:
+        return self.q_shape[2]
+
+    @property
+    def s_k(self) -> int:
+        return self.k_shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.q_shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_shape[3]
+
+    @property
+    def v_dim(self) -> int:
+        return self.v_shape[3]
+
+    @property
+    def mask_desc(self) -> str:
+        parts = []
+        if self.mask is not None:
+            parts.append("bool" + ("[" + "x".join(map(str, self.mask_shape)) + "]" if self.mask_shape else ""))
+        if self.bias is not None:
+            parts.append("float" + ("[" + "x".join(map(str, self.bias_shape)) + "]" if self.bias_shape else ""))
+        if self.is_causal:
+            parts.append("causal")
+        return "+".join(parts) or "-"
+
+    def effective_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
