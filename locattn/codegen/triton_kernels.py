@@ -27,6 +27,7 @@ GROUP        GQA group size Hq // Hk: query head h reads kv head h // GROUP
 VISIT        instrumented mode: every visit adds 1 (full) or 16 (partial) to ``Visits[bh, m, n]``
 PRECISION    ``tl.dot`` input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
              (ignored for fp16/bf16 operands)
+UPCAST       interpreter + bf16 only: multiply exact fp32 copies (the interpreter's bf16 ``tl.dot`` is wrong)
 
 Scores are kept in log2 units (``qk * scale * log2(e)``) so the softmax uses ``exp2``; ``lse`` is stored
 in natural-log units. A row with no allowed key ends with ``l == 0``: it stores ``out = 0``, ``lse = -inf``.
@@ -39,6 +40,11 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+#: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
+#: one per sequence length or layout (names absent from a signature are ignored)
+_SIZES = ["H", "HK", "GROUP", "S", "S_q", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
+          "sinks"]
 
 
 @triton.jit
@@ -101,18 +107,29 @@ def _load_ku(k_u, n_k_slots, kslot, NDIM: tl.constexpr):
 def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk,
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]."""
-    if HAS_MASK or HAS_BIAS:
-        qv, kv = qt >= 0, kt >= 0
-        qi = tl.where(qv, qt, 0).to(tl.int64)
-        kj = tl.where(kv, kt, 0).to(tl.int64)
-        io = qv[:, None] & kv[None, :]
-        if HAS_BIAS:
-            b = tl.load(B_bh + qi[:, None] * stride_bq + kj[None, :] * stride_bk, mask=io, other=0.0)
-            s = s + b.to(tl.float32) * 1.4426950408889634
-        if HAS_MASK:
-            mk = tl.load(M_bh + qi[:, None] * stride_mq + kj[None, :] * stride_mk, mask=io, other=0)
-            s = tl.where(mk != 0, s, float("-inf"))
+    qv = qt >= 0
+    kv = kt >= 0
+    qi = tl.where(qv, qt, 0).to(tl.int64)
+    kj = tl.where(kv, kt, 0).to(tl.int64)
+    io = qv[:, None] & kv[None, :]
+    if HAS_BIAS:
+        b = tl.load(B_bh + qi[:, None] * stride_bq + kj[None, :] * stride_bk, mask=io, other=0.0)
+        s = s + b.to(tl.float32) * 1.4426950408889634
+    if HAS_MASK:
+        mk = tl.load(M_bh + qi[:, None] * stride_mq + kj[None, :] * stride_mk, mask=io, other=0)
+        s = tl.where(mk != 0, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. UPCAST (interpreter + bf16 only): the interpreter's ``tl.dot``
+    multiplies bf16 bit patterns as integers, so exact fp32 copies are multiplied instead."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit
@@ -135,7 +152,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -147,8 +165,9 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
         kj = tl.where(kv, kt, 0).to(tl.int64)
         kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+        if HAS_MASK or HAS_BIAS:
+            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
         if not IS_FULL:
             ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
             keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
@@ -164,14 +183,14 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
                     mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
              stride_qb, stride_qh, stride_qs, stride_qd,
@@ -185,7 +204,8 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              sm_scale, prefix, grid_end, sinks,
              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             VISIT: tl.constexpr, PRECISION: tl.constexpr):
+             VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -220,13 +240,13 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
                                stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
                                NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION)
+                               PRECISION, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
                                stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
                                NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION)
+                               PRECISION, UPCAST)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -239,7 +259,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
 # backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_od,
                         stride_gb, stride_gh, stride_gs, stride_gd, H, S, DV,
                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -266,7 +286,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
               n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -280,23 +301,24 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                      mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+        if HAS_MASK or HAS_BIAS:
+            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
         if not IS_FULL:
             ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
             keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
                          NDIM, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dp = _mma(do, vT, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+        dq += _mma(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
@@ -310,7 +332,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 sm_scale, prefix, grid_end, sinks,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                VISIT: tl.constexpr, PRECISION: tl.constexpr):
+                VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
@@ -349,12 +372,14 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                    K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                    n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION)
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   UPCAST)
     dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                    K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                    n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION)
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   UPCAST)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -366,7 +391,8 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
                 stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end, sinks,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -383,18 +409,19 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
         lse = tl.load(LSE_bh + qi, mask=qv, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+        if HAS_MASK or HAS_BIAS:
+            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
         if not IS_FULL:
             qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
             keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
                          NDIM, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])                       # [BLOCK_M, BLOCK_N]
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dv += _mma(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+        dp = _mma(do, vT, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk += _mma(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
         if NEED_DBIAS:
             kv = kt >= 0
             kj = tl.where(kv, kt, 0).to(tl.int64)
@@ -405,7 +432,7 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   q_slots, k_slots, q_lo, q_hi, k_u, qb_ptr, qb_split, qb_idx, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
@@ -421,7 +448,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   sm_scale, prefix, grid_end, sinks,
                   NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -466,13 +494,15 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
                              sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D,
-                             BLOCK_DV, VISIT, PRECISION)
+                             BLOCK_DV, VISIT, PRECISION,
+                   UPCAST)
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
                              dB_bh, q_slots, q_lo, q_hi, qb_idx, split, end, Visits_h, n_kblocks, pid_n,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
                              sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M, BLOCK_D,
-                             BLOCK_DV, VISIT, PRECISION)
+                             BLOCK_DV, VISIT, PRECISION,
+                   UPCAST)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))

@@ -20,6 +20,7 @@ from ..patterns.plan import build_plan, count_pairs
 from ..patterns.spec import HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
+from .match_manual import find_manual_sites
 from .sites import AttentionSite
 
 
@@ -28,7 +29,7 @@ class LocattnWarning(UserWarning):
 
 
 #: finders run in this order; each returns sites of a graph (later issues append the manual matcher)
-FINDERS = [find_sdpa_sites]
+FINDERS = [find_sdpa_sites, find_manual_sites]
 
 
 @dataclass(eq=False)

@@ -1,0 +1,406 @@
+"""Fused Triton flash attention over a block plan: the ``triton`` entry of the implementation registry.
+
+Forward: one program per (query block, batch x head) runs an online softmax over exactly the plan's key
+blocks — full blocks first (no mask arithmetic), then partial ones (pattern / causal / padding evaluated
+in-kernel from per-slot u-space intervals). Backward: ``Delta = rowsum(dO * O)``, a dQ kernel over the
+same plan, and a dK/dV kernel over the transposed plan that also sums the GQA group in registers, so the
+backward is deterministic (no atomics). See :mod:`locattn.codegen.triton_kernels` for the glossary.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+the kernels are imported; tests only — it is slow).
+
+Example::
+
+    impl = Triton()
+    out, lse = impl.forward(AttentionCall(q, k, v, None, None, 0.125, False, SlidingWindow(window=64),
+                                          Layout().resolve(q.shape[-2])))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..counters import bump, log
+from ..patterns.base import Layout, Pattern, dilation_groups, token_coords
+from ..patterns.plan import BlockPlan, build_plan
+from .reference import reduce_to
+from .registry import AttentionCall, Implementation
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel family (forward, or the backward kernels)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name}={v} must be a power of two >= 16 (tl.dot tile)")
+
+
+#: fixed tiles under the interpreter: small blocks keep the (serial, numpy) programs cheap
+INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
+
+#: candidate configs per (kernel family, head-dim bucket); the first entry is the untuned default
+CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
+    ("fwd", 64): [KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
+                  KernelConfig(128, 64, 8, 2)],
+    ("fwd", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 2), KernelConfig(64, 64, 4, 3),
+                   KernelConfig(128, 128, 8, 2)],
+    ("fwd", 256): [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 32, 4, 1)],
+    ("bwd", 64): [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 128, 8, 2),
+                  KernelConfig(32, 64, 4, 2)],
+    ("bwd", 128): [KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2),
+                   KernelConfig(128, 64, 8, 1)],
+    ("bwd", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
+}
+
+#: autotuning results: (family, head-dim bucket, seq bucket, pattern kind, dtype, device index) -> config
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def _kernels():
+    """The kernel module, imported on first use (keeps ``import locattn`` working without triton)."""
+    from . import triton_kernels
+    return triton_kernels
+
+
+def triton_available() -> tuple[bool, str]:
+    try:
+        _kernels()
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at their import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels().attn_fwd, InterpretedFunction)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device tables derived from a plan (cached per plan object and device)
+
+
+@dataclass(frozen=True, eq=False)
+class KernelTables:
+    """Int32 device copies of a plan, reordered for the kernels (see the triton_kernels glossary)."""
+
+    plan: BlockPlan
+    q_slots: torch.Tensor
+    k_slots: torch.Tensor
+    q_lo: torch.Tensor    # [3, n_q_slots]
+    q_hi: torch.Tensor
+    k_u: torch.Tensor     # [3, n_k_slots]
+    kv_ptr: torch.Tensor
+    kv_split: torch.Tensor
+    kv_idx: torch.Tensor
+    qb_ptr: torch.Tensor
+    qb_split: torch.Tensor
+    qb_idx: torch.Tensor
+    ndim: int
+    prefix: int
+    grid_end: int
+    sinks: int
+
+
+def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: bool) -> list[torch.Tensor]:
+    """Per slot and axis: u-space interval bounds (queries) or u-space coordinate (keys).
+
+    Global and padding slots get clamped garbage: the kernel tests globals from token indices and padding
+    from ``slot < 0``, exactly like :func:`locattn.patterns.base.allowed`.
+    """
+    grid = layout.grid
+    t = slots.clamp_min(0)
+    coords = token_coords(t, layout)
+    out = []
+    for a in range(len(grid)):
+        if query:
+            out.append(pattern.axis_bounds(a, grid, coords[a]))
+        else:
+            out.append(dilation_groups(coords[a], grid[a], pattern.dilation_of(a, len(grid)))[0])
+    return out
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n_rows: int, n_cols: int):
+    """CSR of (rows, cols) with each row's full entries first: (ptr, split, idx)."""
+    key = (rows * 2 + (~full).long()) * n_cols + cols
+    order = torch.argsort(key)
+    idx = cols[order]
+    ptr = torch.zeros(n_rows + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+    split = ptr[:-1] + torch.bincount(rows[full], minlength=n_rows)
+    return ptr, split, idx
+
+
+@functools.lru_cache(maxsize=128)
+def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: torch.device) -> KernelTables:
+    nq, nk = plan.n_qblocks, plan.n_kblocks
+    rows = torch.repeat_interleave(torch.arange(nq), plan.kv_ptr[1:] - plan.kv_ptr[:-1])
+    cols, full = plan.kv_idx, plan.kv_full
+    kv_ptr, kv_split, kv_idx = _csr(rows, cols, full, nq, nk)
+    qb_ptr, qb_split, qb_idx = _csr(cols, rows, full, nk, nq)
+    nqs, nks = plan.q_slots.numel(), plan.k_slots.numel()
+    q_lo = torch.zeros(3, nqs, dtype=torch.long)
+    q_hi = torch.zeros(3, nqs, dtype=torch.long)
+    k_u = torch.zeros(3, nks, dtype=torch.long)
+    ndim, prefix, grid_end, sinks = 0, 0, 0, 0
+    if pattern.local:
+        ndim = len(layout.grid)
+        if ndim > 3:
+            raise ValueError(f"the Triton kernels support grids of up to 3 axes, got {ndim}")
+        for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, plan.q_slots, True)):
+            q_lo[a], q_hi[a] = lo, hi
+        for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
+            k_u[a] = u
+        prefix, grid_end, sinks = layout.prefix, layout.prefix + layout.n_grid, layout.sinks
+
+    def dev(t):
+        return t.to(device=device, dtype=torch.int32).contiguous()
+
+    return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_hi), dev(k_u),
+                        dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
+                        ndim, prefix, grid_end, sinks)
+
+
+def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
+    """Site mask/bias expanded (a view, stride 0 on broadcast dims) to ``shape`` = [B, H, Sq, Sk]."""
+    if t is None:
+        return dummy, (0, 0, 0, 0)
+    if t.dim() < 4:
+        t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    elif t.dtype == torch.float64:
+        t = t.float()
+    t = t.expand(*shape)
+    return t, tuple(t.stride())
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Triton(Implementation):
+    """Fused block-sparse flash attention (forward + backward) in Triton.
+
+    ``config``: fixed tiles for both kernel families (default: autotuned on CUDA, :data:`INTERPRET_CONFIG`
+    under the interpreter). ``autotune``: time :data:`CONFIG_SPACE` once per key on CUDA.
+    Debug flags (tests): ``nan_fill`` fills fresh outputs with NaN so unwritten memory shows up;
+    ``record_visits`` makes every kernel count the block pairs it visits into ``self.visits`` (keys
+    ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
+    visit) and keeps the plans used in ``self.plans``.
+    """
+
+    name = "triton"
+
+    def __init__(self, config: KernelConfig | None = None, *, autotune: bool = True, nan_fill: bool = False,
+                 record_visits: bool = False):
+        self.config = config
+        self.autotune = autotune
+        self.nan_fill = nan_fill
+        self.record_visits = record_visits
+        self.visits: dict[str, torch.Tensor] = {}
+        self.plans: dict[str, BlockPlan] = {}
+
+    # -- dispatch -------------------------------------------------------------------------------------------
+    def can_run(self, call: AttentionCall) -> tuple[bool, str]:
+        ok, why = triton_available()
+        if not ok:
+            return False, why
+        q, k, v = call.q, call.k, call.v
+        if not (q.device == k.device == v.device):
+            return False, "q, k and v are on different devices"
+        if q.device.type == "cpu":
+            if not interpreted():
+                return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)"
+        elif q.device.type != "cuda":
+            return False, f"device {q.device.type} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
+        if not (q.dtype == k.dtype == v.dtype):
+            return False, f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
+        if q.dtype not in SUPPORTED_DTYPES:
+            return False, f"dtype {q.dtype} is not supported (fp16, bf16, fp32)"
+        if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+            return False, f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+        if call.pattern.local and q.shape[-2] != k.shape[-2]:
+            return False, f"pattern {call.pattern.name} needs S_q == S_k"
+        if call.pattern.local and len(call.layout.grid or ()) > 3:
+            return False, f"grid of {len(call.layout.grid)} axes (at most 3)"
+        if call.mask is not None and call.mask.dtype != torch.bool:
+            return False, f"mask dtype {call.mask.dtype} (bool expected)"
+        if call.bias is not None and not call.bias.is_floating_point():
+            return False, f"bias dtype {call.bias.dtype} (floating point expected)"
+        return True, ""
+
+    # -- configs ----------------------------------------------------------------------------------------------
+    def _tune_key(self, call: AttentionCall, family: str) -> tuple:
+        d = _pow2(max(call.q.shape[-1], call.v.shape[-1]), 64)
+        s_bucket = _pow2(call.q.shape[-2], 1024)
+        dev = call.q.device.index if call.q.device.type == "cuda" else -1
+        return (family, min(d, MAX_HEAD_DIM), s_bucket, call.pattern.name, call.q.dtype, dev)
+
+    def _config(self, call: AttentionCall, family: str, run) -> KernelConfig:
+        if self.config is not None:
+            return self.config
+        if interpreted() or call.q.device.type != "cuda":
+            return INTERPRET_CONFIG
+        key = self._tune_key(call, family)
+        if key in _TUNED:
+            return _TUNED[key]
+        space = CONFIG_SPACE[(family, key[1])]
+        if not self.autotune or torch.cuda.is_current_stream_capturing():
+            return space[0]
+        best, best_t = space[0], math.inf
+        for cfg in space:
+            try:
+                run(cfg)  # compile + warm up
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(3):
+                    run(cfg)
+                end.record()
+                torch.cuda.synchronize()
+                t = start.elapsed_time(end)
+            except Exception as e:  # out of shared memory / registers for this tile: skip it
+                log.debug("locattn triton: config %s failed: %s", cfg, e)
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        _TUNED[key] = best
+        bump("triton_autotune", f"{key[0]} d{key[1]} s{key[2]} {key[3]} -> {best}")
+        return best
+
+    def _tables(self, call: AttentionCall, cfg: KernelConfig) -> KernelTables:
+        s_q, s_k = call.q.shape[-2], call.k.shape[-2]
+        plan = build_plan(call.pattern, call.layout, s_q, s_k, cfg.block_m, cfg.block_n, call.is_causal)
+        return kernel_tables(plan, call.pattern, call.layout, call.q.device)
+
+    def _empty(self, *shape, dtype, device) -> torch.Tensor:
+        t = torch.empty(*shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if self.nan_fill else t
+
+    def _visits(self, kind: str, tab: KernelTables, bh: int, device) -> torch.Tensor:
+        if not self.record_visits:
+            return torch.empty(1, dtype=torch.int32, device=device)
+        self.plans[kind] = tab.plan
+        self.visits[kind] = torch.zeros(bh, tab.plan.n_qblocks, tab.plan.n_kblocks, dtype=torch.int32,
+                                        device=device)
+        return self.visits[kind]
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self._config(call, "fwd", lambda c: self._forward(call, c, record=False))
+        return self._forward(call, cfg, record=self.record_visits)
+
+    def _forward(self, call: AttentionCall, cfg: KernelConfig, record: bool):
+        kern = _kernels()
+        q, k, v = call.q, call.k, call.v
+        b, hq, s_q, d = q.shape
+        hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+        tab = self._tables(call, cfg)
+        out = self._empty(b, hq, s_q, dv, dtype=q.dtype, device=q.device)
+        lse = self._empty(b, hq, s_q, dtype=torch.float32, device=q.device)
+        full = (b, hq, s_q, s_k)
+        mask, ms = _site_tensor(call.mask, full, tab.q_slots)
+        bias, bs = _site_tensor(call.bias, full, tab.q_slots)
+        visits = self._visits("fwd", tab, b * hq, q.device) if record else tab.q_slots
+        plan = tab.plan
+        kern.attn_fwd[(plan.n_qblocks, b * hq)](
+            q, k, v, out, lse, mask, bias,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
+            hq, hq // hk, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
+            float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
+            HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
+            BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out, lse
+
+    # -- backward ---------------------------------------------------------------------------------------------
+    def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 need_dbias: bool):
+        cfg = self._config(call, "bwd", lambda c: self._backward(call, grad_out, out, lse, need_dbias, c, False))
+        return self._backward(call, grad_out, out, lse, need_dbias, cfg, self.record_visits)
+
+    def _backward(self, call, grad_out, out, lse, need_dbias, cfg: KernelConfig, record: bool):
+        kern = _kernels()
+        q, k, v = call.q, call.k, call.v
+        b, hq, s_q, d = q.shape
+        hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+        dev = q.device
+        tab = self._tables(call, cfg)
+        plan = tab.plan
+        grad_out = grad_out.to(q.dtype)
+        lse = lse.float().contiguous()
+        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=dev)
+        pre_m = 64 if dev.type == "cuda" and not interpreted() else 32
+        kern.attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, s_q, dv,
+            BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
+
+        full = (b, hq, s_q, s_k)
+        mask, ms = _site_tensor(call.mask, full, tab.q_slots)
+        bias, bs = _site_tensor(call.bias, full, tab.q_slots)
+        want_dbias = need_dbias and call.bias is not None
+        # every visited (q, k) pair is stored exactly once; unvisited pairs must read as zero
+        dbias = torch.zeros(full if want_dbias else (1, 1, 1, 1), dtype=torch.float32, device=dev)
+        dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=dev)
+        dk = self._empty(b, hk, s_k, d, dtype=k.dtype, device=dev)
+        dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
+        common = dict(NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
+                      HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype),
+                      UPCAST=_upcast(q.dtype),
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        visits = self._visits("dq", tab, b * hq, dev) if record else tab.q_slots
+        kern.attn_bwd_dq[(plan.n_qblocks, b * hq)](
+            q, k, v, grad_out, lse, delta, dq, mask, bias,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
+            hq, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
+            float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **common)
+        visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
+        kern.attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
+            q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx, visits,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
+            *dbias.stride(),
+            hq, hk, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
+            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            NEED_DBIAS=want_dbias, **common)
+        db = reduce_to(dbias, call.bias.shape).to(call.bias.dtype) if want_dbias else None
+        return dq, dk, dvv, db
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products like eager (no TF32); the argument is ignored for fp16/bf16 operands
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # the interpreter's tl.dot multiplies bf16 storage (uint16) as integers: give it fp32 copies
+    return dtype == torch.bfloat16 and interpreted()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["Triton", "KernelConfig", "KernelTables", "kernel_tables", "CONFIG_SPACE", "INTERPRET_CONFIG"]
