@@ -8,7 +8,7 @@
   scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
   spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
   backend: "" / "auto" for registry order, or an implementation name that must run
-  out: [B, Hq, Sq, Dv] contiguous, q's dtype; lse: [B, Hq, Sq] float32 (-inf where a row has no key)
+  out: [B, Hq, Sq, Dv] contiguous, q's dtype; lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
 
 The op attends exactly the pairs the pattern allows AND the site's mask / causal allow. A query row left
 with no allowed key outputs zeros. The backward is a second op, ``locattn::attention_backward``.
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .codegen import registry
-from .codegen.registry import AttentionCall
+from .codegen.registry import AttentionCall, lse_dtype
 from .patterns.base import PatternError
 from .patterns.spec import HeadGroup, SiteSpec, parse_spec
 
@@ -80,7 +80,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
         o, lse = registry.select(groups[0][1], backend).forward(groups[0][1])
         return o.contiguous(), lse.contiguous()
     out = q.new_empty(b, hq, s_q, v.shape[-1])
-    lse_out = q.new_empty(b, hq, s_q, dtype=torch.float32)
+    lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
     for heads, call in groups:
         o, lse = registry.select(call, backend).forward(call)
         out.index_copy_(1, heads, o.to(out.dtype))
@@ -91,7 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 @attention.register_fake
 def _(q, k, v, mask, bias, scale, is_causal, spec, backend):
     b, hq, s_q, _ = q.shape
-    return q.new_empty(b, hq, s_q, v.shape[-1]), q.new_empty(b, hq, s_q, dtype=torch.float32)
+    return q.new_empty(b, hq, s_q, v.shape[-1]), q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("locattn::attention_backward", mutates_args=())

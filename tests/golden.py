@@ -65,6 +65,8 @@ def golden_attention(q, k, v, allowed, scale, bias=None):
     s = q.double() @ k.transpose(-2, -1) * scale
     if bias is not None:
         s = s + bias.double()
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    allowed = allowed.expand_as(s)
+    has_key = allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)  # empty rows: finite, zeroed below
+    p = torch.softmax(s, -1) * has_key
     return p @ v

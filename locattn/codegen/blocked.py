@@ -18,7 +18,7 @@ import torch
 
 from ..patterns.plan import BlockPlan, build_plan
 from .reference import compute_dtype, expand_kv, keep_mask, reduce_to
-from .registry import AttentionCall, Implementation
+from .registry import AttentionCall, Implementation, lse_dtype
 
 #: scores of one chunk are kept below this many elements (fp32): bounds peak memory
 CHUNK_ELEMS = 1 << 24
@@ -115,7 +115,7 @@ class Blocked(Implementation):
         v = expand_kv(call.v, hq)
         dv_ = v.shape[-1]
         out = torch.zeros(b, hq, s_q, dv_, dtype=call.q.dtype, device=call.q.device)
-        lse_out = torch.full((b, hq, s_q), float("-inf"), dtype=torch.float32, device=call.q.device)
+        lse_out = torch.full((b, hq, s_q), float("-inf"), dtype=lse_dtype(call.q.dtype), device=call.q.device)
         for m0 in range(0, plan.n_qblocks, chunk):
             sl = slice(m0, m0 + chunk)
             tq_c, tk_c = tq[sl], tk[sl]
@@ -131,7 +131,7 @@ class Blocked(Implementation):
             valid = (tq_c >= 0).flatten()
             idx = tq_c.flatten()[valid]
             out.index_copy_(2, idx, o.reshape(b, hq, c * bm, dv_)[:, :, valid].to(out.dtype))
-            lse_out.index_copy_(2, idx, lse.reshape(b, hq, c * bm)[:, :, valid].float())
+            lse_out.index_copy_(2, idx, lse.reshape(b, hq, c * bm)[:, :, valid].to(lse_out.dtype))
         return out, lse_out
 
     def backward(self, call, grad_out, out, lse, need_dbias):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns.base import allowed
-from .registry import AttentionCall, Implementation
+from .registry import AttentionCall, Implementation, lse_dtype
 
 
 def compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
@@ -66,7 +66,7 @@ class Reference(Implementation):
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # empty rows: exp(-inf) = 0
         out = p @ expand_kv(call.v, call.q.shape[1]).to(ct)
-        return out.to(call.q.dtype), lse.float()
+        return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
 
     def backward(self, call, grad_out, out, lse, need_dbias):
         ct = compute_dtype(call.q, call.k, call.v)

@@ -44,6 +44,11 @@ class AttentionCall:
     layout: Layout
 
 
+def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """The op's log-sum-exp dtype: float32, or float64 for float64 inputs (fp64 goldens stay exact)."""
+    return torch.float64 if q_dtype == torch.float64 else torch.float32
+
+
 class Implementation:
     name: str = ""
 
@@ -51,7 +56,7 @@ class Implementation:
         return True, ""
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (float32; -inf for empty rows)."""
+        """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (:func:`lse_dtype`; -inf for empty rows)."""
         raise NotImplementedError
 
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -1,0 +1,76 @@
+"""Command line: ``python -m locattn explain FILE.py:FUNC [--policy P] [--json]`` and
+``python -m locattn show --pattern NAME --grid 32,32 [--param k=v ...] [--query c1,c2] -o out.png``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+
+def _load_func(spec: str):
+    path, _, func = spec.rpartition(":")
+    if not path or not func:
+        raise SystemExit(f"expected FILE.py:FUNC, got {spec!r}")
+    mod_spec = importlib.util.spec_from_file_location("_locattn_target", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    if not hasattr(mod, func):
+        raise SystemExit(f"{path} has no function {func!r}")
+    return getattr(mod, func)
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        if "," in v:
+            return [_parse_value(x) for x in v.split(",")]
+        return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="locattn")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("explain", help="report every attention site of a model and the policy's decision")
+    ex.add_argument("target", help="FILE.py:FUNC where FUNC() returns (model, example_args)")
+    ex.add_argument("--policy", default=None, help="policy TOML (default: $LOCATTN_POLICY, else all-dense)")
+    ex.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    sh = sub.add_parser("show", help="draw what a query attends on its grid, and the block plan")
+    sh.add_argument("--pattern", required=True)
+    sh.add_argument("--grid", required=True, help="e.g. 32,32")
+    sh.add_argument("--param", action="append", default=[], help="pattern parameter, e.g. kernel=7,7")
+    sh.add_argument("--query", default=None, help="query coordinate, e.g. 3,5 (default: centre)")
+    sh.add_argument("--block", type=int, default=64)
+    sh.add_argument("-o", "--output", default="pattern.png")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "explain":
+        import locattn
+
+        made = _load_func(args.target)()
+        model, ex_args = made[0], made[1]
+        ex_kwargs = made[2] if len(made) > 2 else {}
+        report = locattn.explain(model, *ex_args, policy=args.policy, **ex_kwargs)
+        print(report.to_json(indent=2) if args.json else report)
+        return 0
+    if args.cmd == "show":
+        from .show import show
+
+        params = {}
+        for p in args.param:
+            k, _, v = p.partition("=")
+            params[k] = _parse_value(v)
+        grid = tuple(int(x) for x in args.grid.split(","))
+        query = tuple(int(x) for x in args.query.split(",")) if args.query else None
+        path = show(args.pattern, grid, params, query=query, block=args.block, output=args.output)
+        print(path)
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

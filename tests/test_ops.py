@@ -1,0 +1,121 @@
+"""The locattn::attention op (reference and blocked implementations) against written-out fp64 goldens."""
+
+import pytest
+import torch
+
+from golden import golden_attention, golden_mask
+from locattn.patterns import PATTERNS, Layout
+from locattn.patterns.spec import HeadGroup, SiteSpec
+
+IMPLS = ["reference", "blocked"]
+
+CASES = [
+    # id, kind, params, grid, prefix, suffix, sinks
+    ("sw1d-w5", "sliding_window", {"window": 5}, None, 0, 0, 0),
+    ("sw1d-dil2-causal", "sliding_window", {"window": 6, "dilation": 2, "causal": True}, None, 0, 0, 0),
+    ("sw2d", "sliding_window", {"window": [1, 2]}, (5, 7), 0, 0, 0),
+    ("na2d-dil", "neighborhood", {"kernel": [3, 3], "dilation": [1, 2]}, (5, 7), 2, 3, 0),
+    ("na3d", "neighborhood", {"kernel": [3, 3, 3]}, (3, 5, 6), 0, 0, 0),
+    ("na1d-causal-sinks", "neighborhood", {"kernel": 7, "causal": True}, None, 0, 0, 4),
+    ("strided2d", "strided", {"kernel": [4, 3], "stride": [2, 3]}, (5, 7), 0, 0, 0),
+    ("tiled2d", "tiled", {"tile": [2, 2], "window": [1, 3]}, (5, 7), 0, 4, 0),
+    ("shifted2d", "shifted_window", {"window": [2, 3], "shift": [1, 1]}, (5, 7), 1, 0, 0),
+    ("dense", "dense", {}, None, 0, 0, 0),
+]
+
+
+def _spec(kind, params, grid, prefix, suffix, sinks, heads=None):
+    p = PATTERNS[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+    lay = Layout(grid=grid, prefix=prefix, suffix=suffix, sinks=sinks) if p.local else Layout()
+    return HeadGroup(heads, p, lay)
+
+
+def _run(impl, spec, q, k, v, mask, bias, scale, causal):
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    out, lse = torch.ops.locattn.attention(q, k, v, mask, bias, scale, causal, spec.to_json(), impl)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    return (out, lse, *torch.autograd.grad(out, leaves, g)), g
+
+
+def _golden(q, k, v, allowed, bias, scale, g):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    out = golden_attention(*leaves, allowed, scale, b)
+    grads = torch.autograd.grad(out, leaves + ([b] if b is not None else []), g.double())
+    return out, grads
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("site", ["plain", "causal", "mask", "bias-gqa"])
+def test_op_matches_golden(impl, case, site):
+    name, kind, params, grid, prefix, suffix, sinks = case
+    n = (grid[0] * grid[1] * (grid[2] if len(grid) > 2 else 1) if grid else 63) + prefix + suffix
+    hq, hk = (4, 2) if site == "bias-gqa" else (2, 2)
+    dt = torch.float64
+    q = torch.randn(2, hq, n, 40, dtype=dt, requires_grad=True)
+    k = torch.randn(2, hk, n, 40, dtype=dt, requires_grad=True)
+    v = torch.randn(2, hk, n, 24, dtype=dt, requires_grad=True)
+    mask = torch.rand(2, 1, n, n) > 0.3 if site == "mask" else None
+    bias = torch.randn(1, hq, n, n, dtype=dt, requires_grad=True) if site == "bias-gqa" else None
+    causal = site == "causal"
+    spec = SiteSpec((_spec(kind, params, grid, prefix, suffix, sinks),))
+    got, g = _run(impl, spec, q, k, v, mask, bias, 0.3, causal)
+    allowed = golden_mask(kind, params, grid or (n - prefix - suffix,), n, prefix, suffix, sinks)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    if mask is not None:
+        allowed = allowed & mask
+    out, grads = _golden(q, k, v, allowed, bias, 0.3, g)
+    torch.testing.assert_close(got[0], out.to(got[0].dtype))
+    has_key = allowed.expand(2, hq, n, n).any(-1)
+    assert torch.equal(torch.isinf(got[1]), ~has_key)   # empty rows: lse = -inf
+    for a, b in zip(got[2:], grads):
+        torch.testing.assert_close(a, b.to(a.dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_head_groups(impl):
+    grid = (5, 7)
+    g1 = _spec("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 0, 0, 0, heads=(0, 3))
+    g2 = _spec("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 0, 0, 0, heads=(1, 2))
+    q = torch.randn(1, 4, 35, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 35, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 35, 16, dtype=torch.float64, requires_grad=True)
+    got, g = _run(impl, SiteSpec((g1, g2)), q, k, v, None, None, 0.25, False)
+    m1 = golden_mask("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 35)
+    m2 = golden_mask("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 35)
+    allowed = torch.stack([m1, m2, m2, m1])[None]
+    out, grads = _golden(q, k, v, allowed, None, 0.25, g)
+    torch.testing.assert_close(got[0], out)
+    for a, b in zip(got[2:], grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cross_attention_dense_and_fp32(impl):
+    q = torch.randn(2, 3, 50, 72, requires_grad=True)
+    k = torch.randn(2, 3, 17, 72, requires_grad=True)
+    v = torch.randn(2, 3, 17, 40, requires_grad=True)
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),))
+    got, g = _run(impl, spec, q, k, v, None, None, 72 ** -0.5, False)
+    out, grads = _golden(q, k, v, torch.ones(50, 17, dtype=torch.bool), None, 72 ** -0.5, g)
+    torch.testing.assert_close(got[0], out.float(), atol=1e-5, rtol=1e-4)
+    for a, b in zip(got[2:], grads):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_opcheck():
+    spec = SiteSpec((_spec("sliding_window", {"window": 4}, None, 0, 0, 0),)).to_json()
+    q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 1, 33, 33, requires_grad=True)
+    torch.library.opcheck(torch.ops.locattn.attention.default, (q, k, v, None, bias, 0.2, True, spec, ""))
+
+
+def test_override_that_cannot_run_raises():
+    from locattn.codegen.registry import BackendUnavailable
+
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    q = torch.randn(1, 1, 8, 8)
+    with pytest.raises(BackendUnavailable, match="unknown locattn backend 'nope'"):
+        torch.ops.locattn.attention(q, q, q, None, None, 1.0, False, spec, "nope")
