@@ -20,6 +20,7 @@ from ..patterns.plan import build_plan, count_pairs
 from ..patterns.spec import HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
+from .grid_infer import infer_token_grids
 from .match_manual import find_manual_sites
 from .sites import AttentionSite
 
@@ -92,7 +93,7 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     where = f"{rule.where(policy.source)} at site {site.path or '<root>'!r}"
     grid = rule.grid
     if grid == "auto" or rule.globals == "auto":
-        inferred = getattr(site, "token_grid", None)
+        inferred = site.token_grid
         if inferred is None:
             raise PolicyError(f"{where}: grid/globals = \"auto\" but no token grid could be inferred for this "
                               f"site; give 'grid' (and 'globals') explicitly")
@@ -187,7 +188,10 @@ def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
 def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0) -> list[Decision]:
     """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions."""
     decisions = []
-    for site in find_sites(gm, graph_id):
+    sites = find_sites(gm, graph_id)
+    if any(r.grid == "auto" or r.globals == "auto" for r in (*policy.rules, policy.default)):
+        infer_token_grids(gm, sites)
+    for site in sites:
         d = decide(site, policy, backend)
         decisions.append(d)
         if not d.rewritten:

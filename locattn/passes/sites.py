@@ -87,6 +87,9 @@ class AttentionSite:
     graph_id: int = 0
     #: a finder's reason not to rewrite even before the policy is consulted (e.g. dropout in training)
     blocker: str = ""
+    #: inferred token layout ``(grid, prefix, suffix)`` and where it came from (:mod:`.grid_infer`)
+    token_grid: tuple[tuple[int, ...], int, int] | None = None
+    token_grid_desc: str | None = None
 
     @property
     def heads(self) -> int:
