@@ -39,7 +39,7 @@ def test_grid_inference_on_diffusers(name):
             torch.compile(model, backend=b)(**inputs)
         except Exception as e:  # a site whose grid cannot be found raises before running
             pytest.fail(f"{name}: {e}")
-    self_sites = [d for d in b.decisions if d.site.s_q == d.site.s_k]
+    self_sites = [d for d in b.decisions if d.site.s_q == d.site.s_k and not d.site.path.startswith("context_embedder")]
     assert self_sites, name
     for d in self_sites:
         assert d.site.token_grid == (grid, prefix, suffix), (d.site.path, d.site.token_grid_desc)
