@@ -116,3 +116,13 @@ def test_site_errors_name_the_site():
         locattn.explain(Heads(), q, policy={"rule": [{"match": "*", "pattern": "dense", "heads": [5]}]})
     with pytest.raises(Exception, match=r"no token grid could be inferred"):
         locattn.explain(Heads(), q, policy={"default": {"pattern": "neighborhood", "kernel": 3, "grid": "auto"}})
+
+
+def test_show_draws_a_pattern(tmp_path):
+    pytest.importorskip("matplotlib")
+    from locattn.cli import main
+
+    out = tmp_path / "na.png"
+    assert main(["show", "--pattern", "neighborhood", "--grid", "20,24", "--param", "kernel=5,7",
+                 "--query", "0,3", "--block", "16", "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
