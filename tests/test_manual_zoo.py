@@ -381,6 +381,41 @@ class DropoutModuleEval(Heads):
         return self.merge(self.drop(self.sm(q @ k.transpose(-1, -2) * DH ** -0.5)) @ v)
 
 
+class KeyPermute0231(nn.Module):
+    """Old GPT-2: keys permuted straight to [B, H, D, S] with permute(0, 2, 3, 1); q pre-divided."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split(D_MODEL, dim=2)
+        q = q.view(b, s, HEADS, DH).permute(0, 2, 1, 3) / math.sqrt(DH)
+        k = k.view(b, s, HEADS, DH).permute(0, 2, 3, 1)
+        v = v.view(b, s, HEADS, DH).permute(0, 2, 1, 3)
+        w = nn.Softmax(dim=-1)(torch.matmul(q, k))
+        return torch.matmul(w, v).permute(0, 2, 1, 3).contiguous().view(b, s, D_MODEL)
+
+
+class KitchenSink(Heads):
+    """Everything at once: GQA repeat_kv, scale on k, additive bias, key padding, causal where, fp32 softmax,
+    einsum with v as the first operand."""
+
+    def __init__(self):
+        super().__init__(hk=2, dv=12)
+        self.pos = nn.Parameter(torch.randn(HEADS, S, S) * 0.3)
+
+    def forward(self, x, keep, causal):
+        q, k, v = self.split(x)
+        k, v = repeat_kv(k * DH ** -0.5, 2), repeat_kv(v, 2)
+        a = torch.matmul(q, k.transpose(-1, -2)) + self.pos
+        a = a.masked_fill(keep == 0, -1e9)
+        a = torch.where(causal, a, torch.finfo(a.dtype).min) * 2.0
+        p = F.softmax(a, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.einsum("bhkd,bhqk->bhqd", v, p))
+
+
 # ------------------------------------------------------------------------------------------------ negatives
 
 class ReturnsWeights(Heads):
@@ -509,6 +544,9 @@ POSITIVE = [
     ("gpt2-full-divisor", FullDivisor, lambda: (_x(),), "matmul"),
     ("single-head-3d", SingleHead3D, lambda: (_x(),), "matmul"),
     ("nn-dropout-softmax-modules-eval", DropoutModuleEval, lambda: (_x(),), "matmul"),
+    ("gpt2-old-key-permute0231", KeyPermute0231, lambda: (_x(),), "matmul"),
+    ("kitchen-sink-gqa-bias-pad-causal-einsum-v-first", KitchenSink,
+     lambda: (_x(), _keep().long(), _causal()), "matmul"),
 ]
 
 # (id, factory, inputs factory, expected reported sites, expected words in the reason)
@@ -601,12 +639,13 @@ def test_gqa_passes_unrepeated_kv():
 
 
 def test_scale_folds_every_factor():
+    make = {p[1]: p[2] for p in POSITIVE}
     for factory, expected in [(ScaleOnQAndK, DH ** -0.5), (MethodMatmulPermute, 0.5 * 2 * DH ** -0.5),
-                              (BaddbmmBias, 0.3), (FullDivisor, DH ** -0.5)]:
+                              (BaddbmmBias, 0.3), (FullDivisor, DH ** -0.5), (KeyPermute0231, DH ** -0.5),
+                              (KitchenSink, 2 * DH ** -0.5)]:
         torch._dynamo.reset()
         backend = Recording(inductor=False)
-        inputs = (_x(), _pad_bias()) if factory is BaddbmmBias else (_x(),)
-        torch.compile(factory().eval(), backend=backend)(*inputs)
+        torch.compile(factory().eval(), backend=backend)(*make[factory]())
         assert backend.decisions[0].site.scale == pytest.approx(expected), factory.__name__
 
 
@@ -651,3 +690,69 @@ def test_two_sites_in_one_graph_share_inputs():
     backend = Recording(inductor=False)
     _check_close(Two().eval(), (_x(),), backend)
     assert [d.rewritten for d in backend.decisions] == [True, True]
+
+
+DYNAMIC = [MatmulTransposeMul, GQARepeatKV, EinsumBSHD, SingleHead3D, KeyPaddingFinfoMin, InplaceOps]
+
+
+@pytest.mark.parametrize("factory", DYNAMIC, ids=[f.__name__ for f in DYNAMIC])
+def test_dynamic_shapes_no_baked_sizes(factory):
+    """dynamic=True: the rewritten graph serves two sequence lengths without recompiling."""
+    model = factory().eval()
+    backend = Recording(inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for s in (S, 11):
+        extra = {GQARepeatKV: lambda: (_causal(s),), KeyPaddingFinfoMin: lambda: (torch.rand(B, 1, 1, s) > 0.3,),
+                 InplaceOps: lambda: (~_causal(s),)}.get(factory, lambda: ())()
+        inputs = (_x(s), *extra)
+        with torch.no_grad():
+            err = float((compiled(*inputs) - model(*inputs)).abs().max())
+        assert err < 1e-5
+    assert len(backend.codes) == 1 and [d.rewritten for d in backend.decisions] == [True]
+
+
+def test_dynamic_folded_layout_is_reported():
+    """A [B*H, S, D] layout under dynamic shapes would need baked sizes: left alone, with the reason."""
+    backend = Recording(inductor=False)
+    model = BmmFolded().eval()
+    x = _x()
+    with torch.no_grad():
+        assert float((torch.compile(model, backend=backend, dynamic=True)(x) - model(x)).abs().max()) < 1e-5
+    (d,) = backend.decisions
+    assert not d.rewritten and "dynamic shapes" in d.reason
+
+
+BF16 = [MatmulTransposeMul, BaddbmmBeta0, HFEagerFloatMask, SwinWindow, KitchenSink]
+
+
+@pytest.mark.parametrize("factory", BF16, ids=[f.__name__ for f in BF16])
+def test_bf16_forward(factory):
+    """bf16: as accurate as eager bf16 against the fp64 golden; the output keeps the model's dtype."""
+    make = {p[1]: p[2] for p in POSITIVE}[factory]
+    model, inputs = factory().eval(), make()
+    golden = copy.deepcopy(model).double()(*[t.double() if t.is_floating_point() else t for t in inputs])
+    model = model.bfloat16()
+    inputs = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
+    backend = Recording(inductor=False)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(*inputs)
+        eager = model(*inputs)
+    assert [d.rewritten for d in backend.decisions] == [True]
+    assert out.dtype == torch.bfloat16
+    assert_close_to_golden(out, golden.detach(), eager)
+
+
+def test_site_output_feeds_next_site():
+    """The second attention's q/k/v are (a scaled view of) the first one's output, with no op in between."""
+
+    class Chained(Heads):
+        def forward(self, x):
+            q, k, v = self.split(x)
+            o = (q @ k.transpose(-1, -2) * DH ** -0.5).softmax(-1) @ v
+            o2 = o * 0.5
+            return self.merge(((o2 @ o2.transpose(-1, -2)) * DH ** -0.5).softmax(-1) @ o)
+
+    backend = Recording(inductor=False)
+    _check_close(Chained().eval(), (_x(),), backend)
+    assert [d.rewritten for d in backend.decisions] == [True, True]
+    assert backend.decisions[1].site.scale == pytest.approx(0.25 * DH ** -0.5)

@@ -195,7 +195,7 @@ def _classify(n: fx.Node):
     x = n.args[0]
     if n.op == "call_method":
         t = n.target
-        if t in _MUL_METHODS | _DIV_METHODS and len(n.args) == 2:
+        if t in _MUL_METHODS | _DIV_METHODS and len(n.args) == 2 and not n.kwargs:
             s = _number(n.args[1])
             if s is None or not isinstance(x, fx.Node) or s == 0:
                 return None
@@ -204,7 +204,7 @@ def _classify(n: fx.Node):
             return ("cast", x, None)
         if t in _COPY_METHODS:
             return ("copy", x, None)
-        if t in _VIEW_METHODS:
+        if t in _VIEW_METHODS and not any(isinstance(a, torch.dtype) for a in n.args[1:]):
             return ("view", x, None)
         if t in _PERM_METHODS:
             sh = _shape(x)
@@ -215,9 +215,9 @@ def _classify(n: fx.Node):
     if t in _MUL_FNS | _DIV_FNS and len(n.args) == 2 and not n.kwargs:
         a, b = n.args
         if t in _MUL_FNS:
-            if isinstance(a, fx.Node) and _number(b) is not None and not _is_scalar_tensor_node(a):
+            if isinstance(a, fx.Node) and _number(b) is not None and _number(a) is None:
                 return ("scalar", a, _number(b))
-            if isinstance(b, fx.Node) and _number(a) is not None and not _is_scalar_tensor_node(b):
+            if isinstance(b, fx.Node) and _number(a) is not None and _number(b) is None:
                 return ("scalar", b, _number(a))
             return None
         s = _number(b)
@@ -235,10 +235,6 @@ def _classify(n: fx.Node):
         p = _perm_of(n, len(sh)) if sh is not None else None
         return ("perm", x, p) if p is not None else None
     return None
-
-
-def _is_scalar_tensor_node(n: fx.Node) -> bool:
-    return _number(n) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,11 +274,6 @@ def _matmul_operands(n: fx.Node):
     if _is_method(n, {"bmm"}) and len(n.args) == 2:
         return "bmm", n.args[0], n.args[1]
     return None
-
-
-def _is_contraction(n: fx.Node) -> bool:
-    return _matmul_operands(n) is not None or _is_fn(n, _BADDBMM_FNS) or _is_method(n, {"baddbmm"}) \
-        or _is_fn(n, _EINSUM_FNS)
 
 
 def _pad(shape, rank) -> tuple[int, ...]:
@@ -472,6 +463,9 @@ class _Scores:
     masks: list[_Mask] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)     # chain nodes, contraction first
 
+    def copy(self) -> "_Scores":
+        return self.scaled(1.0)
+
     def scaled(self, f: float) -> "_Scores":
         return _Scores(self.con, self.mult * f, [_Term(t.node, t.coef * f, t.frame) for t in self.terms],
                        [_Mask(m.node, m.keep_if_true, m.frame, m.fill * f) for m in self.masks], list(self.nodes))
@@ -479,9 +473,10 @@ class _Scores:
 
 class _Matcher:
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self._memo: dict[fx.Node, _Scores | _Reject] = {}
+        #: value-contraction nodes already replaced -> their replacement (sites may feed later sites)
+        self.alias: dict[fx.Node, fx.Node] = {}
 
     # -- scores ------------------------------------------------------------------------------------------
 
@@ -528,7 +523,7 @@ class _Matcher:
             raise _Reject(f"`{_opname(at)}` fills scores with {v:g}, not a masking value")
         if not isinstance(m, fx.Node):
             raise _Reject(f"`{_opname(at)}` with a constant condition")
-        out = _Scores(s.con, s.mult, list(s.terms), list(s.masks), list(s.nodes))
+        out = s.copy()
         out.masks.append(_Mask(m, keep_if_true, frame, v))
         return out
 
@@ -557,7 +552,7 @@ class _Matcher:
                     raise _Reject(f"non-positive scale {extra:g} on the scores")
                 s = s.scaled(extra)
             else:
-                s = _Scores(s.con, s.mult, list(s.terms), list(s.masks), list(s.nodes))
+                s = s.copy()
             s.nodes.append(n)
             return s
         # in-place scalar ops (x *= s) and everything with two operands
@@ -621,12 +616,11 @@ class _Matcher:
                 raise _Reject("scores are negated")
             if _shape(score) != _shape(n):
                 raise _Reject(f"`{_opname(n)}` broadcasts the scores")
-            s = s.scaled(coef_score) if coef_score != 1.0 else _Scores(s.con, s.mult, list(s.terms),
-                                                                       list(s.masks), list(s.nodes))
+            s = s.scaled(coef_score)
             osh = _shape(other) if isinstance(other, fx.Node) else None
             if isinstance(other, fx.Node) and _number(other) is None and osh is not None:
-                if not (len(osh) >= 1 and osh[-1] == 1):       # constant along keys: softmax ignores it
-                    s.terms.append(_Term(other, coef_other, _shape(n)))
+                if not (len(osh) >= 1 and osh[-1] == 1 and _shape(n)[-1] != 1):   # else constant along keys:
+                    s.terms.append(_Term(other, coef_other, _shape(n)))           # the softmax ignores it
             elif _number(other) is None:
                 raise _Reject(f"`{_opname(n)}` with an unknown operand")
             s.nodes.append(n)
@@ -686,9 +680,13 @@ class _Matcher:
             p, train = _arg(u, 1, "p", 0.5), _arg(u, 2, "train", True)
         else:
             p, train = _arg(u, 1, "p", 0.5), _arg(u, 2, "training", True)
-        if isinstance(p, fx.Node) or isinstance(train, fx.Node):
-            return "dropout with traced p/training"
-        if train and p > 0:
+        if isinstance(train, fx.Node):
+            return "dropout with a traced training flag"
+        if not train:
+            return ""
+        if not isinstance(p, (int, float)):
+            return "dropout with a traced p in training"
+        if p > 0:
             return f"dropout p={p:g} active in training"
         return ""
 
@@ -723,8 +721,10 @@ class _Recipe:
     steps: list = field(default_factory=list)
     shape: tuple[int, ...] = ()
 
-    def emit(self, g: fx.Graph) -> fx.Node:
+    def emit(self, g: fx.Graph, alias: dict) -> fx.Node:
         x = self.base
+        while x in alias:   # the output of a site rewritten earlier in this graph
+            x = alias[x]
         for st in self.steps:
             if st[0] == "replay":
                 n = st[1]
@@ -796,9 +796,27 @@ def _convert_steps(src: tuple[int, ...], F_: tuple[int, ...], C: tuple[int, ...]
         steps.append(("method", "expand", *exp, *last2))
         cur = tuple(exp) + last2
     final = tuple(out) + last2
-    if final != cur:
+    if final == cur or (len(cur) < len(final) and final == _pad(cur, len(final))):
+        return steps, final if final == cur else _pad(cur, len(final))   # broadcasts as it is
+    ins = _inserted_ones(cur, final)
+    if ins is not None:
+        steps += [("method", "unsqueeze", i) for i in ins]
+    else:
         steps.append(("method", "reshape", *final))
     return steps, final
+
+
+def _inserted_ones(cur: tuple[int, ...], final: tuple[int, ...]) -> list[int] | None:
+    """Positions (ascending, in ``final``) of the size-1 dims whose insertion turns ``cur`` into ``final``."""
+    out, i = [], 0
+    for j, n in enumerate(final):
+        if i < len(cur) and cur[i] == n:
+            i += 1
+        elif n == 1:
+            out.append(j)
+        else:
+            return None
+    return out if i == len(cur) else None
 
 
 @dataclass
@@ -810,12 +828,11 @@ class _Walk:
     factor: float                    # scalars peeled between the contraction and ``top``
     steps: list                      # [(node, kind, extra)], steps[i] produces vals[i] from vals[i + 1]
     vals: list
-    peeled: list
 
 
 def _walk_operand(op: _Operand, strip_scalars: bool = True) -> _Walk:
     """Trace an operand back; ``strip_scalars=False`` (for v) treats scalar factors as opaque."""
-    cur, perm, factor, peeled = op.node, tuple(op.perm), 1.0, []
+    cur, perm, factor = op.node, tuple(op.perm), 1.0
     for _ in range(_MAX_WALK):
         c = _classify(cur)
         if c is None or (c[0] == "scalar" and not strip_scalars):
@@ -827,7 +844,6 @@ def _walk_operand(op: _Operand, strip_scalars: bool = True) -> _Walk:
             perm = tuple(extra[p] for p in perm)
         elif kind != "copy":
             break
-        peeled.append(cur)
         cur = x
     steps, vals, n = [], [cur], cur
     for _ in range(16):
@@ -837,7 +853,7 @@ def _walk_operand(op: _Operand, strip_scalars: bool = True) -> _Walk:
         steps.append((n, c[0], c[2]))
         n = c[1]
         vals.append(n)
-    return _Walk(cur, perm, factor, steps, vals, peeled)
+    return _Walk(cur, perm, factor, steps, vals)
 
 
 def _operand_recipe(op: _Operand, w: _Walk, F_, C, allow: set[int]) -> tuple[_Recipe, float]:
@@ -884,7 +900,8 @@ def _operand_recipe(op: _Operand, w: _Walk, F_, C, allow: set[int]) -> tuple[_Re
 
 
 def _unrepeat(r: _Recipe):
-    """``(recipe of the un-repeated tensor, groups)`` if ``r`` is a bare repeat_kv / repeat_interleave."""
+    """``(recipe of the un-repeated tensor, groups, repeat nodes)`` if ``r`` is a bare repeat_kv or
+    repeat_interleave over heads."""
     if r.steps:
         return None
     n = r.base
@@ -894,7 +911,7 @@ def _unrepeat(r: _Recipe):
     if (_is_method(n, {"repeat_interleave"}) or _is_fn(n, {torch.repeat_interleave})) and n.args:
         z, reps, dim = n.args[0], _arg(n, 1, "repeats"), _arg(n, 2, "dim")
         if isinstance(z, fx.Node) and isinstance(reps, int) and isinstance(dim, int) and _norm_dim(dim, 4) == 1:
-            return _Recipe(z, [], _shape(z)), reps
+            return _Recipe(z, [], _shape(z)), reps, [n]
         return None
     c = _classify(n)
     if c is None or c[0] != "view":
@@ -911,10 +928,10 @@ def _unrepeat(r: _Recipe):
         return None
     # y = z[:, :, None] or z.unsqueeze(2)
     if _is_fn(y, {operator.getitem}) and isinstance(y.args[0], fx.Node) and _shape(y.args[0]) == (b, hk, s, d):
-        return _Recipe(y.args[0], [], (b, hk, s, d)), g
+        return _Recipe(y.args[0], [], (b, hk, s, d)), g, [n, e, y]
     if _is_method(y, {"unsqueeze"}) and _norm_dim(_arg(y, 1, "dim"), 5) == 2:
-        return _Recipe(y.args[0], [], (b, hk, s, d)), g
-    return _Recipe(y, [("method", "squeeze", 2)], (b, hk, s, d)), g
+        return _Recipe(y.args[0], [], (b, hk, s, d)), g, [n, e, y]
+    return _Recipe(y, [("method", "squeeze", 2)], (b, hk, s, d)), g, [n, e]
 
 
 def _mask_recipe(m: _Mask, F_, C) -> _Recipe:
@@ -1032,6 +1049,11 @@ def _near_contraction(x: fx.Node, last2) -> _Contraction | None:
     return None
 
 
+def _site_path(sm: fx.Node, vcon: _Contraction | None) -> str:
+    """Module of the value contraction (a softmax may sit in its own ``nn.Softmax`` submodule)."""
+    return module_path(vcon.node) if vcon is not None else module_path(sm)
+
+
 def _blocked_site(index, sm, con: _Contraction, vcon: _Contraction | None, reason: str,
                   replaced=()) -> AttentionSite:
     C = _canon_lead(con.lead)
@@ -1040,7 +1062,7 @@ def _blocked_site(index, sm, con: _Contraction, vcon: _Contraction | None, reaso
     hk = C[1]
     dv = vcon.b.aligned[-1] if vcon is not None else d
     return AttentionSite(
-        index=index, path=module_path(sm), form=con.form, q=con.a.node, k=con.b.node,
+        index=index, path=_site_path(sm, vcon), form=con.form, q=con.a.node, k=con.b.node,
         v=vcon.b.node if vcon is not None else con.b.node, q_shape=(C[0], C[1], sq, d),
         k_shape=(C[0], hk, sk, d), v_shape=(C[0], hk, sk, dv), layout=_layout_name(con, C, False),
         scale=None, blocker=reason, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
@@ -1049,7 +1071,7 @@ def _blocked_site(index, sm, con: _Contraction, vcon: _Contraction | None, reaso
 def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index: int) -> AttentionSite | None:
     last2 = _shape(x)[-2:]
     try:
-        sc = matcher.scores(x)
+        sc = matcher._sub(x, sm, -1)
         back_err = None
     except _Reject as e:
         sc, back_err = None, e
@@ -1065,14 +1087,14 @@ def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index
     con = sc.con
     replaced = [n.name for n in sc.nodes] + [sm.name] + [n.name for n in pnodes]
     if blocker:
-        return _blocked_site(index, sm, con, vcon, blocker, replaced)
+        return _blocked_site(index, sm, con, vcon, blocker)
     try:
-        return _plan(gm, sm, sc, vcon, pnodes, index, replaced)
+        return _plan(gm, sm, sc, vcon, pnodes, index, replaced, matcher.alias)
     except _Reject as e:
-        return _blocked_site(index, sm, con, vcon, str(e), replaced)
+        return _blocked_site(index, sm, con, vcon, str(e))
 
 
-def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced) -> AttentionSite:
+def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alias: dict) -> AttentionSite:
     con = sc.con
     bs = tuple(con.lead)
     for m in sc.masks:
@@ -1095,6 +1117,11 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced) -> A
     gqa = False
     if uk is not None and uv is not None and uk[1] == uv[1] and uk[1] > 1:
         k_r, v_r, gqa = uk[0], uv[0], True
+        if not k_r.steps:   # a factor on k before the repeat (k * s, then repeat_kv) folds too
+            z = _Operand(k_r.base, tuple(range(4)), k_r.shape)
+            wz = _walk_operand(z)
+            k_r, fz = _operand_recipe(z, wz, k_r.shape[:2], k_r.shape[:2], {1})
+            fk *= fz
     if k_r.shape[1] != v_r.shape[1]:
         # k broadcast over heads but v not (or the reverse): give both the full head count
         for r in (k_r, v_r):
@@ -1107,7 +1134,7 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced) -> A
     masks = [_mask_recipe(m, m.frame[:-2], C) for m in sc.masks]
     biases = [_bias_recipe(t, t.frame[:-2], C) for t in sc.terms]
     out_node = vcon.node
-    o_shape, o_dtype = _shape(out_node), _dtype(out_node)
+    o_dtype = _dtype(out_node)
     vlead = tuple(vcon.lead)
     sq, d = q_r.shape[-2:]
     sk, dv = v_r.shape[-2], v_r.shape[-1]
@@ -1116,63 +1143,68 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced) -> A
     if C[1] % k_r.shape[1] or C[1] % v_r.shape[1] or k_r.shape[0] != C[0] or v_r.shape[0] != C[0]:
         raise _Reject(f"kv heads {k_r.shape[1]} do not divide query heads {C[1]}")
     symbolic = any(_symbolic(n) for n in (con.node, vcon.node, con.a.node, con.b.node, vcon.b.node))
-    out_sized = vlead != tuple(C)
+    out_squeeze = _inserted_ones(vlead + (sq, dv), tuple(C) + (sq, dv)) if vlead != tuple(C) else []
+    out_sized = out_squeeze is None
     if symbolic and (out_sized or any(r.sized for r in [q_r, k_r, v_r, *masks, *biases])):
         raise _Reject("dynamic shapes with a layout change (sizes would be baked in)")
 
     mask_shape = tuple(torch.broadcast_shapes(*[r.shape for r in masks])) if masks else None
     bias_shape = tuple(torch.broadcast_shapes(*[r.shape for r in biases])) if biases else None
     chain = list(sc.nodes) + [sm] + list(pnodes)
-    peeled = wq.peeled + wk.peeled + [n for n, _, _ in wq.steps + wk.steps]
-    c = con
 
     site = AttentionSite(
-        index=index, path=module_path(sm), form=con.form, q=q_r.base, k=k_r.base, v=v_r.base,
+        index=index, path=_site_path(sm, vcon), form=con.form, q=q_r.base, k=k_r.base, v=v_r.base,
         q_shape=tuple(q_r.shape), k_shape=tuple(k_r.shape), v_shape=tuple(v_r.shape),
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
-        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(c.node))
+        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
 
     def replace(op_call) -> None:
         g = gm.graph
         with g.inserting_before(out_node):
-            q4, k4, v4 = q_r.emit(g), k_r.emit(g), v_r.emit(g)
+            q4, k4, v4 = q_r.emit(g, alias), k_r.emit(g, alias), v_r.emit(g, alias)
             mask = None
             for r in masks:
-                mnode = r.emit(g)
+                mnode = r.emit(g, alias)
                 mask = mnode if mask is None else g.call_function(operator.and_, (mask, mnode))
             bias = None
             for r in biases:
-                bnode = r.emit(g)
+                bnode = r.emit(g, alias)
                 bias = bnode if bias is None else g.call_function(operator.add, (bias, bnode))
             res = op_call(g, q4, k4, v4, mask, bias)
             out = g.call_function(operator.getitem, (res, 0))
-            if vlead != tuple(C):
+            if out_squeeze:
+                for i in reversed(out_squeeze):
+                    out = g.call_method("squeeze", (out, i))
+            elif out_sized:
                 out = g.call_method("reshape", (out, *vlead, sq, dv))
             if vcon.out_perm is not None:
                 out = g.call_method("permute", (out, *vcon.out_perm))
             if o_dtype is not None and o_dtype != _dtype(con.a.node):
                 out = g.call_method("to", (out, o_dtype))
         out_node.replace_all_uses_with(out)
-        _erase_unused(g, chain, peeled + [m.node for m in sc.masks] + [t.node for t in sc.terms]
-                      + wv.peeled + [n for n, _, _ in wv.steps] + [n for n in c.node.args if isinstance(n, fx.Node)]
-                      + [n for n in vcon.node.args if isinstance(n, fx.Node)])
+        alias[out_node] = out
+        _erase_unused(g, chain)
 
     site.replace = replace
     return site
 
 
-def _erase_unused(g: fx.Graph, chain, others) -> None:
-    """Erase the site's ``chain`` nodes and the pure ``others`` once nothing uses them, users first."""
-    chain = [n for n in chain if isinstance(n, fx.Node)]
+def _erase_unused(g: fx.Graph, chain) -> None:
+    """Erase the site's ``chain`` once nothing uses it, users first, then the pure producers this leaves
+    without users (what only fed the replaced computation: scaled q, repeated k/v, mask helpers)."""
     in_chain = set(chain)
-    cands = set(chain) | {n for n in others if isinstance(n, fx.Node) and _pure(n)}
     order = {n: i for i, n in enumerate(g.nodes)}
-    for n in sorted((n for n in cands if n in order), key=order.__getitem__, reverse=True):
-        if n.users or n.op in ("placeholder", "output", "get_attr"):
+    todo = sorted((n for n in in_chain if n in order), key=order.__getitem__, reverse=True)
+    while todo:
+        n = todo.pop(0)
+        if n.users or n.op in ("placeholder", "output", "get_attr") or n not in order:
             continue
         if n in in_chain or _pure(n):
+            inputs = [a for a in n.all_input_nodes if a in order]
             g.erase_node(n)
+            del order[n]
+            todo = sorted(set(todo) | set(inputs), key=order.__getitem__, reverse=True)
 
 
 def _pure(n: fx.Node) -> bool:
