@@ -303,3 +303,17 @@ def test_cli_explain(tmp_path):
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "sliding_window(window=3)" in out.stdout and "causal" in out.stdout
+
+
+@pytest.mark.parametrize("raw,path", [
+    ("L['self'].transformer_blocks[0].attn1", "transformer_blocks.0.attn1"),
+    ("L['self']._modules['blocks']._modules['0']._modules['attn']", "blocks.0.attn"),
+    ("L['self'].__dict__['_modules']['blocks'][1].attn", "blocks.1.attn"),
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("G['net'].a", "a"),
+    ("L['self']", ""),
+])
+def test_module_paths_are_normalized(raw, path):
+    from locattn.passes.sites import normalize_path
+
+    assert normalize_path(raw) == path

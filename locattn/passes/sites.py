@@ -22,7 +22,9 @@ import torch.fx as fx
 
 def normalize_path(raw: str) -> str:
     """``"L['self'].blocks[0]._modules['attn']"`` -> ``"blocks.0.attn"``; root-level ops give ``""``."""
-    p = re.sub(r"^[LG]\['[^']*'\]", "", raw)
+    # the root object: L['self'], G['model'], or an argument reached by index (L['args'][0] when a wrapper
+    # such as transformers' decorators calls forward(*args))
+    p = re.sub(r"^[LG]\['[^']*'\](?:\[\d+\])*", "", raw)
     p = re.sub(r"(?:\.)?__dict__\['_modules'\]\['([^']*)'\]", r".\1", p)
     p = re.sub(r"(?:\.)?_modules\['([^']*)'\]", r".\1", p)
     p = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", p)
