@@ -65,3 +65,23 @@ def test_neighborhood_with_auto_globals_runs_and_matches_reference(name):
         ref = torch.compile(model, backend=locattn.backend(pol, backend="reference", inductor=False))(**inputs)
     out = lambda o: o[0] if isinstance(o, tuple) else getattr(o, "sample", o)
     torch.testing.assert_close(out(fast), out(ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_grid_inference_on_timm_vit_class_token_first(fused):
+    from test_models_manual import _timm
+
+    timm = _timm()
+    old = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(fused)
+    try:
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=64,
+                                  depth=1).eval()
+    finally:
+        timm.layers.set_fused_attn(old)
+    b = locattn.backend(auto(2), inductor=False)
+    with torch.no_grad():
+        torch.compile(model, backend=b)(torch.randn(1, 3, 64, 64))
+    assert [d.site.token_grid for d in b.decisions] == [((4, 4), 1, 0)]
+    assert b.decisions[0].rewritten
