@@ -159,9 +159,14 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 def _register_implementations() -> None:
     from .codegen.blocked import Blocked
     from .codegen.reference import Reference
+    from .codegen.cpu_fast import CpuFast
+    from .codegen.triton_impl import Triton
 
-    registry.register(Blocked())
-    registry.register(Reference())
+    # order = preference: the first entry whose can_run() accepts a call runs it
+    registry.register(CpuFast())     # CPU tensors
+    registry.register(Triton())      # CUDA tensors (CPU only under TRITON_INTERPRET=1, when forced)
+    registry.register(Blocked())     # any device
+    registry.register(Reference())   # any device, O(S^2): the semantic definition
 
 
 _register_implementations()

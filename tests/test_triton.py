@@ -3,28 +3,40 @@ Triton interpreter. Every case runs forward and backward, checks out / lse / dq 
 freshly allocated outputs (NaN-filled) are fully written, and that each kernel visits exactly the plan's
 block pairs (full ones as full, partial ones as partial) via the kernels' instrumented mode.
 
-Tolerance: a kernel output is accepted when its max error against the fp64 golden is at most
-``FUDGE x`` the max error of eager attention computed in the same dtype (dense masked softmax, autograd
-for the gradients) plus a small floor for outputs whose eager error happens to be ~0 (FlexAttention's test
-recipe). The kernel differs from eager only in summation order (online softmax) and where it rounds p / ds
-to the input dtype, so a small factor suffices: measured ratios are below 2.
+Tolerance (:func:`locattn.testing.assert_close_to_golden`): a kernel output is accepted when its max error
+against the fp64 golden is at most ``FUDGE x`` the max error of eager attention computed in the same dtype
+(dense masked softmax, autograd for the gradients) plus the helper's small floor. The kernel differs from
+eager only in summation order (online softmax) and where it rounds p / ds to the input dtype; measured
+kernel/eager error ratios over these cases are 0.3 - 2.1 (fp32, fp16 and bf16 alike), hence FUDGE = 3.
 """
 
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are built for the interpreter
-
 import math
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-import torch
+# The kernels must be built for the interpreter: TRITON_INTERPRET=1 before triton / the kernels are imported.
+# It is restored right after, so other test modules of the session do not dispatch "auto" to the (slow)
+# interpreter; this module's tests set it again (fixture below).
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import pytest
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-pytest.importorskip("triton")
+    pytest.importorskip("triton")
+    import locattn.codegen.triton_kernels  # noqa: F401  built now, in interpreter mode
+finally:
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 from locattn.codegen import registry  # noqa: E402
 from locattn.codegen.reference import Reference, expand_kv, keep_mask  # noqa: E402
@@ -33,10 +45,16 @@ from locattn.codegen.triton_impl import KernelConfig, Triton, interpreted  # noq
 from locattn.patterns import (Dense, Layout, Neighborhood, ShiftedWindow, SlidingWindow, Strided,  # noqa: E402
                               Tiled)
 from locattn.patterns.spec import HeadGroup, SiteSpec  # noqa: E402
+from locattn.testing import assert_close_to_golden  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 REPO = Path(__file__).resolve().parents[1]
-FUDGE = 4.0
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+FUDGE = 3.0
 
 
 def _impl(bm=32, bn=32) -> Triton:
@@ -77,21 +95,6 @@ def _golden(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
     return (out, lse, dq, dk, dv) + ((db,) if db is not None else ())
 
 
-def _check(name, got, gold, eager, dtype):
-    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten output memory?)"
-    got, gold, eager = got.double(), gold.double(), eager.double()
-    if name == "lse":  # -inf rows must match exactly, finite ones numerically
-        assert torch.equal(torch.isinf(got), torch.isinf(gold)), "lse: empty rows differ"
-        fin = torch.isfinite(gold)
-        got, gold, eager = got[fin], gold[fin], eager[fin]
-    err = (got - gold).abs().max().item() if got.numel() else 0.0
-    eager_err = (eager - gold).abs().nan_to_num(0.0).max().item() if got.numel() else 0.0
-    tol = FUDGE * eager_err + FLOOR[dtype] * max(1.0, gold.abs().max().item() if gold.numel() else 1.0)
-    if os.environ.get("LOCATTN_TEST_RATIOS"):
-        print(f"RATIO {name} {dtype} err={err:.3g} eager={eager_err:.3g} ratio={err / max(eager_err, 1e-30):.2f}")
-    assert err <= tol, f"{name}: max err {err:.3g} > tol {tol:.3g} (eager same-dtype err {eager_err:.3g})"
-
-
 def _expected_visits(plan, bh: int) -> torch.Tensor:
     exp = torch.zeros(plan.n_qblocks, plan.n_kblocks, dtype=torch.int32)
     for m, n, full in plan.pairs():
@@ -110,9 +113,10 @@ def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False):
     names = ["out", "lse", "dq", "dk", "dv", "dbias"]
     for name, a, b, e in zip(names, got, gold, eager):
         assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        if name != "lse":
-            assert a.dtype == (call.bias.dtype if name == "dbias" else call.q.dtype), f"{name}: dtype {a.dtype}"
-        _check(name, a, b, e, call.q.dtype)
+        assert a.dtype == (torch.float32 if name == "lse" else call.bias.dtype if name == "dbias"
+                           else call.q.dtype), f"{name}: dtype {a.dtype}"
+        assert not torch.isnan(a).any(), f"{name}: NaN (unwritten output memory?)"
+        assert_close_to_golden(a, b, e, factor=FUDGE, name=name)
     # instrumented mode: every kernel visits exactly the plan's block pairs, once each, with their kind
     bh = call.q.shape[0] * call.q.shape[1]
     for kind in ("fwd", "dq", "dkdv"):
@@ -138,12 +142,12 @@ class Case:
     hk: int = 2
     causal: bool = False
     dtype: torch.dtype = torch.float32
-    mask: str = ""      # "" | "rand" | "rows" (random, plus whole rows blanked: empty rows)
+    mask: str = ""      # "" | "rand" ([1, 1, Sq, Sk]) | "rows" (per head, with whole rows blanked: empty rows)
     bias: str = ""      # "" | "full" | "bcast" ([Sq, Sk], broadcast over B and H)
     block: tuple = (32, 32)
 
     def call(self) -> AttentionCall:
-        gen = torch.Generator().manual_seed(hash(self.id) % 2**31)
+        gen = torch.Generator().manual_seed(zlib.crc32(self.id.encode()))
         s_k = self.s_k or self.s
         dv = self.dv or self.d
 
@@ -152,8 +156,8 @@ class Case:
 
         q, k, v = rnd(1, self.hq, self.s, self.d), rnd(1, self.hk, s_k, self.d), rnd(1, self.hk, s_k, dv)
         mask = bias = None
-        if self.mask:
-            mask = torch.rand(1, self.hq, self.s, s_k, generator=gen) > 0.25
+        if self.mask:  # "rand": one mask for all heads (stride-0 broadcast); "rows": per head
+            mask = torch.rand(1, 1 if self.mask == "rand" else self.hq, self.s, s_k, generator=gen) > 0.25
             if self.mask == "rows":
                 mask[:, :, 5:9] = False
         if self.bias == "full":
@@ -199,11 +203,15 @@ def test_empty_rows_give_zero_and_neg_inf():
     assert torch.isneginf(lse[:, :, 5:9]).all()
 
 
-def test_can_run_reasons():
+def test_can_run_reasons(monkeypatch):
     assert interpreted()
     impl = Triton()
     c = Case("x", SlidingWindow(window=3)).call()
     assert impl.can_run(c) == (True, "")
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET")
+        ok, why = impl.can_run(c)
+        assert not ok and "TRITON_INTERPRET" in why
     c64 = AttentionCall(c.q.double(), c.k.double(), c.v.double(), None, None, 0.1, False, c.pattern, c.layout)
     ok, why = impl.can_run(c64)
     assert not ok and "float64" in why
@@ -245,16 +253,55 @@ def test_op_head_groups_with_bias(triton_registered):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_end_to_end_torch_compile(triton_registered):
-    try:
-        import locattn.backend  # noqa: F401
-    except ImportError:
-        pytest.skip("locattn.backend does not exist yet")
-    import locattn
+class _Attn(nn.Module):
+    def __init__(self, d=32, heads=2):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
 
-    if not hasattr(locattn, "backend") or not callable(getattr(locattn, "backend")):
-        pytest.skip("locattn.backend(policy=...) is not available yet")
-    pytest.skip("end-to-end policy API not settled when this test was written")  # see the report
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.o(o.transpose(1, 2).reshape(b, s, d))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _Attn()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+def test_end_to_end_torch_compile(triton_registered, monkeypatch):
+    """SDPA in a module -> locattn backend (Inductor) -> torch.ops.locattn.attention on the Triton kernels,
+    forward and backward, against the eager module with the pattern's dense mask."""
+    import locattn
+    from locattn.patterns.base import dense_mask
+
+    model = _Net()
+    x = torch.randn(1, 35, 32)
+    policy = {"rule": [{"match": "attn", "pattern": "neighborhood", "kernel": [3, 3], "grid": [5, 7]}]}
+    xc = x.clone().requires_grad_()
+    y = torch.compile(model, backend=locattn.backend(policy, backend="triton"), fullgraph=True)(xc)
+    y.pow(2).mean().backward()
+    assert locattn.counters()["rewrite"].get("sdpa") == 1
+    assert locattn.counters()["dispatch"].get("triton", 0) >= 2  # forward and backward ran the kernels
+    got = [y, xc.grad] + [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    mask = dense_mask(Neighborhood(kernel=(3, 3)), Layout(grid=(5, 7)), 35, 35)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: sdpa(q, k, v, attn_mask=mask))
+    xe = x.clone().requires_grad_()
+    ye = model(xe)
+    ye.pow(2).mean().backward()
+    want = [ye, xe.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
 from .blocked import Blocked
 from .reference import reduce_to
-from .registry import AttentionCall, Implementation
+from .registry import AttentionCall, Implementation, lse_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -48,6 +49,32 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: elements of one materialised per-call mask / per-call key gradient (bounds peak memory)
 CHUNK_ELEMS = 1 << 24
 NEG_INF = float("-inf")
+#: internal temporaries (strips, blocked q/out, key-gradient strips) are kept per thread for reuse: a fresh
+#: multi-MB allocation is page-faulted on first touch, which costs as much as the copy into it
+WORKSPACE_BYTES = 512 << 20
+_ws = threading.local()
+
+
+def _workspace(tag: str, shape, dtype, zero: bool = False) -> torch.Tensor:
+    """A contiguous ``shape`` tensor backed by a reusable per-thread buffer (contents undefined unless zero)."""
+    n = math.prod(shape)
+    bufs = getattr(_ws, "bufs", None)
+    if bufs is None:
+        bufs = _ws.bufs = {}
+    t = bufs.get(tag)
+    if t is None or t.dtype != dtype or t.numel() < n:
+        bufs.pop(tag, None)
+        t = torch.empty(n, dtype=dtype)
+        used = sum(b.numel() * b.element_size() for b in bufs.values())
+        if used + t.numel() * t.element_size() <= WORKSPACE_BYTES:
+            bufs[tag] = t
+    v = t[:n].view(shape)
+    return v.zero_() if zero else v
+
+
+def clear_workspace() -> None:
+    """Free this thread's cached temporaries."""
+    _ws.bufs = {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,23 +148,35 @@ def _axis_plan(pattern: Pattern, grid, a: int, t: int, aligned: bool, causal_u: 
     return AxisPlan(n, t_eff, R, qs, qlen, kstart, cls, masks, coord)
 
 
-def _runs(seg_ids: list[int], kstart: list[int]) -> list[tuple[int, int, int, int, int]]:
-    """Split sorted segment ids into arithmetic progressions of (segment, kstart):
-    ``(first_seg, seg_step, count, first_kstart, kstart_step)``."""
-    out = []
-    i = 0
-    while i < len(seg_ids):
+def _runs(kstart: list[int]) -> list[tuple[int, int, int, int]]:
+    """Split consecutive axis-0 segments into runs whose ``kstart`` is an arithmetic progression with a
+    non-negative step: ``(first_seg, count, first_kstart, kstart_step)``."""
+    out, i, n = [], 0, len(kstart)
+    while i < n:
         j = i + 1
-        if j < len(seg_ids):
-            ds, dk = seg_ids[j] - seg_ids[i], kstart[j] - kstart[i]
-            while j + 1 < len(seg_ids) and seg_ids[j + 1] - seg_ids[j] == ds and kstart[j + 1] - kstart[j] == dk:
-                j += 1
-            j += 1
+        step = kstart[j] - kstart[i] if j < n else 0
+        if step < 0:
+            step = 0
         else:
-            ds, dk = 1, 0
-        out.append((seg_ids[i], ds, j - i, kstart[i], dk))
+            while j < n and kstart[j] - kstart[j - 1] == step:
+                j += 1
+        out.append((i, j - i, kstart[i], step))
         i = j
     return out
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kernel call over ``nb`` blocks: block j is axis-0 segment ``seg + j*ds``, inner block
+    ``inner + j*di``, key window ``[kf + j*kst, + R0)`` on axis 0."""
+
+    nb: int
+    seg: int
+    ds: int
+    inner: int
+    di: int
+    kf: int
+    kst: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,9 +184,16 @@ def _runs(seg_ids: list[int], kstart: list[int]) -> list[tuple[int, int, int, in
 
 #: measured kernel throughput (GFLOP/s per core, fp32, D=64) by rows per block; blocks of < 192 rows run as
 #: units of 32 rows sharing the block's keys in cache, >= 192 rows as units of 64
-_EFF = ((16, 31.0), (32, 45.0), (64, 55.0), (191, 60.0), (767, 65.0), (1 << 30, 70.0))
+_EFF = ((16, 35.0), (32, 55.0), (64, 62.0), (191, 70.0), (767, 70.0), (1 << 30, 75.0))
 #: cost of copying one key row into a strip, in score elements of kernel time (D=64: ~5 ns vs ~85 ns)
 _STRIP_ROW_COST = 17.0
+#: cost of one kernel call (fork/join, Python), in score elements
+_CALL_COST = 50.0
+#: the backward kernel costs ~2.5x the forward per score element; each block's key gradients
+#: ([N, E] for K and V) are folded back, at about the cost of a strip row
+_BWD_FACTOR = 2.5
+#: masks of a plan kept for reuse, in elements
+_MASK_CACHE_ELEMS = 1 << 24
 
 
 def _eff(m: int) -> float:
@@ -166,9 +212,10 @@ def _rows(m: int) -> int:
 class WindowPlan:
     """How the grid part of a local site runs. See the module glossary.
 
-    q_tok: [nseg0, ninner, M] token index of every query row (-1 padding); inner order is sorted by class.
-    inner_seg: [ninner, ndim-1] segment id per inner axis; inner_ranges: [(i0, i1, class tuple)].
-    runs: axis-0 runs ``(first_seg, seg_step, count, first_kstart, kstart_step, class)``.
+    q_tok: [nseg0, ninner, M] token index of every query row (-1 padding).
+    inner_seg / inner_kstart: [ninner, ndim-1] segment id / key start per inner axis.
+    inner_mask: [ninner, M_inner, R_inner] bool; inner_cls: [ninner] id of distinct inner masks.
+    calls: the kernel calls (all blocks, each once). identity: 1-D blocks are plain views of the sequence.
     k_tok0: [nseg0, R0] token offset of each key row on axis 0; k_tok_inner: [ninner, R_inner].
     u_tok: [n_grid] token of each u-order grid position (None when u-order is token order).
     """
@@ -180,12 +227,16 @@ class WindowPlan:
     R_inner: int
     q_tok: torch.Tensor
     inner_seg: torch.Tensor
-    inner_ranges: list
-    runs: list
+    inner_kstart: torch.Tensor
+    inner_mask: torch.Tensor
+    inner_cls: torch.Tensor
+    calls: list
+    identity: bool
     k_tok0: torch.Tensor
     k_tok_inner: torch.Tensor
     u_tok: torch.Tensor | None
     _masks: dict = field(default_factory=dict)
+    _cached: list = field(default_factory=lambda: [0])
 
     @property
     def nseg0(self) -> int:
@@ -195,24 +246,34 @@ class WindowPlan:
     def ninner(self) -> int:
         return self.inner_seg.shape[0]
 
-    def mask(self, c0: int, ci: tuple, dtype) -> torch.Tensor | None:
-        """Additive ``[M, N]`` mask of a (axis-0 class, inner class) pair; None if every pair is allowed."""
-        key = (c0, ci, dtype)
-        if key not in self._masks:
-            m = self.axes[0].masks[c0]
-            for a, c in zip(self.axes[1:], ci):
-                ma = a.masks[c]
-                m = (m[:, None, :, None] & ma[None, :, None, :]).reshape(m.shape[0] * ma.shape[0], -1)
-            self._masks[key] = None if bool(m.all()) else \
-                torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, NEG_INF)
-        return self._masks[key]
+    def blocks(self, c: Call, j0: int = 0, j1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.arange(j0, c.nb if j1 is None else j1)
+        return c.seg + j * c.ds, c.inner + j * c.di
 
-    def bool_mask(self, c0: int, ci: tuple) -> torch.Tensor:
-        m = self.axes[0].masks[c0]
-        for a, c in zip(self.axes[1:], ci):
-            ma = a.masks[c]
-            m = (m[:, None, :, None] & ma[None, :, None, :]).reshape(m.shape[0] * ma.shape[0], -1)
-        return m
+    def bool_mask(self, segs: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+        """[nb, M, N] pattern mask (incl. padding) of blocks (segs[j], inner[j])."""
+        m0 = self.axes[0].masks[self.axes[0].cls[segs]]                       # [nb, t0, R0]
+        mi = self.inner_mask[inner]                                             # [nb, Mi, Ri]
+        nb = segs.numel()
+        return (m0[:, :, None, :, None] & mi[:, None, :, None, :]).reshape(nb, self.M, self.N)
+
+    def call_mask(self, c: Call, dtype, j0: int = 0, j1: int | None = None) -> torch.Tensor | None:
+        """Additive pattern mask of blocks j0..j1 of a call: [1, 1, M, N] when they share it (None if it
+        allows everything), else [nb, 1, M, N]. Cached up to _MASK_CACHE_ELEMS per plan."""
+        segs, inner = self.blocks(c, j0, j1)
+        c0, ci = self.axes[0].cls[segs], self.inner_cls[inner]
+        uniform = bool((c0 == c0[0]).all() and (ci == ci[0]).all())
+        key = (int(c0[0]), int(ci[0]), dtype) if uniform else (tuple(c0.tolist()), tuple(ci.tolist()), dtype)
+        hit = self._masks.get(key)
+        if hit is not None or key in self._masks:
+            return hit
+        m = self.bool_mask(segs[:1], inner[:1]) if uniform else self.bool_mask(segs, inner)
+        out = None if (uniform and bool(m.all())) else \
+            torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, NEG_INF).unsqueeze(1)
+        if self._cached[0] + m.numel() <= _MASK_CACHE_ELEMS:
+            self._masks[key] = out
+            self._cached[0] += m.numel()
+        return out
 
 
 def _axis_candidates(pattern, grid, a, causal_u) -> list[AxisPlan]:
@@ -232,47 +293,42 @@ def _axis_candidates(pattern, grid, a, causal_u) -> list[AxisPlan]:
     return out
 
 
-def _cost(axes: tuple[AxisPlan, ...]) -> float:
+def _cost(axes: tuple[AxisPlan, ...], backward: bool = False) -> float:
     m = math.prod(a.t for a in axes)
     n = math.prod(a.R for a in axes)
     nblk = math.prod(a.nseg for a in axes)
     cost = nblk * _rows(m) * n / _eff(m)
+    if backward:
+        cost = cost * _BWD_FACTOR + 2 * nblk * n * _STRIP_ROW_COST / 50.0
     if len(axes) > 1:
         strip_rows = axes[0].n * math.prod(a.nseg * a.R for a in axes[1:])
         cost += 2 * strip_rows * _STRIP_ROW_COST / 50.0
+        cost += _CALL_COST * axes[0].nseg
     return cost
 
 
 @functools.lru_cache(maxsize=64)
-def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple | None = None) -> WindowPlan:
-    """Plan of the grid x grid part. ``tiles``: force the segment length per axis (tests / tuning)."""
+def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple | None = None,
+                backward: bool = False) -> WindowPlan:
+    """Plan of the grid x grid part (``layout`` without globals' suffix/sinks). ``tiles``: force the segment
+    length per axis (tests / tuning); ``backward``: cost the backward kernel (it prefers larger blocks)."""
     grid = layout.grid
     nd = len(grid)
+    causal_u = causal_1d and nd == 1
     if tiles is not None:
-        axes = tuple(_axis_plan(pattern, grid, a, min(tiles[a], grid[a]), False, causal_1d and nd == 1)
-                     for a in range(nd))
+        axes = tuple(_axis_plan(pattern, grid, a, min(tiles[a], grid[a]), False, causal_u) for a in range(nd))
     else:
-        cands = [_axis_candidates(pattern, grid, a, causal_1d and nd == 1) for a in range(nd)]
-        axes = min(itertools.product(*cands), key=_cost)
+        cands = [_axis_candidates(pattern, grid, a, causal_u) for a in range(nd)]
+        axes = min(itertools.product(*cands), key=lambda ax: _cost(ax, backward))
     a0, inner = axes[0], axes[1:]
     strides = [math.prod(grid[a + 1:]) for a in range(nd)]
-    # inner blocks: product of inner segments, sorted by class tuple
+    # inner blocks: product of the inner axes' segments (row-major)
     if inner:
         segs = torch.cartesian_prod(*[torch.arange(ax.nseg) for ax in inner]).view(-1, len(inner))
-        cls = torch.stack([ax.cls[segs[:, j]] for j, ax in enumerate(inner)], 1)
-        order = sorted(range(segs.shape[0]), key=lambda i: tuple(cls[i].tolist()))
-        segs, cls = segs[order], cls[order]
     else:
         segs = torch.zeros(1, 0, dtype=torch.long)
-        cls = torch.zeros(1, 0, dtype=torch.long)
     ninner = segs.shape[0]
-    ranges, i0 = [], 0
-    cl = [tuple(r) for r in cls.tolist()]
-    for i in range(1, ninner + 1):
-        if i == ninner or cl[i] != cl[i0]:
-            ranges.append((i0, i, cl[i0]))
-            i0 = i
-    # query tokens of every block row: [nseg0, ninner, M]
+
     def rows_tok(ax: AxisPlan, stride: int, seg: torch.Tensor):
         r = torch.arange(ax.t)
         u = ax.qs[seg][:, None] + r[None, :]
@@ -283,32 +339,43 @@ def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple 
     tok_i = torch.zeros(ninner, 1, dtype=torch.long)
     ok_i = torch.ones(ninner, 1, dtype=torch.bool)
     ktok_i = torch.zeros(ninner, 1, dtype=torch.long)
+    mask_i = torch.ones(ninner, 1, 1, dtype=torch.bool)
+    kstart_i = torch.zeros(ninner, len(inner), dtype=torch.long)
     for j, ax in enumerate(inner):
         tj, oj = rows_tok(ax, strides[j + 1], segs[:, j])                  # [ninner, t_j]
         tok_i = (tok_i[:, :, None] + tj[:, None, :]).reshape(ninner, -1)
         ok_i = (ok_i[:, :, None] & oj[:, None, :]).reshape(ninner, -1)
-        kj = ax.coord[ax.kstart[segs[:, j]][:, None] + torch.arange(ax.R)[None, :]] * strides[j + 1]
+        kstart_i[:, j] = ax.kstart[segs[:, j]]
+        kj = ax.coord[kstart_i[:, j][:, None] + torch.arange(ax.R)[None, :]] * strides[j + 1]
         ktok_i = (ktok_i[:, :, None] + kj[:, None, :]).reshape(ninner, -1)
+        mj = ax.masks[ax.cls[segs[:, j]]]                                   # [ninner, t_j, R_j]
+        mask_i = (mask_i[:, :, None, :, None] & mj[:, None, :, None, :]).reshape(
+            ninner, mask_i.shape[1] * mj.shape[1], -1)
+    inner_cls = torch.unique(mask_i.reshape(ninner, -1), dim=0, return_inverse=True)[1] if inner \
+        else torch.zeros(1, dtype=torch.long)
     q_tok = tok0[:, None, :, None] + tok_i[None, :, None, :] + layout.prefix
     q_ok = ok0[:, None, :, None] & ok_i[None, :, None, :]
     q_tok = torch.where(q_ok, q_tok, -1).reshape(a0.nseg, ninner, -1)
     k_tok0 = a0.coord[a0.kstart[:, None] + torch.arange(a0.R)[None, :]] * strides[0]
-    # axis-0 runs
-    runs = []
-    ks = a0.kstart.tolist()
-    for c0 in range(a0.masks.shape[0]):
-        members = torch.nonzero(a0.cls == c0).flatten().tolist()
-        for first, step, count, kfirst, kstep in _runs(members, [ks[m] for m in members]):
-            runs.append((first, step, count, kfirst, kstep, c0))
-    # u-order -> token (None when every axis is undilated: u-order is the grid's own order)
+    # kernel calls: 1-D (or when cheaper) runs along axis 0 per inner block; else one call per axis-0 segment
+    # over every inner block
+    runs = _runs(a0.kstart.tolist())
+    if inner and a0.nseg <= len(runs) * ninner:
+        ks0 = a0.kstart.tolist()
+        calls = [Call(ninner, s, 0, 0, 1, ks0[s], 0) for s in range(a0.nseg)]
+    else:
+        calls = [Call(cnt, first, 1, i, 0, kf, kst) for i in range(ninner) for first, cnt, kf, kst in runs]
+    dilated = any(pattern.dilation_of(a, nd) > 1 for a in range(nd))
+    identity = nd == 1 and not dilated and a0.n % a0.t == 0 and bool((a0.qlen == a0.t).all())
     u_tok = None
-    if any(pattern.dilation_of(a, nd) > 1 for a in range(nd)):
+    if dilated:
         t = torch.zeros(1, dtype=torch.long)
         for a in range(nd):
             t = (t[:, None] + axes[a].coord[None, :] * strides[a]).reshape(-1)
         u_tok = t + layout.prefix
     return WindowPlan(axes, layout.prefix, q_tok.shape[-1], a0.R * math.prod(a.R for a in inner),
-                      math.prod(a.R for a in inner), q_tok, segs, ranges, runs, k_tok0, ktok_i, u_tok)
+                      math.prod(a.R for a in inner), q_tok, segs, kstart_i, mask_i, inner_cls, calls, identity,
+                      k_tok0, ktok_i, u_tok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,7 +486,7 @@ class CpuFast(Implementation):
             o, l = self._dense_fwd(call, q, k, v)
         else:
             o, l = self._local_fwd(call, q, k, v)
-        return o[..., :dv].to(call.q.dtype), l.float()
+        return o[..., :dv].to(call.q.dtype), l.to(lse_dtype(call.q.dtype))
 
     def _dense_fwd(self, call, q, k, v):
         s_q, s_k = q.shape[-2], k.shape[-2]
@@ -436,21 +503,24 @@ class CpuFast(Implementation):
 
     def _local_fwd(self, call, q, k, v):
         b, h, s, e = q.shape
+        bh = b * h
         lay = call.layout
         acc = _acc_dtype(q.dtype)
         out = q.new_empty(b, h, s, e)
         lse = torch.empty(b, h, s, dtype=acc)
+        self._window_fwd(call, q.reshape(bh, s, e), k.reshape(bh, s, e), v.reshape(bh, s, e), out.view(bh, s, e),
+                         lse.view(bh, s))
         g0, g1 = lay.prefix, lay.prefix + lay.n_grid
-        ow, lw = self._window_fwd(call, q, k, v)                 # [B, H, n_grid, E], [B, H, n_grid]
         extra = self._extra_keys(call)
         if extra is not None:
-            qg = q[:, :, g0:g1]
             mask = self._extra_mask(call, extra, q.dtype)
-            oe, le = _FLASH(qg, k[:, :, extra], v[:, :, extra], 0.0, False, attn_mask=mask, scale=call.scale)
-            le = le.masked_fill(_empty_rows(mask).expand_as(le), NEG_INF)
-            ow, lw = _merge(ow.to(acc), lw.to(acc), oe.to(acc), le.to(acc))
-        out[:, :, g0:g1] = ow.to(out.dtype)
-        lse[:, :, g0:g1] = lw
+            oe, le = _FLASH(q[:, :, g0:g1], k[:, :, extra], v[:, :, extra], 0.0, False, attn_mask=mask,
+                            scale=call.scale)
+            if mask is not None:
+                le = le.masked_fill(_empty_rows(mask).expand_as(le), NEG_INF)
+            ow, lw = _merge(out[:, :, g0:g1].to(acc), lse[:, :, g0:g1], oe.to(acc), le.to(acc))
+            out[:, :, g0:g1] = ow.to(out.dtype)
+            lse[:, :, g0:g1] = lw
         glob = self._global_rows(lay, s)
         if glob is not None:
             og, lg = self._global_fwd(call, q, k, v, glob)
@@ -508,10 +578,10 @@ class CpuFast(Implementation):
         return o, l
 
     # -- the grid window part --------------------------------------------------------------------------------
-    def _plan(self, call) -> WindowPlan:
+    def _plan(self, call, backward: bool = False) -> WindowPlan:
         nd = len(call.layout.grid)
         return window_plan(call.pattern, Layout(call.layout.grid, call.layout.prefix), call.is_causal and nd == 1,
-                           self.tiles)
+                           self.tiles, backward)
 
     def _site_terms(self, call) -> bool:
         """Per-call masks must be materialised (site mask / bias, or causal on a 2-D/3-D grid)."""
@@ -521,23 +591,21 @@ class CpuFast(Implementation):
     def _kgrid(plan: WindowPlan, t: torch.Tensor, lay: Layout) -> torch.Tensor:
         """[BH, S, E] -> grid part in u-order [BH, n0, ..., E] (a view when undilated)."""
         bh, _, e = t.shape
-        grid = lay.grid
         if plan.u_tok is None:
             g = t[:, lay.prefix:lay.prefix + lay.n_grid]
         else:
             g = t.index_select(1, plan.u_tok)
-        return g.reshape(bh, *grid, e)
+        return g.reshape(bh, *lay.grid, e)
 
     @staticmethod
-    def _strips(plan: WindowPlan, kg: torch.Tensor) -> torch.Tensor:
+    def _strips(plan: WindowPlan, kg: torch.Tensor, tag: str) -> torch.Tensor:
         """u-order grid [BH, n0, n1(, n2), E] -> strips [ninner, BH, n0, R_inner, E] (1-D: a view of K)."""
         bh, n0 = kg.shape[:2]
         e = kg.shape[-1]
         if len(plan.axes) == 1:
             return kg.unsqueeze(0).unsqueeze(3)
-        out = kg.new_empty(plan.ninner, bh, n0, *[a.R for a in plan.axes[1:]], e)
-        starts = torch.stack([a.kstart[plan.inner_seg[:, j]] for j, a in enumerate(plan.axes[1:])], 1).tolist()
-        for i, st in enumerate(starts):
+        out = _workspace(tag, (plan.ninner, bh, n0, *[a.R for a in plan.axes[1:]], e), kg.dtype)
+        for i, st in enumerate(plan.inner_kstart.tolist()):
             src = kg
             for j, a in enumerate(plan.axes[1:]):
                 src = src.narrow(2 + j, st[j], a.R)
@@ -546,14 +614,13 @@ class CpuFast(Implementation):
 
     @staticmethod
     def _unstrip(plan: WindowPlan, strips: torch.Tensor, bh: int, e: int) -> torch.Tensor:
+        """Adjoint of :meth:`_strips`: [ninner, BH, n0, R_inner, E] -> [BH, n_grid (u-order), E]."""
         n0 = plan.axes[0].n
         if len(plan.axes) == 1:
             return strips[0, :, :, 0]
-        dims = [a.n for a in plan.axes[1:]]
-        out = strips.new_zeros(bh, n0, *dims, e)
+        out = strips.new_zeros(bh, n0, *[a.n for a in plan.axes[1:]], e)
         st = strips.view(plan.ninner, bh, n0, *[a.R for a in plan.axes[1:]], e)
-        starts = torch.stack([a.kstart[plan.inner_seg[:, j]] for j, a in enumerate(plan.axes[1:])], 1).tolist()
-        for i, s in enumerate(starts):
+        for i, s in enumerate(plan.inner_kstart.tolist()):
             dst = out
             for j, a in enumerate(plan.axes[1:]):
                 dst = dst.narrow(2 + j, s[j], a.R)
@@ -561,101 +628,102 @@ class CpuFast(Implementation):
         return out.reshape(bh, -1, e)
 
     @staticmethod
-    def _kview(strips: torch.Tensor, plan: WindowPlan, kfirst, kstep, count, i0, i1) -> torch.Tensor:
-        """Keys of ``count`` blocks of a run x inner blocks [i0, i1): [count, (i1-i0)*BH, N, E] strided view."""
-        ni, bh, n0, ri, e = strips.shape
+    def _kview(strips: torch.Tensor, plan: WindowPlan, c: Call, j0: int, j1: int) -> torch.Tensor:
+        """Keys of blocks j0..j1 of a call: [nb, BH, N, E], a strided (overlapping) view of the strips."""
+        _, bh, _, ri, e = strips.shape
         s_i, s_b, s_r, s_c, _ = strips.stride()
-        if i1 - i0 > 1:
-            assert s_i == bh * s_b
-        return torch.as_strided(strips, (count, (i1 - i0) * bh, plan.axes[0].R * ri, e),
-                                (kstep * s_r, s_b, s_c, 1),
-                                strips.storage_offset() + i0 * s_i + kfirst * s_r)
-
-    def _call_mask(self, call, plan, dtype, seg_ids, i0, i1, c0, ci, bh):
-        """Mask of one kernel call: [1, 1, M, N] shared, or [count, (i1-i0)*BH, M, N] with site terms."""
-        base = plan.mask(c0, ci, dtype)
-        if not self._site_terms(call):
-            return None if base is None else base.view(1, 1, plan.M, plan.N), False
-        b, h = call.q.shape[0], call.q.shape[1]
-        qt = plan.q_tok[seg_ids][:, i0:i1]                                      # [c, ni, M]
-        kt = plan.k_tok0[seg_ids][:, None, :, None] + plan.k_tok_inner[None, i0:i1, None, :]
-        kt = kt.reshape(len(seg_ids), i1 - i0, -1) + plan.prefix                # [c, ni, N]
-        qi, kj = qt.clamp_min(0)[..., :, None], kt[..., None, :]
-        m = torch.zeros(plan.M, plan.N, dtype=dtype) if base is None else base
-        m = m.expand(len(seg_ids), i1 - i0, plan.M, plan.N)
-        if call.is_causal:
-            m = m.masked_fill(kj > qi, NEG_INF)
-        add = _site_additive(call, qi, kj, dtype)                               # [Bm, Hm, c, ni, M, N]
-        if add is not None:
-            m = m[:, :, None, None] + add.permute(2, 3, 0, 1, 4, 5)
-        m = m.reshape(len(seg_ids), i1 - i0, -1, plan.M, plan.N) if m.dim() == 6 else m[:, :, None]
-        m = m.expand(len(seg_ids), i1 - i0, b * h // 1, plan.M, plan.N) if m.shape[2] == 1 else \
-            m.expand(len(seg_ids), i1 - i0, b, h, plan.M, plan.N).reshape(len(seg_ids), i1 - i0, b * h, plan.M, plan.N) \
-            if m.shape[2] != b * h else m
-        return m.reshape(len(seg_ids), (i1 - i0) * bh, plan.M, plan.N).contiguous(), True
-
-    def _calls(self, call, plan: WindowPlan, bh: int, per_block_elems: int):
-        """Kernel calls: (seg_ids, first_seg, seg_step, count, kfirst, kstep, i0, i1, c0, ci), chunked so a
-        materialised mask / key gradient stays under CHUNK_ELEMS."""
-        for first, step, count, kfirst, kstep, c0 in plan.runs:
-            for i0, i1, ci in plan.inner_ranges:
-                per = max(1, (i1 - i0) * bh * per_block_elems)
-                chunk = max(1, CHUNK_ELEMS // per)
-                for j0 in range(0, count, chunk):
-                    c = min(chunk, count - j0)
-                    s0 = first + j0 * step
-                    yield (list(range(s0, s0 + c * step, step)), s0, step, c, kfirst + j0 * kstep, kstep,
-                           i0, i1, c0, ci)
-
-    def _qblocks(self, plan: WindowPlan, t: torch.Tensor) -> torch.Tensor:
-        """[BH, S, E] -> [nseg0, ninner, BH, M, E] (padding rows read token 0)."""
-        bh, _, e = t.shape
-        idx = plan.q_tok.clamp_min(0).reshape(-1)
-        g = t.index_select(1, idx).view(bh, plan.nseg0, plan.ninner, plan.M, e)
-        return g.permute(1, 2, 0, 3, 4).contiguous()
+        assert ri == 1 or s_r == ri * s_c, "strips rows must be contiguous runs of R_inner keys"
+        return torch.as_strided(strips, (j1 - j0, bh, plan.N, e),
+                                (c.di * s_i + c.kst * s_r, s_b, s_r if ri == 1 else s_c, 1),
+                                strips.storage_offset() + (c.inner + j0 * c.di) * s_i + (c.kf + j0 * c.kst) * s_r)
 
     @staticmethod
-    def _qview(blocks: torch.Tensor, s0, step, count, i0, i1) -> torch.Tensor:
-        n0, ni, bh = blocks.shape[:3]
-        rest = blocks.shape[3:]
+    def _qview(blocks: torch.Tensor, c: Call, j0: int, j1: int) -> torch.Tensor:
+        """Rows of blocks j0..j1 of a call from a block tensor [nseg0, ninner, BH, M, *]: [nb, BH, M, *]."""
         st = blocks.stride()
-        return torch.as_strided(blocks, (count, (i1 - i0) * bh, *rest), (step * st[0], st[2], *st[3:]),
-                                blocks.storage_offset() + s0 * st[0] + i0 * st[1])
+        return torch.as_strided(blocks, (j1 - j0, *blocks.shape[2:]), (c.ds * st[0] + c.di * st[1], *st[2:]),
+                                blocks.storage_offset() + (c.seg + j0 * c.ds) * st[0] + (c.inner + j0 * c.di) * st[1])
 
-    def _unblock(self, plan: WindowPlan, blocks: torch.Tensor, n_tok: int) -> torch.Tensor:
-        """[nseg0, ninner, BH, M, *] -> token order [BH, n_tok, *] (rows of tokens no block holds: garbage)."""
-        bh = blocks.shape[2]
-        rest = blocks.shape[4:]
+    def _blocks(self, plan: WindowPlan, t: torch.Tensor, tag: str) -> torch.Tensor:
+        """Token-order rows [BH, S, *] -> blocks [nseg0, ninner, BH, M, *]: a view for 1-D identity plans
+        (writes land in ``t``), else a gathered copy (padding rows read token 0)."""
+        bh, rest = t.shape[0], t.shape[2:]
+        if plan.identity:
+            n0 = plan.axes[0].n
+            g = t[:, plan.prefix:plan.prefix + n0].unflatten(1, (plan.nseg0, plan.M))
+            return g.transpose(0, 1).unsqueeze(1)
+        idx = plan.q_tok.clamp_min(0).reshape(-1)
+        g = torch.index_select(t, 1, idx, out=_workspace(tag + "_g", (bh, idx.numel(), *rest), t.dtype))
+        g = g.view(bh, plan.nseg0, plan.ninner, plan.M, *rest).permute(1, 2, 0, 3, *range(4, g.dim() + 2))
+        out = _workspace(tag, g.shape, t.dtype)
+        out.copy_(g)
+        return out
+
+    def _unblock_into(self, plan: WindowPlan, blocks: torch.Tensor, dst: torch.Tensor, add: bool = False) -> None:
+        """Write (or add) blocks [nseg0, ninner, BH, M, *] into token-order rows ``dst [BH, S, *]``."""
+        if plan.identity and not add:
+            return  # the blocks were views of dst
+        bh, rest = blocks.shape[2], blocks.shape[4:]
         flat = blocks.permute(2, 0, 1, 3, *range(4, blocks.dim())).reshape(bh, -1, *rest)
         tok = plan.q_tok.reshape(-1)
-        dst = blocks.new_empty(bh, n_tok + 1, *rest)
-        dst.index_copy_(1, torch.where(tok >= 0, tok, n_tok), flat)
-        return dst[:, :n_tok]
+        valid = tok >= 0
+        if not bool(valid.all()):
+            flat, tok = flat[:, valid], tok[valid]
+        if add:
+            dst.index_add_(1, tok, flat.to(dst.dtype))
+        else:
+            dst.index_copy_(1, tok, flat.to(dst.dtype))
 
-    def _window_fwd(self, call, q, k, v):
-        b, h, s, e = q.shape
-        bh = b * h
+    def _site_mask(self, call, plan: WindowPlan, c: Call, j0: int, j1: int, dtype) -> torch.Tensor:
+        """Pattern + site terms (mask, bias, 2-D/3-D causal) of blocks j0..j1: [nb, BH or 1, M, N]."""
+        b, h = call.q.shape[:2]
+        segs, inner = plan.blocks(c, j0, j1)
+        nb = segs.numel()
+        qi = plan.q_tok[segs, inner].clamp_min(0)[:, :, None]                   # [nb, M, 1]
+        kj = (plan.k_tok0[segs][:, :, None] + plan.k_tok_inner[inner][:, None, :]).reshape(nb, 1, -1) + plan.prefix
+        keep = plan.bool_mask(segs, inner)
+        if call.is_causal:
+            keep = keep & (kj <= qi)
+        m = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, NEG_INF)[:, None]   # [nb, 1, M, N]
+        add = _site_additive(call, qi, kj, dtype)                               # [Bm, Hm, nb, M, N]
+        if add is not None:
+            bm, hm = add.shape[:2]
+            m = m + add.permute(2, 0, 1, 3, 4).reshape(nb, bm * hm, plan.M, plan.N) if (bm, hm) in ((1, 1), (b, h)) \
+                else m + add.permute(2, 0, 1, 3, 4).expand(nb, b, h, plan.M, plan.N).reshape(nb, b * h, plan.M, plan.N)
+        return m
+
+    def _chunks(self, call, plan: WindowPlan, bh: int, e: int, grads: bool):
+        """(call, j0, j1) pieces whose materialised mask / key gradients stay under CHUNK_ELEMS."""
+        per = (plan.M * plan.N * (bh if (call.mask is not None or call.bias is not None) else 1)
+               if self._site_terms(call) else 0)
+        if grads:
+            per += 2 * bh * plan.N * e
+        step = max(1, CHUNK_ELEMS // max(1, per))
+        for c in plan.calls:
+            for j0 in range(0, c.nb, step):
+                yield c, j0, min(c.nb, j0 + step)
+
+    def _window_fwd(self, call, q, k, v, out, lse):
+        """Grid rows of ``out [BH, S, E]`` / ``lse [BH, S]``."""
+        bh, s, e = q.shape
         lay = call.layout
         plan = self._plan(call)
-        qb = self._qblocks(plan, q.reshape(bh, s, e))
-        ks = self._strips(plan, self._kgrid(plan, k.reshape(bh, s, e), lay))
-        vs = self._strips(plan, self._kgrid(plan, v.reshape(bh, s, e), lay))
-        acc = _acc_dtype(q.dtype)
-        ob = torch.empty_like(qb)
-        lb = torch.empty(qb.shape[:-1], dtype=acc)
-        per_block = plan.M * plan.N if self._site_terms(call) else 0
-        for seg_ids, s0, step, c, kf, kst, i0, i1, c0, ci in self._calls(call, plan, bh, per_block):
-            mask, site = self._call_mask(call, plan, q.dtype, seg_ids, i0, i1, c0, ci, bh)
-            o, l = _FLASH(self._qview(qb, s0, step, c, i0, i1), self._kview(ks, plan, kf, kst, c, i0, i1),
-                          self._kview(vs, plan, kf, kst, c, i0, i1), 0.0, False, attn_mask=mask, scale=call.scale)
+        site = self._site_terms(call)
+        qb = self._blocks(plan, q, "q")
+        ks = self._strips(plan, self._kgrid(plan, k, lay), "k")
+        vs = self._strips(plan, self._kgrid(plan, v, lay), "v")
+        ob = self._blocks(plan, out, "") if plan.identity else _workspace("o", qb.shape, qb.dtype)
+        lb = self._blocks(plan, lse, "") if plan.identity else _workspace("l", qb.shape[:-1], lse.dtype)
+        for c, j0, j1 in self._chunks(call, plan, bh, e, False):
+            mask = self._site_mask(call, plan, c, j0, j1, q.dtype) if site else plan.call_mask(c, q.dtype, j0, j1)
+            o, l = _FLASH(self._qview(qb, c, j0, j1), self._kview(ks, plan, c, j0, j1),
+                          self._kview(vs, plan, c, j0, j1), 0.0, False, attn_mask=mask, scale=call.scale)
             if site:
-                l = l.masked_fill(_empty_rows(mask), NEG_INF)
-            self._qview(ob, s0, step, c, i0, i1).copy_(o)
-            self._qview(lb, s0, step, c, i0, i1).copy_(l)
-        n_end = lay.prefix + lay.n_grid
-        o = self._unblock(plan, ob, n_end)[:, lay.prefix:]
-        l = self._unblock(plan, lb, n_end)[:, lay.prefix:]
-        return o.view(b, h, lay.n_grid, e), l.view(b, h, lay.n_grid)
+                l = l.masked_fill(_empty_rows(mask).expand_as(l), NEG_INF)
+            self._qview(ob, c, j0, j1).copy_(o)
+            self._qview(lb, c, j0, j1).copy_(l)
+        self._unblock_into(plan, ob, out)
+        self._unblock_into(plan, lb, lse)
 
     # -- backward --------------------------------------------------------------------------------------------
     def backward(self, call, grad_out, out, lse, need_dbias):
@@ -687,12 +755,14 @@ class CpuFast(Implementation):
 
     def _local_bwd(self, call, q, k, v, go, o, l):
         b, h, s, e = q.shape
+        bh = b * h
         lay = call.layout
         acc = _acc_dtype(q.dtype)
         dq = torch.zeros(b, h, s, e, dtype=acc)
         dk = torch.zeros(b, h, s, e, dtype=acc)
         dv = torch.zeros(b, h, s, e, dtype=acc)
-        self._window_bwd(call, q, k, v, go, o, l, dq, dk, dv)
+        flat = lambda t: t.reshape(bh, s, *t.shape[3:])
+        self._window_bwd(call, flat(q), flat(k), flat(v), flat(go), flat(o), flat(l), flat(dq), flat(dk), flat(dv))
         g0, g1 = lay.prefix, lay.prefix + lay.n_grid
         extra = self._extra_keys(call)
         if extra is not None:
@@ -713,53 +783,56 @@ class CpuFast(Implementation):
         return dq, dk, dv
 
     @staticmethod
-    def _fold(dst: torch.Tensor, g: torch.Tensor, plan: WindowPlan, kfirst, kstep, count, i0, i1):
-        """Add key gradients ``g [count, (i1-i0)*BH, N, E]`` of overlapping windows into strips ``dst``."""
-        ni, bh, n0, ri, e = dst.shape
+    def _fold(dst: torch.Tensor, g: torch.Tensor, plan: WindowPlan, c: Call, j0: int, j1: int) -> None:
+        """``dst`` strips [ninner, BH, n0, R_inner, E] += key gradients ``g [nb, BH, N, E]`` of blocks j0..j1.
+        Windows of a run overlap; they are added in phases of ``kst`` rows, each a non-overlapping view."""
+        nb = j1 - j0
+        _, bh, _, ri, e = dst.shape
         r0 = plan.axes[0].R
-        g = g.reshape(count, i1 - i0, bh, r0, ri, e).permute(1, 2, 0, 3, 4, 5)   # [ni, BH, c, R0, Ri, E]
-        d = dst[i0:i1]
-        if kstep == 0 or count == 1:
-            d.narrow(2, kfirst, r0).add_(g.sum(2))
+        g = g.reshape(nb, bh, r0, ri, e)
+        kf, i = c.kf + j0 * c.kst, c.inner + j0 * c.di
+        if c.di:  # one window per strip (kst == 0)
+            dst[i:i + nb, :, kf:kf + r0] += g
             return
-        s_i, s_b, s_r, s_c, _ = d.stride()
-        for p0 in range(0, r0, kstep):
-            ln = min(kstep, r0 - p0)
-            view = torch.as_strided(d, (i1 - i0, bh, count, ln, ri, e), (s_i, s_b, kstep * s_r, s_r, s_c, 1),
-                                    d.storage_offset() + (kfirst + p0) * s_r)
-            view.add_(g[:, :, :, p0:p0 + ln])
+        d = dst[i]
+        if c.kst == 0 or nb == 1:
+            d[:, kf:kf + r0] += g.sum(0)
+            return
+        s_b, s_r, s_c, _ = d.stride()
+        g = g.transpose(0, 1)
+        for p0 in range(0, r0, c.kst):
+            ln = min(c.kst, r0 - p0)
+            view = torch.as_strided(d, (bh, nb, ln, ri, e), (s_b, c.kst * s_r, s_r, s_c, 1),
+                                    d.storage_offset() + (kf + p0) * s_r)
+            view.add_(g[:, :, p0:p0 + ln])
 
     def _window_bwd(self, call, q, k, v, go, o, l, dq, dk, dv):
-        b, h, s, e = q.shape
-        bh = b * h
+        """All [BH, S, *]; adds the window part's gradients into dq/dk/dv (zeros on entry)."""
+        bh, s, e = q.shape
         lay = call.layout
-        plan = self._plan(call)
+        plan = self._plan(call, backward=True)
+        site = self._site_terms(call)
         acc = dq.dtype
-        qb = self._qblocks(plan, q.reshape(bh, s, e))
-        gob = self._qblocks(plan, go.reshape(bh, s, e))
-        obk = self._qblocks(plan, o.reshape(bh, s, e))
-        lb = self._qblocks(plan, l.reshape(bh, s, 1))[..., 0]
-        ks = self._strips(plan, self._kgrid(plan, k.reshape(bh, s, e), lay))
-        vs = self._strips(plan, self._kgrid(plan, v.reshape(bh, s, e), lay))
-        dks = torch.zeros(ks.shape, dtype=acc)
-        dvs = torch.zeros(vs.shape, dtype=acc)
-        dqb = torch.empty(qb.shape, dtype=acc)
-        per_block = plan.N * e + (plan.M * plan.N if self._site_terms(call) else 0)
-        for seg_ids, s0, step, c, kf, kst, i0, i1, c0, ci in self._calls(call, plan, bh, per_block):
-            mask, _ = self._call_mask(call, plan, q.dtype, seg_ids, i0, i1, c0, ci, bh)
-            qv = lambda t: self._qview(t, s0, step, c, i0, i1)
-            gq, gk, gv = _FLASH_BWD(qv(gob), qv(qb), self._kview(ks, plan, kf, kst, c, i0, i1),
-                                    self._kview(vs, plan, kf, kst, c, i0, i1), qv(obk), qv(lb), 0.0, False,
+        qb, gob, obk, lb = (self._blocks(plan, t, tag) for t, tag in ((q, "q"), (go, "go"), (o, "o"), (l, "l")))
+        ks = self._strips(plan, self._kgrid(plan, k, lay), "k")
+        vs = self._strips(plan, self._kgrid(plan, v, lay), "v")
+        dks = _workspace("dk", ks.shape, acc, zero=True)
+        dvs = _workspace("dv", vs.shape, acc, zero=True)
+        dqb = self._blocks(plan, dq, "") if plan.identity else _workspace("dq", qb.shape, acc)
+        for c, j0, j1 in self._chunks(call, plan, bh, e, True):
+            mask = self._site_mask(call, plan, c, j0, j1, q.dtype) if site else plan.call_mask(c, q.dtype, j0, j1)
+            qv = lambda t: self._qview(t, c, j0, j1)
+            gq, gk, gv = _FLASH_BWD(qv(gob), qv(qb), self._kview(ks, plan, c, j0, j1),
+                                    self._kview(vs, plan, c, j0, j1), qv(obk), qv(lb), 0.0, False,
                                     attn_mask=mask, scale=call.scale)
             qv(dqb).copy_(gq)
-            self._fold(dks, gk, plan, kf, kst, c, i0, i1)
-            self._fold(dvs, gv, plan, kf, kst, c, i0, i1)
+            self._fold(dks, gk, plan, c, j0, j1)
+            self._fold(dvs, gv, plan, c, j0, j1)
+        self._unblock_into(plan, dqb, dq)
         g0, g1 = lay.prefix, lay.prefix + lay.n_grid
-        dq.view(bh, s, e)[:, g0:g1] += self._unblock(plan, dqb, g1)[:, g0:]
         for src, dst in ((dks, dk), (dvs, dv)):
-            grid_u = self._unstrip(plan, src, bh, e)                            # [BH, n_grid(u-order), E]
-            dflat = dst.view(bh, s, e)
+            grid_u = self._unstrip(plan, src, bh, e)                            # [BH, n_grid (u-order), E]
             if plan.u_tok is None:
-                dflat[:, g0:g1] += grid_u
+                dst[:, g0:g1] += grid_u
             else:
-                dflat.index_add_(1, plan.u_tok, grid_u)
+                dst.index_add_(1, plan.u_tok, grid_u)

@@ -2,12 +2,14 @@
 
 Forward: one program per (query block, batch x head) runs an online softmax over exactly the plan's key
 blocks — full blocks first (no mask arithmetic), then partial ones (pattern / causal / padding evaluated
-in-kernel from per-slot u-space intervals). Backward: ``Delta = rowsum(dO * O)``, a dQ kernel over the
-same plan, and a dK/dV kernel over the transposed plan that also sums the GQA group in registers, so the
-backward is deterministic (no atomics). See :mod:`locattn.codegen.triton_kernels` for the glossary.
+in-kernel from per-slot u-space intervals). Backward: ``Delta = rowsum(dO * O)``, a dQ kernel over its plan,
+and a dK/dV kernel over the transposed CSR of its own plan (dQ and dK/dV tile differently) that also sums
+the GQA group in registers: the backward is deterministic, no atomics. dBias is stored pair by pair into a
+zeroed fp32 [B, H, Sq, Sk] buffer, then reduced to the bias's shape. Glossary:
+:mod:`locattn.codegen.triton_kernels`.
 
-Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-the kernels are imported; tests only — it is slow).
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` in the
+environment, and already set when the kernels were imported; tests only — it is slow).
 
 Example::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +39,7 @@ MAX_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch parameters of one kernel family (forward, or the backward kernels)."""
+    """Tile sizes and launch parameters of one kernel (forward, dQ or dK/dV)."""
 
     block_m: int
     block_n: int
@@ -53,18 +56,21 @@ class KernelConfig:
 #: fixed tiles under the interpreter: small blocks keep the (serial, numpy) programs cheap
 INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 
-#: candidate configs per (kernel family, head-dim bucket); the first entry is the untuned default
+#: candidate configs per (kernel, head-dim bucket); the first entry is the untuned default. For dK/dV,
+#: block_n is the key block a program owns and block_m the query blocks it walks. Chosen (without a GPU at
+#: hand) from what the sm_90 compile reports: these tiles keep register spills at or near zero for bf16.
 CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
-    ("fwd", 64): [KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
-                  KernelConfig(128, 64, 8, 2)],
-    ("fwd", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 2), KernelConfig(64, 64, 4, 3),
-                   KernelConfig(128, 128, 8, 2)],
-    ("fwd", 256): [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 32, 4, 1)],
-    ("bwd", 64): [KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 128, 8, 2),
-                  KernelConfig(32, 64, 4, 2)],
-    ("bwd", 128): [KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2),
-                   KernelConfig(128, 64, 8, 1)],
-    ("bwd", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
+    ("fwd", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3),
+                  KernelConfig(128, 128, 8, 2)],
+    ("fwd", 128): [KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 3),
+                   KernelConfig(64, 64, 4, 3)],
+    ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 2)],
+    ("dq", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 4, 2), KernelConfig(64, 64, 4, 2)],
+    ("dq", 128): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 8, 2)],
+    ("dq", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
+    ("dkdv", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 4, 2)],
+    ("dkdv", 128): [KernelConfig(32, 64, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 64, 8, 2)],
+    ("dkdv", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)],
 }
 
 #: autotuning results: (family, head-dim bucket, seq bucket, pattern kind, dtype, device index) -> config
@@ -200,8 +206,9 @@ def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
 class Triton(Implementation):
     """Fused block-sparse flash attention (forward + backward) in Triton.
 
-    ``config``: fixed tiles for both kernel families (default: autotuned on CUDA, :data:`INTERPRET_CONFIG`
-    under the interpreter). ``autotune``: time :data:`CONFIG_SPACE` once per key on CUDA.
+    ``config``: fixed tiles for all three kernels. Default: :data:`INTERPRET_CONFIG` under the interpreter;
+    on CUDA the first entry of :data:`CONFIG_SPACE` per kernel, or with ``autotune=True`` the fastest entry,
+    timed once per (kernel, head dim, sequence bucket, pattern kind, dtype, device) and cached in ``_TUNED``.
     Debug flags (tests): ``nan_fill`` fills fresh outputs with NaN so unwritten memory shows up;
     ``record_visits`` makes every kernel count the block pairs it visits into ``self.visits`` (keys
     ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
@@ -210,7 +217,7 @@ class Triton(Implementation):
 
     name = "triton"
 
-    def __init__(self, config: KernelConfig | None = None, *, autotune: bool = True, nan_fill: bool = False,
+    def __init__(self, config: KernelConfig | None = None, *, autotune: bool = False, nan_fill: bool = False,
                  record_visits: bool = False):
         self.config = config
         self.autotune = autotune
@@ -221,15 +228,18 @@ class Triton(Implementation):
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def can_run(self, call: AttentionCall) -> tuple[bool, str]:
-        ok, why = triton_available()
-        if not ok:
-            return False, why
         q, k, v = call.q, call.k, call.v
         if not (q.device == k.device == v.device):
             return False, "q, k and v are on different devices"
+        # device first: on CPU without the interpreter, never pay for importing triton
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+        ok, why = triton_available()
+        if not ok:
+            return False, why
         if q.device.type == "cpu":
             if not interpreted():
-                return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)"
+                return False, "TRITON_INTERPRET=1 was set after locattn's Triton kernels were built"
         elif q.device.type != "cuda":
             return False, f"device {q.device.type} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
         if not (q.dtype == k.dtype == v.dtype):
@@ -336,62 +346,84 @@ class Triton(Implementation):
     # -- backward ---------------------------------------------------------------------------------------------
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  need_dbias: bool):
-        cfg = self._config(call, "bwd", lambda c: self._backward(call, grad_out, out, lse, need_dbias, c, False))
-        return self._backward(call, grad_out, out, lse, need_dbias, cfg, self.record_visits)
+        q, k, v = call.q, call.k, call.v
+        b, hq, s_q, d = q.shape
+        hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+        dev = q.device
+        grad_out = grad_out.to(q.dtype)
+        lse = lse.float().contiguous()
+        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=dev)
+        pre_m = 32 if interpreted() else 64
+        _kernels().attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, s_q, dv,
+            BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
+        want_dbias = need_dbias and call.bias is not None
+        args = (call, grad_out, lse, delta)
+        # dQ and dK/dV are independent kernels over their own plans: each gets its own tiles
+        cfg = self._config(call, "dq", lambda c: self._dq(*args, c, False))
+        dq = self._dq(*args, cfg, self.record_visits)
+        cfg = self._config(call, "dkdv", lambda c: self._dkdv(*args, want_dbias, c, False))
+        dk, dvv, dbias = self._dkdv(*args, want_dbias, cfg, self.record_visits)
+        db = reduce_to(dbias, call.bias.shape).to(call.bias.dtype) if want_dbias else None
+        return dq, dk, dvv, db
 
-    def _backward(self, call, grad_out, out, lse, need_dbias, cfg: KernelConfig, record: bool):
-        kern = _kernels()
+    def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
+        d, dv = call.q.shape[-1], call.v.shape[-1]
+        return dict(NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
+                    HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(call.q.dtype),
+                    UPCAST=_upcast(call.q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def _dq(self, call, grad_out, lse, delta, cfg: KernelConfig, record: bool) -> torch.Tensor:
+        q, k, v = call.q, call.k, call.v
+        b, hq, s_q, d = q.shape
+        hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+        tab = self._tables(call, cfg)
+        plan = tab.plan
+        full = (b, hq, s_q, s_k)
+        mask, ms = _site_tensor(call.mask, full, tab.q_slots)
+        bias, bs = _site_tensor(call.bias, full, tab.q_slots)
+        dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=q.device)
+        visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
+        _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
+            q, k, v, grad_out, lse, delta, dq, mask, bias,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
+            hq, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
+            float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **self._bwd_common(call, tab, cfg, record))
+        return dq
+
+    def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
         q, k, v = call.q, call.k, call.v
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
         dev = q.device
         tab = self._tables(call, cfg)
         plan = tab.plan
-        grad_out = grad_out.to(q.dtype)
-        lse = lse.float().contiguous()
-        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=dev)
-        pre_m = 64 if dev.type == "cuda" and not interpreted() else 32
-        kern.attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, s_q, dv,
-            BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
-
         full = (b, hq, s_q, s_k)
         mask, ms = _site_tensor(call.mask, full, tab.q_slots)
         bias, bs = _site_tensor(call.bias, full, tab.q_slots)
-        want_dbias = need_dbias and call.bias is not None
         # every visited (q, k) pair is stored exactly once; unvisited pairs must read as zero
         dbias = torch.zeros(full if want_dbias else (1, 1, 1, 1), dtype=torch.float32, device=dev)
-        dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=dev)
         dk = self._empty(b, hk, s_k, d, dtype=k.dtype, device=dev)
         dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
-        common = dict(NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
-                      HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype),
-                      UPCAST=_upcast(q.dtype),
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        visits = self._visits("dq", tab, b * hq, dev) if record else tab.q_slots
-        kern.attn_bwd_dq[(plan.n_qblocks, b * hq)](
-            q, k, v, grad_out, lse, delta, dq, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
-            hq, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
-            float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **common)
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
-        kern.attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
+        _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
             *dbias.stride(),
             hq, hk, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
             plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            NEED_DBIAS=want_dbias, **common)
-        db = reduce_to(dbias, call.bias.shape).to(call.bias.dtype) if want_dbias else None
-        return dq, dk, dvv, db
+            NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
+        return dk, dvv, dbias
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products like eager (no TF32); the argument is ignored for fp16/bf16 operands
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs follow eager matmuls: exact fp32 unless the user allowed TF32; fp16/bf16 ignore the argument
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:

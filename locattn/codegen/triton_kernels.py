@@ -38,8 +38,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units (exp2)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
@@ -114,7 +114,7 @@ def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_b
     io = qv[:, None] & kv[None, :]
     if HAS_BIAS:
         b = tl.load(B_bh + qi[:, None] * stride_bq + kj[None, :] * stride_bk, mask=io, other=0.0)
-        s = s + b.to(tl.float32) * 1.4426950408889634
+        s = s + b.to(tl.float32) * LOG2E
     if HAS_MASK:
         mk = tl.load(M_bh + qi[:, None] * stride_mq + kj[None, :] * stride_mk, mask=io, other=0)
         s = tl.where(mk != 0, s, float("-inf"))
@@ -227,7 +227,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     M_bh = Mask + b * stride_mb + h * stride_mh
     B_bh = Bias + b * stride_bb + h * stride_bh
     Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -249,7 +249,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                PRECISION, UPCAST)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=qv[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=qv)
@@ -348,13 +348,14 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     qt = tl.load(q_slots + qslot)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(dO + b * stride_gb + h * stride_gh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                  mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row = pid_bh.to(tl.int64) * S_q + qi
     lse = tl.load(LSE + row, mask=qv, other=float("inf"))
     # empty rows (lse = -inf) and padding rows: +inf makes every p = exp2(s - inf) = 0
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row, mask=qv, other=0.0)
     qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
@@ -362,7 +363,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     M_bh = Mask + b * stride_mb + h * stride_mh
     B_bh = Bias + b * stride_bb + h * stride_bh
     Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = tl.load(kv_ptr + pid_m)
@@ -407,7 +408,7 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
         do = tl.load(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                      mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE_bh + qi, mask=qv, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
         s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or HAS_BIAS:
@@ -472,7 +473,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
     vT = tl.load(V + b * stride_vb + hk * stride_vh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                  mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
     ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     start = tl.load(qb_ptr + pid_n)
     split = tl.load(qb_split + pid_n)
     end = tl.load(qb_ptr + pid_n + 1)
