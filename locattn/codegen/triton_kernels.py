@@ -133,6 +133,33 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots, k_u,
+                  stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, D, qk_scale,
+                  prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
+    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate.
+    Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
+    kslot = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kt = tl.load(k_slots + kslot)
+    kv = kt >= 0
+    kj = tl.where(kv, kt, 0).to(tl.int64)
+    kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                 mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+    if HAS_MASK or HAS_BIAS:
+        s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+    if not IS_FULL:
+        ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+        keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                     NDIM, CAUSAL)
+        s = tl.where(keep, s, float("-inf"))
+    return s, kT, kj, kv
+
+
+@triton.jit
 def _record_visit(ptr, IS_FULL: tl.constexpr):
     """Instrumented mode: a full visit adds 1, a partial one 16 (atomics catch double visits)."""
     if IS_FULL:
@@ -154,25 +181,13 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
              UPCAST: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = tl.load(kv_idx + i)
-        kslot = n * BLOCK_N + offs_n
-        kt = tl.load(k_slots + kslot)
-        kv = kt >= 0
-        kj = tl.where(kv, kt, 0).to(tl.int64)
-        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
-        if HAS_MASK or HAS_BIAS:
-            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
-        if not IS_FULL:
-            ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
-            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL)
-            s = tl.where(keep, s, float("-inf"))
+        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
+                                      k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
+                                      n_k_slots, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_MASK,
+                                      HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
             m_use = m_new  # every score is finite: no empty-row guard needed
@@ -288,27 +303,15 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
              UPCAST: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = tl.load(kv_idx + i)
-        kslot = n * BLOCK_N + offs_n
-        kt = tl.load(k_slots + kslot)
-        kv = kt >= 0
-        kj = tl.where(kv, kt, 0).to(tl.int64)
-        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
+                                      k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
+                                      n_k_slots, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_MASK,
+                                      HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
-        if HAS_MASK or HAS_BIAS:
-            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
-        if not IS_FULL:
-            ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
-            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL)
-            s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
