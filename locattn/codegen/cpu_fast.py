@@ -12,8 +12,11 @@ u-space      per-axis order with dilation groups made contiguous (:mod:`locattn.
 segment      a run of ``<= t`` consecutive u positions of one axis inside one dilation group; its key
              window is ``[kstart, kstart + R)`` (u-space), the union of its queries' intervals padded to R
 block        product of one segment per axis: ``M = prod(t)`` query rows, ``N = prod(R)`` key rows
-class        segments with the same relative mask ``[t, R]``; blocks of one class share one mask
-run          segments of one axis-0 class whose ``kstart`` is an arithmetic progression: one kernel call
+class        segments with the same relative mask ``[t, R]``; blocks of one class share one ``[M, N]`` mask
+run          consecutive axis-0 segments whose ``kstart`` is an arithmetic progression
+call         one kernel launch: blocks on the kernel's batch dim, BH on its heads dim. 1-D: a run (3 calls
+             for a sliding window: top border, interior, bottom border); 2-D/3-D: one axis-0 segment x
+             every inner block
 inner        the grid axes after the first (2-D/3-D). ``strips[i]`` holds, for inner block ``i``, the keys
              of its inner window for *every* axis-0 row: ``[BH, n0, R_inner, E]``; a block's keys are then
              the contiguous rows ``kstart0 .. kstart0 + R0`` of its strip (1-D: the strip is K itself)
@@ -22,8 +25,10 @@ parts        a local site's keys are the disjoint union of the grid window, the 
              keys outside the window; global query rows are dense rows. Parts run separately and merge by
              logsumexp; the backward runs each part with the merged ``out``/``lse``.
 
-The kernel returns ``lse = 0`` and ``out = 0`` for a row whose mask is all ``-inf``; rows that can be empty
-(site mask / bias / extra-key parts) are detected from the mask and given ``lse = -inf``.
+The segment sizes come from a small cost model (kernel throughput by block rows, window waste, strip copies;
+the backward prefers larger blocks). Masks are ``0 / -inf`` additive tensors in q's dtype (the kernel's
+requirement). The kernel returns ``lse = 0`` and ``out = 0`` for a row whose mask is all ``-inf``; rows that
+can be empty (site mask / bias / extra-key parts) are detected from the mask and given ``lse = -inf``.
 Bias gradients are delegated to the ``blocked`` implementation (the kernel's backward has no dS output).
 """
 
@@ -40,7 +45,6 @@ import torch.nn.functional as F
 
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
 from .blocked import Blocked
-from .reference import reduce_to
 from .registry import AttentionCall, Implementation, lse_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -83,8 +87,9 @@ def clear_workspace() -> None:
 
 @dataclass(frozen=True, eq=False)
 class AxisPlan:
-    """Segments of one grid axis. ``rel_lo/rel_hi [nseg, t]``: allowed keys of each query row relative to the
-    segment's ``kstart`` (``rel_lo > rel_hi`` for padding rows); ``cls [nseg]`` class id; ``masks [ncls, t, R]``."""
+    """Segments of one grid axis: query start ``qs``, length ``qlen`` and key start ``kstart`` per segment
+    (``[nseg]``, u-space), class id ``cls [nseg]`` and the class masks ``masks [ncls, t, R]`` (bool; rows past
+    ``qlen`` are padding and all False)."""
 
     n: int
     t: int
@@ -193,7 +198,7 @@ _CALL_COST = 50.0
 #: ([N, E] for K and V) are folded back, at about the cost of a strip row
 _BWD_FACTOR = 2.5
 #: masks of a plan kept for reuse, in elements
-_MASK_CACHE_ELEMS = 1 << 24
+_MASK_CACHE_ELEMS = 1 << 23
 
 
 def _eff(m: int) -> float:
@@ -279,7 +284,7 @@ class WindowPlan:
 def _axis_candidates(pattern, grid, a, causal_u) -> list[AxisPlan]:
     n = grid[a]
     out, seen = [], set()
-    t = 1
+    t = 1 if len(grid) > 1 else min(16, n)  # 1-D blocks under 16 rows are never cheaper
     while True:
         for aligned in (False, True):
             ap = _axis_plan(pattern, grid, a, min(t, n), aligned, causal_u)
@@ -307,7 +312,7 @@ def _cost(axes: tuple[AxisPlan, ...], backward: bool = False) -> float:
     return cost
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple | None = None,
                 backward: bool = False) -> WindowPlan:
     """Plan of the grid x grid part (``layout`` without globals' suffix/sinks). ``tiles``: force the segment
@@ -659,9 +664,9 @@ class CpuFast(Implementation):
         out.copy_(g)
         return out
 
-    def _unblock_into(self, plan: WindowPlan, blocks: torch.Tensor, dst: torch.Tensor, add: bool = False) -> None:
-        """Write (or add) blocks [nseg0, ninner, BH, M, *] into token-order rows ``dst [BH, S, *]``."""
-        if plan.identity and not add:
+    def _unblock_into(self, plan: WindowPlan, blocks: torch.Tensor, dst: torch.Tensor) -> None:
+        """Write blocks [nseg0, ninner, BH, M, *] into token-order rows ``dst [BH, S, *]``."""
+        if plan.identity:
             return  # the blocks were views of dst
         bh, rest = blocks.shape[2], blocks.shape[4:]
         flat = blocks.permute(2, 0, 1, 3, *range(4, blocks.dim())).reshape(bh, -1, *rest)
@@ -669,10 +674,7 @@ class CpuFast(Implementation):
         valid = tok >= 0
         if not bool(valid.all()):
             flat, tok = flat[:, valid], tok[valid]
-        if add:
-            dst.index_add_(1, tok, flat.to(dst.dtype))
-        else:
-            dst.index_copy_(1, tok, flat.to(dst.dtype))
+        dst.index_copy_(1, tok, flat.to(dst.dtype))
 
     def _site_mask(self, call, plan: WindowPlan, c: Call, j0: int, j1: int, dtype) -> torch.Tensor:
         """Pattern + site terms (mask, bias, 2-D/3-D causal) of blocks j0..j1: [nb, BH or 1, M, N]."""
