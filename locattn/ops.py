@@ -8,7 +8,7 @@
   scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
   spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
   backend: "" / "auto" for registry order, or an implementation name that must run
-  out: [B, Hq, Sq, Dv] contiguous, q's dtype; lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
+  out: [B, Hq, Sq, Dv] in SDPA's memory layout ([B, Sq, Hq, Dv] contiguous, transposed), q's dtype; lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
 
 The op attends exactly the pairs the pattern allows AND the site's mask / causal allow. A query row left
 with no allowed key outputs zeros. The backward is a second op, ``locattn::attention_backward``.
@@ -40,6 +40,20 @@ def _head_slice(t: Optional[torch.Tensor], heads: Optional[torch.Tensor]) -> Opt
     if t is None or heads is None or t.shape[1] == 1:
         return t
     return t.index_select(1, heads)
+
+
+def _new_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The op's output: ``[B, Hq, Sq, Dv]`` stored as ``[B, Sq, Hq, Dv]``, like SDPA's CPU/CUDA kernels, so the
+    model's usual ``out.transpose(1, 2).reshape(B, S, Hq * Dv)`` is a free view."""
+    b, hq, s_q, _ = q.shape
+    return q.new_empty(b, s_q, hq, v.shape[-1]).transpose(1, 2)
+
+
+def _sdpa_layout(o: torch.Tensor) -> torch.Tensor:
+    if o.transpose(1, 2).is_contiguous():
+        return o
+    out = o.new_empty(o.shape[0], o.shape[2], o.shape[1], o.shape[3]).transpose(1, 2)
+    return out.copy_(o)
 
 
 def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
@@ -78,8 +92,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
     if len(groups) == 1 and groups[0][0] is None:
         o, lse = registry.select(groups[0][1], backend).forward(groups[0][1])
-        return o.contiguous(), lse.contiguous()
-    out = q.new_empty(b, hq, s_q, v.shape[-1])
+        return _sdpa_layout(o), lse.contiguous()
+    out = _new_out(q, v)
     lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
     for heads, call in groups:
         o, lse = registry.select(call, backend).forward(call)
@@ -91,7 +105,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 @attention.register_fake
 def _(q, k, v, mask, bias, scale, is_causal, spec, backend):
     b, hq, s_q, _ = q.shape
-    return q.new_empty(b, hq, s_q, v.shape[-1]), q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
+    return _new_out(q, v), q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("locattn::attention_backward", mutates_args=())

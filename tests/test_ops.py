@@ -110,6 +110,9 @@ def test_opcheck():
     q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 1, 33, 33, requires_grad=True)
     torch.library.opcheck(torch.ops.locattn.attention.default, (q, k, v, None, bias, 0.2, True, spec, ""))
+    for impl in IMPLS + ["cpu"]:  # every implementation returns SDPA's memory layout: [B, S, H, Dv] transposed
+        out, _ = torch.ops.locattn.attention(q, k, v, None, None, 0.2, False, spec, impl)
+        assert out.transpose(1, 2).is_contiguous(), impl
 
 
 def test_override_that_cannot_run_raises():
