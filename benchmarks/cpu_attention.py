@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import os
 import platform
@@ -37,13 +36,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import write_results  # noqa: E402
+
 import locattn.ops  # noqa: F401  (registers torch.ops.locattn)
 from locattn.codegen import cpu_fast
 from locattn.patterns import Dense, Layout, Neighborhood, Pattern, SlidingWindow, Tiled, count_allowed
 from locattn.patterns.base import dilation_groups, token_coords
 from locattn.patterns.spec import HeadGroup, SiteSpec
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
 @dataclass
@@ -298,11 +299,7 @@ def main(argv=None) -> int:
         rows.append(run_case(c, reps, flex, not args.no_blocked and c.seq <= args.blocked_max_seq))
     meta["loadavg_end"] = os.getloadavg()
     print_table(rows)
-    out = args.out or os.path.join(OUT_DIR, "cpu_attention_quick.json" if args.quick else "cpu_attention.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    write_results("cpu_attention", args.quick, meta, rows, args.out)
     return 0
 
 

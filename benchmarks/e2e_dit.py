@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,10 +29,12 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import write_results  # noqa: E402
+
 import locattn
 from locattn.patterns import Layout, Neighborhood, count_allowed
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
 def build_model(sample_size: int, layers: int, heads: int, head_dim: int, patch: int = 2):
@@ -147,11 +148,7 @@ def main(argv=None) -> int:
     rows = [run_size(s, layers, args.heads, 64, reps, not args.no_blocked_check) for s in sizes]
     meta["loadavg_end"] = os.getloadavg()
     print_table(rows)
-    out = args.out or os.path.join(OUT_DIR, "e2e_dit_quick.json" if args.quick else "e2e_dit.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    write_results("e2e_dit", args.quick, meta, rows, args.out)
     return 0
 
 
