@@ -16,7 +16,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn)

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -224,11 +223,6 @@ def test_cross_attention_keeps_dense_with_one_warning():
 def test_skip_rule_leaves_sdpa_in_graph():
     model = Net()
     codes = []
-
-    def inner(gm, ex):
-        codes.append(gm.code)
-        return gm.forward
-
     b = locattn.backend({"rule": [{"match": "blocks.0", "skip": True}]}, inductor=False)
     orig = b.__call__
 

@@ -11,7 +11,6 @@ Glossary: BLOCK_M / BLOCK_N query / key slots per block; L the most key blocks a
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch

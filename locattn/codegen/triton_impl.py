@@ -346,9 +346,9 @@ class Triton(Implementation):
     # -- backward ---------------------------------------------------------------------------------------------
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  need_dbias: bool):
-        q, k, v = call.q, call.k, call.v
+        q, v = call.q, call.v
         b, hq, s_q, d = q.shape
-        hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+        dv = v.shape[-1]
         dev = q.device
         grad_out = grad_out.to(q.dtype)
         lse = lse.float().contiguous()
