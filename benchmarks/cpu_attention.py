@@ -42,7 +42,7 @@ from _results import write_results  # noqa: E402
 import locattn.ops  # noqa: F401  (registers torch.ops.locattn)
 from locattn.codegen import cpu_fast
 from locattn.patterns import Dense, Layout, Neighborhood, Pattern, SlidingWindow, Tiled, count_allowed
-from locattn.patterns.base import dilation_groups, token_coords
+from locattn.patterns.base import key_coords, query_bounds
 from locattn.patterns.spec import HeadGroup, SiteSpec
 
 
@@ -135,14 +135,8 @@ def flex_mask_mod(pattern: Pattern, layout: Layout, seq: int):
     """A FlexAttention ``mask_mod`` of a local pattern from per-token tables (compiles: index reads only)."""
     lay = layout.resolve(seq)
     assert not (lay.prefix or lay.suffix or lay.sinks), "benchmark cases have no globals"
-    grid = lay.grid
     t = torch.arange(seq)
-    coords = token_coords(t, lay)
-    tables = []
-    for a in range(len(grid)):
-        lo, hi = pattern.axis_bounds(a, grid, coords[a])
-        ku = dilation_groups(coords[a], grid[a], pattern.dilation_of(a, len(grid)))[0]
-        tables.append((lo, hi, ku))
+    tables = [(lo, hi, ku) for (lo, hi), ku in zip(query_bounds(pattern, lay, t), key_coords(pattern, lay, t))]
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = None

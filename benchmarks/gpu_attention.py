@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from locattn.codegen.registry import AttentionCall  # noqa: E402
 from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, kernel_tables  # noqa: E402
 from locattn.patterns import Dense, Layout, Neighborhood, SlidingWindow, Tiled, count_allowed  # noqa: E402
-from locattn.patterns.base import Pattern, dense_mask, dilation_groups, is_global, token_coords  # noqa: E402
+from locattn.patterns.base import Pattern, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
 from locattn.patterns.plan import build_plan  # noqa: E402
 
 T0 = time.time()
@@ -133,14 +133,9 @@ def flex_mask_mod(pattern: Pattern, layout: Layout, seq: int, dev):
     """``mask_mod(b, h, q_idx, kv_idx)`` equal to :func:`locattn.patterns.base.allowed` (None for dense)."""
     if not pattern.local:
         return None
-    grid = layout.grid
     t = torch.arange(seq)
-    coords = token_coords(t, layout)
-    axes = []
-    for a in range(len(grid)):
-        lo, hi = pattern.axis_bounds(a, grid, coords[a])
-        ku = dilation_groups(coords[a], grid[a], pattern.dilation_of(a, len(grid)))[0]
-        axes.append(tuple(x.to(device=dev, dtype=torch.int32) for x in (lo, hi, ku)))
+    axes = [tuple(x.to(device=dev, dtype=torch.int32) for x in (lo, hi, ku))
+            for (lo, hi), ku in zip(query_bounds(pattern, layout, t), key_coords(pattern, layout, t))]
     glob_q = is_global(t, layout).to(dev)
     glob_k = (is_global(t, layout) | (t < layout.sinks)).to(dev)
 

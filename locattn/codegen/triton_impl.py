@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..counters import bump, log
-from ..patterns.base import Layout, Pattern, dilation_groups, token_coords
+from ..patterns.base import Layout, Pattern, key_coords, query_bounds
 from ..patterns.plan import BlockPlan, build_plan
 from .reference import reduce_to
 from .registry import AttentionCall, Implementation
@@ -133,16 +133,8 @@ def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: b
     Global and padding slots get clamped garbage: the kernel tests globals from token indices and padding
     from ``slot < 0``, exactly like :func:`locattn.patterns.base.allowed`.
     """
-    grid = layout.grid
     t = slots.clamp_min(0)
-    coords = token_coords(t, layout)
-    out = []
-    for a in range(len(grid)):
-        if query:
-            out.append(pattern.axis_bounds(a, grid, coords[a]))
-        else:
-            out.append(dilation_groups(coords[a], grid[a], pattern.dilation_of(a, len(grid)))[0])
-    return out
+    return query_bounds(pattern, layout, t) if query else key_coords(pattern, layout, t)
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n_rows: int, n_cols: int):

@@ -210,6 +210,22 @@ def is_global(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     return (t < layout.prefix) | (t >= layout.prefix + layout.n_grid)
 
 
+def query_bounds(pattern: Pattern, layout: Layout, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per grid axis, the u-space key interval ``(lo, hi)`` of query tokens ``t`` (globals: clamped garbage)."""
+    assert layout.grid is not None
+    grid = layout.grid
+    return [pattern.axis_bounds(a, grid, c) for a, c in enumerate(token_coords(t, layout))]
+
+
+def key_coords(pattern: Pattern, layout: Layout, t: torch.Tensor) -> list[torch.Tensor]:
+    """Per grid axis, the u-space coordinate of key tokens ``t``: key j is in query i's window on an axis iff
+    ``lo_i <= u_j <= hi_i`` (globals: clamped garbage)."""
+    assert layout.grid is not None
+    grid = layout.grid
+    return [dilation_groups(c, grid[a], pattern.dilation_of(a, len(grid)))[0]
+            for a, c in enumerate(token_coords(t, layout))]
+
+
 def allowed(pattern: Pattern, layout: Layout, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
     """Pattern predicate ``allowed[i, j]`` for query tokens ``qi`` and key tokens ``kj`` (broadcasting).
 
@@ -217,14 +233,8 @@ def allowed(pattern: Pattern, layout: Layout, qi: torch.Tensor, kj: torch.Tensor
     """
     if not pattern.local:
         return torch.ones(torch.broadcast_shapes(qi.shape, kj.shape), dtype=torch.bool, device=qi.device)
-    assert layout.grid is not None
-    grid = layout.grid
-    qc, kc = token_coords(qi, layout), token_coords(kj, layout)
     ok = None
-    for a in range(len(grid)):
-        d = pattern.dilation_of(a, len(grid))
-        lo, hi = pattern.axis_bounds(a, grid, qc[a])
-        ku, _, _, _ = dilation_groups(kc[a], grid[a], d)
+    for (lo, hi), ku in zip(query_bounds(pattern, layout, qi), key_coords(pattern, layout, kj)):
         ax = (ku >= lo) & (ku <= hi)
         ok = ax if ok is None else ok & ax
     ok = ok | is_global(qi, layout) | is_global(kj, layout)
