@@ -11,8 +11,9 @@ grids, 3-D neighborhood and tiled on a 30x48x80 grid, dense) and head dim (128, 
 * speedup over compiled ``flex_attention`` with the same mask (its ``mask_mod`` is built from locattn's
   predicate via per-token index tensors), with ``create_block_mask`` time reported separately.
 
-Time budgets skip what is left once spent (``--flex-budget-s`` 140 s for FlexAttention, whose compile per
-case dominates; ``--budget-s`` 220 s for everything), so a run stays under 5 minutes on one H200
+Two passes: first our kernels and SDPA for every case (``--budget-s`` 200 s: cases left after it are skipped),
+then FlexAttention, whose compile per case dominates, for as many cases as start before ``--flex-budget-s``
+(280 s after the start); the JSON is rewritten after every case. A full run stays near 5 minutes on one H200
 (torch >= 2.11, triton >= 3.6). Head dim 128 runs first. Results go to JSON (``--json``).
 
 Usage::
@@ -153,12 +154,27 @@ def flex_mask_mod(pattern: Pattern, layout: Layout, seq: int, dev):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict) -> dict:
-    dtype = torch.float32 if dry else torch.bfloat16
-    b, h, s = 1, case.heads, case.seq
-    layout = case.layout.resolve(s) if case.pattern.local else case.layout
+def progress(msg: str) -> None:
+    print(f"  [{time.time() - T0:6.1f} s] {msg}", flush=True)
+
+
+def case_layout(case: BenchCase) -> Layout:
+    layout = case.layout.resolve(case.seq) if case.pattern.local else case.layout
     if case.pattern.local:
         case.pattern.validate(layout.grid)
+    return layout
+
+
+def make_inputs(case: BenchCase, d: int, dev, dtype):
+    """q, k, v, grad_out [1, H, S, d] (seeded: the FlexAttention pass regenerates the same tensors)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    return [torch.randn(1, case.heads, case.seq, d, device=dev, dtype=dtype, generator=gen) for _ in range(4)]
+
+
+def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, with_flex: bool = True) -> dict:
+    dtype = torch.float32 if dry else torch.bfloat16
+    b, h, s = 1, case.heads, case.seq
+    layout = case_layout(case)
     allowed = count_allowed(case.pattern, layout, s, s)
     density = allowed / (s * s)
     rec = dict(case=case.name, pattern=case.pattern.describe(), grid=list(layout.grid or ()), seq=s, heads=h,
@@ -166,9 +182,7 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict) ->
                ideal_speedup=1.0 / density)
     flops_fwd = 4.0 * allowed * d * b * h
     flops_bwd = 2.5 * flops_fwd
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, generator=gen) for _ in range(3))
-    g = torch.randn(b, h, s, d, device=dev, dtype=dtype, generator=gen)
+    q, k, v, g = make_inputs(case, d, dev, dtype)
     scale = 1.0 / math.sqrt(d)
 
     # --- locattn triton
@@ -192,13 +206,15 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict) ->
         impl.backward(call, g, out, lse, False)
         _sync(dev)
         first_s = time.perf_counter() - t
+        progress(f"{case.name} d={d}: first call (plans + compile) {first_s:.1f} s")
     res = {}
     fwd = bench_ms(lambda: res.update(o=impl.forward(call)), dev, dry)
     out, lse = res["o"]
     bwd = bench_ms(lambda: impl.backward(call, g, out, lse, False), dev, dry)
     rec["ours"] = dict(fwd_ms=fwd, bwd_ms=bwd, plan_ms=plan_ms, first_call_s=first_s,
                        fwd_tflops=flops_fwd / fwd / 1e9, bwd_tflops=flops_bwd / bwd / 1e9,
-                       block_density=plan.block_density)
+                       block_density=plan.block_density,
+                       kernels={fam: kernel_stats(ck) for fam, ck in impl.compiled.items()})
 
     # --- dense SDPA (same sequence length, no mask): the baseline of the ideal speedup
     key = (s, h, d)
@@ -218,13 +234,41 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict) ->
             rec[f"speedup_vs_sdpa_{p}"] = sp
             rec[f"fraction_of_ideal_{p}"] = sp / rec["ideal_speedup"]
 
-    # --- FlexAttention with the same mask
-    rec["flex"] = run_flex(case, layout, q, k, v, g, scale, out, args, dev, dry)
+    progress(f"{case.name} d={d}: ours and sdpa timed")
+    if with_flex:
+        add_flex(rec, case, layout, q, k, v, g, scale, out, args, dev, dry)
+    return rec
+
+
+def add_flex(rec: dict, case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> None:
+    """FlexAttention with the same mask, and our speedups over it, into ``rec``."""
+    rec["flex"] = run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry)
     if "fwd_ms" in rec["flex"]:
         rec["speedup_vs_flex_fwd"] = rec["flex"]["fwd_ms"] / rec["ours"]["fwd_ms"]
     if "bwd_ms" in rec["flex"]:
         rec["speedup_vs_flex_bwd"] = rec["flex"]["bwd_ms"] / rec["ours"]["bwd_ms"]
-    return rec
+
+
+def flex_pass(rec: dict, case: BenchCase, args, dev, dry: bool) -> None:
+    """Second pass (GPU): FlexAttention for a case whose own numbers are already in ``rec``."""
+    dtype = torch.float32 if dry else torch.bfloat16
+    layout = case_layout(case)
+    q, k, v, g = make_inputs(case, rec["head_dim"], dev, dtype)
+    scale = 1.0 / math.sqrt(rec["head_dim"])
+    out, _ = Triton().forward(AttentionCall(q, k, v, None, None, scale, False, case.pattern, layout))
+    add_flex(rec, case, layout, q, k, v, g, scale, out, args, dev, dry)
+
+
+def kernel_stats(compiled) -> dict:
+    """Resources of one compiled Triton kernel (registers per thread, spilled bytes, shared memory)."""
+    md = getattr(compiled, "metadata", None)
+    out = {}
+    for name, val in (("n_regs", getattr(compiled, "n_regs", None)), ("n_spills", getattr(compiled, "n_spills", None)),
+                      ("shared", getattr(md, "shared", None)), ("num_warps", getattr(md, "num_warps", None)),
+                      ("num_stages", getattr(md, "num_stages", None))):
+        if isinstance(val, int):
+            out[name] = val
+    return out
 
 
 def run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> dict:
@@ -268,11 +312,13 @@ def run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> dict:
             return res
         flex = _compiled_flex(flex_attention)
         qf, kf, vf = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        progress(f"{case.name}: flex block mask {res.get('block_mask_first_s', 0):.1f} s (first call)")
         t = time.perf_counter()
         o = flex(qf, kf, vf, block_mask=block_mask, scale=scale)
         torch.autograd.grad(o, (qf, kf, vf), g)
         _sync(dev)
         res["compile_s"] = time.perf_counter() - t
+        progress(f"{case.name}: flex compile (fwd + bwd) {res['compile_s']:.1f} s")
         res["max_abs_diff_vs_ours"] = (o.float() - ours_out.float()).abs().max().item()
         res["fwd_ms"] = bench_ms(lambda: flex(qf, kf, vf, block_mask=block_mask, scale=scale), dev, dry)
         o = flex(qf, kf, vf, block_mask=block_mask, scale=scale)
@@ -310,13 +356,15 @@ def fmt(rec: dict) -> str:
         return f.format(d[k]) if k in d else "-"
 
     fl = rec.get("flex", {})
+    kern = " ".join(f"{f}:{k.get('n_regs', '?')}/{k.get('n_spills', '?')}" for f, k in o.get("kernels", {}).items())
     return (f"{rec['case']:18s} d={rec['head_dim']:<3d} density={rec['density']:.4f} | ours fwd "
             f"{o['fwd_ms']:8.2f} ms {o['fwd_tflops']:6.1f} TF/s  bwd {o['bwd_ms']:8.2f} ms "
             f"{o['bwd_tflops']:6.1f} TF/s  plan {o['plan_ms']:.1f} ms | vs sdpa x{get(rec, 'speedup_vs_sdpa_fwd')}"
             f"/x{get(rec, 'speedup_vs_sdpa_bwd')} (ideal x{rec['ideal_speedup']:.1f}, fraction "
             f"{get(rec, 'fraction_of_ideal_fwd')}/{get(rec, 'fraction_of_ideal_bwd')}) | vs flex "
             f"x{get(rec, 'speedup_vs_flex_fwd')}/x{get(rec, 'speedup_vs_flex_bwd')} "
-            f"(block mask {get(fl, 'block_mask_ms', '{:.1f}')} ms){' ' + fl['error'] if 'error' in fl else ''}")
+            f"(block mask {get(fl, 'block_mask_ms', '{:.1f}')} ms){' ' + fl['error'] if 'error' in fl else ''}"
+            f" | regs/spills {kern}")
 
 
 def main(argv=None) -> int:
@@ -327,8 +375,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--autotune", action="store_true", help="autotune the Triton configs (costs compile time)")
-    ap.add_argument("--budget-s", type=float, default=220.0, help="skip the cases left after this many seconds")
-    ap.add_argument("--flex-budget-s", type=float, default=140.0,
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="first pass: skip the cases left after this many seconds")
+    ap.add_argument("--flex-budget-s", type=float, default=280.0,
                     help="skip FlexAttention (a compile per case) after this many seconds")
     ap.add_argument("--json", default="gpu_attention.json")
     args = ap.parse_args(argv)
@@ -357,6 +406,14 @@ def main(argv=None) -> int:
         pass
     print(json.dumps(env))
     records, sdpa_cache = [], {}
+
+    def save():
+        out = dict(env=env, cases=records, wall_s=time.time() - T0)
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+    # pass 1: our kernels and dense SDPA for every case; pass 2 (GPU): FlexAttention, whose compile per case
+    # dominates, while its budget lasts. The JSON is rewritten after every case, so a killed run keeps its rows.
+    todo = []
     for d in dims:
         for case in cases:
             if over_budget(args):
@@ -364,15 +421,28 @@ def main(argv=None) -> int:
                 print(f"{case.name:18s} d={d:<3d} skipped: time budget spent", flush=True)
                 continue
             try:
-                rec = run_case(case, d, args, dev, dry, sdpa_cache)
+                rec = run_case(case, d, args, dev, dry, sdpa_cache, with_flex=dry)
+                todo.append((rec, case))
             except Exception as e:  # keep the sweep going; the JSON says what failed
                 rec = dict(case=case.name, head_dim=d, ours={"error": f"{type(e).__name__}: {e}"[:300]})
             records.append(rec)
             print(fmt(rec), flush=True)
+            save()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    out = dict(env=env, cases=records, wall_s=time.time() - T0)
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    if not dry:
+        print("== FlexAttention pass", flush=True)
+        for rec, case in todo:
+            if "fwd_ms" not in rec.get("ours", {}):
+                continue
+            try:
+                flex_pass(rec, case, args, dev, dry)
+            except Exception as e:
+                rec["flex"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(fmt(rec), flush=True)
+            save()
+            torch.cuda.empty_cache()
+    save()
     print(f"wrote {args.json} ({len(records)} records, {time.time() - T0:.1f} s)")
     failed = [r for r in records if "error" in r.get("ours", {}) or "error" in r.get("flex", {})]
     if dry and failed:

@@ -10,8 +10,9 @@ eager only in summation order (online softmax) and where it rounds p / ds to the
 kernel/eager error ratios over these cases are 0.3 - 2.1 (fp32, fp16 and bf16 alike), hence FUDGE = 3.
 """
 
-import os
+import copy
 import math
+import os
 import subprocess
 import sys
 import time
@@ -19,19 +20,24 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The kernels must be built for the interpreter: TRITON_INTERPRET=1 before triton / the kernels are imported.
-# It is restored right after, so other test modules of the session do not dispatch "auto" to the (slow)
-# interpreter; this module's tests set it again (fixture below).
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import pytest
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+#: Where the kernels run. With a CUDA device they are compiled natively and every case runs on the GPU (set
+#: LOCATTN_TEST_INTERPRET=1 to force the interpreter there too); without one they run on CPU under the Triton
+#: interpreter, which must be on (TRITON_INTERPRET=1) before triton / the kernels are imported. The variable is
+#: restored right after, so other test modules of the session do not dispatch "auto" to the (slow)
+#: interpreter; this module's tests set it again (fixture below).
+NATIVE = torch.cuda.is_available() and os.environ.get("LOCATTN_TEST_INTERPRET") != "1"
+DEVICE = torch.device("cuda" if NATIVE else "cpu")
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not NATIVE:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
     pytest.importorskip("triton")
-    import locattn.codegen.triton_kernels  # noqa: F401  built now, in interpreter mode
+    import locattn.codegen.triton_kernels  # noqa: F401  built now (interpreter mode without CUDA)
 finally:
     if _PREV_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -41,16 +47,19 @@ finally:
 from locattn.codegen import registry  # noqa: E402
 from locattn.codegen.reference import Reference, expand_kv, keep_mask  # noqa: E402
 from locattn.codegen.registry import AttentionCall  # noqa: E402
-from locattn.codegen.triton_impl import KernelConfig, Triton, interpreted  # noqa: E402
+from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, interpreted  # noqa: E402
 from locattn.patterns import (Dense, Layout, Neighborhood, ShiftedWindow, SlidingWindow, Strided,  # noqa: E402
                               Tiled)
 from locattn.patterns.spec import HeadGroup, SiteSpec  # noqa: E402
 from locattn.testing import assert_close_to_golden  # noqa: E402
 
+needs_cuda = pytest.mark.skipif(not NATIVE, reason="needs a CUDA device (native Triton kernels)")
+
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not NATIVE:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +82,8 @@ def _eager(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
     s = (q @ expand_kv(k, hq).transpose(-2, -1)) * call.scale
     if bias is not None:
         s = s + bias
-    keep = keep_mask(call, torch.arange(s_q)[:, None], torch.arange(s_k)[None, :])
+    dev = q.device
+    keep = keep_mask(call, torch.arange(s_q, device=dev)[:, None], torch.arange(s_k, device=dev)[None, :])
     if call.mask is not None:
         keep = keep & call.mask
     s = s.masked_fill(~keep.expand_as(s), float("-inf"))
@@ -104,7 +114,7 @@ def _expected_visits(plan, bh: int) -> torch.Tensor:
 
 def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False):
     out, lse = impl.forward(call)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     dq, dk, dv, db = impl.backward(call, g, out, lse, need_dbias)
     gold = _golden(call, g, need_dbias)
     eager = _eager(call, g, need_dbias)
@@ -120,7 +130,7 @@ def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False):
     # instrumented mode: every kernel visits exactly the plan's block pairs, once each, with their kind
     bh = call.q.shape[0] * call.q.shape[1]
     for kind in ("fwd", "dq", "dkdv"):
-        torch.testing.assert_close(impl.visits[kind], _expected_visits(impl.plans[kind], bh), rtol=0, atol=0,
+        torch.testing.assert_close(impl.visits[kind].cpu(), _expected_visits(impl.plans[kind], bh), rtol=0, atol=0,
                                    msg=lambda m, kind=kind: f"{kind} kernel block visits differ from the plan: {m}")
     return out, lse
 
@@ -152,7 +162,7 @@ class Case:
         dv = self.dv or self.d
 
         def rnd(*shape):
-            return torch.randn(*shape, generator=gen).to(self.dtype)
+            return torch.randn(*shape, generator=gen).to(DEVICE, self.dtype)
 
         q, k, v = rnd(1, self.hq, self.s, self.d), rnd(1, self.hk, s_k, self.d), rnd(1, self.hk, s_k, dv)
         mask = bias = None
@@ -160,6 +170,7 @@ class Case:
             mask = torch.rand(1, 1 if self.mask == "rand" else self.hq, self.s, s_k, generator=gen) > 0.25
             if self.mask == "rows":
                 mask[:, :, 5:9] = False
+            mask = mask.to(DEVICE)
         if self.bias == "full":
             bias = rnd(1, self.hq, self.s, s_k)
         elif self.bias == "bcast":
@@ -203,6 +214,7 @@ def test_empty_rows_give_zero_and_neg_inf():
     assert torch.isneginf(lse[:, :, 5:9]).all()
 
 
+@pytest.mark.skipif(NATIVE, reason="the CPU / interpreter dispatch reasons")
 def test_can_run_reasons(monkeypatch):
     assert interpreted()
     impl = Triton()
@@ -219,6 +231,103 @@ def test_can_run_reasons(monkeypatch):
                         None, None, 0.1, False, c.pattern, c.layout)
     ok, why = impl.can_run(big)
     assert not ok and "head dim" in why
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA only: the production tiles (CONFIG_SPACE) on sizes where blocks are large and many
+
+
+GPU_CASES = [
+    Case("gpu-na2d-40x50-d64-bf16-gqa", Neighborhood(kernel=(7, 9)), Layout(grid=(40, 50)), s=2000, d=64,
+         hq=4, hk=2, dtype=torch.bfloat16),
+    Case("gpu-sw1d-3001-d128-causal-fp16", SlidingWindow(window=301), s=3001, d=128, causal=True,
+         dtype=torch.float16),
+    Case("gpu-tiled3d-6x20x24-d80-bf16", Tiled(tile=(2, 4, 8), window=(3, 3, 3)), Layout(grid=(6, 20, 24)),
+         s=2880, d=80, dtype=torch.bfloat16),
+    Case("gpu-na3d-5x21x19-d96-globals-sinks-bf16", Neighborhood(kernel=(3, 7, 5), dilation=(1, 2, 1)),
+         Layout(grid=(5, 21, 19), prefix=77, suffix=0, sinks=4), s=5 * 21 * 19 + 77, d=96,
+         dtype=torch.bfloat16),
+    Case("gpu-dense-1500-d160-dv96-mask-bf16", Dense(), s=1500, d=160, dv=96, mask="rand",
+         dtype=torch.bfloat16),
+    Case("gpu-strided-30x50-d72-bias-fp32", Strided(kernel=(9, 9), stride=(3, 3)), Layout(grid=(30, 50)),
+         s=1500, d=72, bias="bcast"),
+    Case("gpu-shifted-28x28-d256-fp16-rows", ShiftedWindow(window=(7, 7), shift=(3, 3)), Layout(grid=(28, 28)),
+         s=784, d=256, mask="rows", dtype=torch.float16),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c.id for c in GPU_CASES])
+def test_gpu_default_configs(case: Case):
+    """Default (untuned) tiles per kernel family: CONFIG_SPACE[...][0]."""
+    call = case.call()
+    _run_case(call, Triton(nan_fill=True, record_visits=True), need_dbias=call.bias is not None)
+
+
+def _space_variants():
+    for d in (64, 128, 256):
+        n = max(len(CONFIG_SPACE[(f, d)]) for f in ("fwd", "dq", "dkdv"))
+        for i in range(n):
+            yield d, i
+
+
+@needs_cuda
+@pytest.mark.parametrize("d,i", list(_space_variants()))
+def test_gpu_every_config_compiles_and_matches(d: int, i: int):
+    """Every candidate tile of the autotuning space compiles for this GPU and computes the same attention."""
+    configs = {f: CONFIG_SPACE[(f, d)][i % len(CONFIG_SPACE[(f, d)])] for f in ("fwd", "dq", "dkdv")}
+    case = Case(f"gpu-space-d{d}-{i}", Neighborhood(kernel=(5, 7)), Layout(grid=(24, 40), prefix=3), s=963,
+                d=d - 8 if d > 64 else d, hq=4, hk=2, causal=i % 2 == 1, dtype=torch.bfloat16)
+    _run_case(case.call(), Triton(configs=configs, nan_fill=True, record_visits=True))
+
+
+@needs_cuda
+def test_gpu_auto_dispatch_through_torch_compile():
+    """Default registry, no override: CUDA tensors under backend="locattn" run the Triton kernels (bf16, a
+    DiT-like block with a 2-D neighborhood policy), forward and backward, and match the reference path."""
+    import locattn
+
+    torch.manual_seed(0)
+    base = _Net().to(DEVICE)
+    x = torch.randn(2, 35, 32, device=DEVICE)
+    policy = {"rule": [{"match": "attn", "pattern": "neighborhood", "kernel": [3, 5], "grid": [5, 7]}]}
+    res = {}
+    # bf16 on the Triton kernels ("auto"), bf16 on the reference path (the yardstick), fp64 reference (golden)
+    for name, be, dtype in (("auto", "auto", torch.bfloat16), ("ref", "reference", torch.bfloat16),
+                            ("gold", "reference", torch.float64)):
+        model = copy.deepcopy(base).to(dtype)
+        torch._dynamo.reset()
+        locattn.reset_counters()
+        xc = x.to(dtype).requires_grad_()
+        y = torch.compile(model, backend=locattn.backend(policy, backend=be))(xc)
+        y.double().pow(2).mean().backward()
+        res[name] = [y, xc.grad] + [p.grad for p in model.parameters()]
+        if be == "auto":
+            disp = locattn.counters()["dispatch"]
+            assert disp.get("triton", 0) >= 2 and not any(k in disp for k in ("blocked", "reference")), disp
+    for i, (a, b, e) in enumerate(zip(res["auto"], res["gold"], res["ref"])):
+        assert_close_to_golden(a, b, e, factor=FUDGE, name=f"output/grad #{i}")
+
+
+@needs_cuda
+def test_gpu_autotune_picks_a_config():
+    import locattn
+    from locattn.codegen import triton_impl
+
+    impl = Triton(autotune=True)
+    call = Case("gpu-autotune", SlidingWindow(window=129), s=2048, d=64, dtype=torch.bfloat16).call()
+    saved = dict(triton_impl._TUNED)
+    try:
+        triton_impl._TUNED.clear()
+        out, lse = impl.forward(call)
+        keys = [k for k in triton_impl._TUNED if k[0] == "fwd"]
+        assert len(keys) == 1 and triton_impl._TUNED[keys[0]] in CONFIG_SPACE[("fwd", 64)]
+        assert any("fwd d64" in k for k in locattn.counters().get("triton_autotune", {}))
+        gold = _golden(call, torch.zeros_like(out), False)
+        assert_close_to_golden(out, gold[0], None, name="out")
+    finally:
+        triton_impl._TUNED.clear()
+        triton_impl._TUNED.update(saved)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,14 +349,12 @@ def test_op_head_groups_with_bias(triton_registered):
     spec = SiteSpec((HeadGroup((0, 3), ShiftedWindow(window=(2, 3), shift=(1, 1)), Layout(grid=(5, 7))),
                      HeadGroup((1, 2), Tiled(tile=(2, 2), window=(1, 3)), Layout(grid=(5, 7), sinks=2))))
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 4, 35, 40, generator=gen, requires_grad=True)
-    k = torch.randn(1, 2, 35, 40, generator=gen, requires_grad=True)
-    v = torch.randn(1, 2, 35, 24, generator=gen, requires_grad=True)
-    bias = torch.randn(1, 4, 35, 35, generator=gen, requires_grad=True)
+    q, k, v, bias = (torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
+                     for shape in ((1, 4, 35, 40), (1, 2, 35, 40), (1, 2, 35, 24), (1, 4, 35, 35)))
     res = {}
     for be in ("reference", "triton"):
         o, lse = torch.ops.locattn.attention(q, k, v, None, bias, 0.2, True, spec.to_json(), be)
-        g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+        g = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         res[be] = (o, lse, *torch.autograd.grad(o, [q, k, v, bias], g))
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dbias"], res["triton"], res["reference"]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
@@ -282,8 +389,8 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
     import locattn
     from locattn.patterns.base import dense_mask
 
-    model = _Net()
-    x = torch.randn(1, 35, 32)
+    model = _Net().to(DEVICE)
+    x = torch.randn(1, 35, 32, device=DEVICE)
     policy = {"rule": [{"match": "attn", "pattern": "neighborhood", "kernel": [3, 3], "grid": [5, 7]}]}
     xc = x.clone().requires_grad_()
     y = torch.compile(model, backend=locattn.backend(policy, backend="triton"), fullgraph=True)(xc)
@@ -293,7 +400,7 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
     got = [y, xc.grad] + [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    mask = dense_mask(Neighborhood(kernel=(3, 3)), Layout(grid=(5, 7)), 35, 35)
+    mask = dense_mask(Neighborhood(kernel=(3, 3)), Layout(grid=(5, 7)), 35, 35, device=DEVICE)
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: sdpa(q, k, v, attn_mask=mask))
     xe = x.clone().requires_grad_()
@@ -308,6 +415,7 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
 # the GPU benchmark's plumbing, on CPU
 
 
+@pytest.mark.skipif(NATIVE, reason="plumbing check for machines without a GPU")
 def test_gpu_benchmark_dry_run(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))

@@ -198,20 +198,28 @@ def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
 class Triton(Implementation):
     """Fused block-sparse flash attention (forward + backward) in Triton.
 
-    ``config``: fixed tiles for all three kernels. Default: :data:`INTERPRET_CONFIG` under the interpreter;
+    ``config``: fixed tiles for all three kernels; ``configs``: fixed tiles per kernel family (``"fwd"``,
+    ``"dq"``, ``"dkdv"``), taking precedence over ``config``. Default: :data:`INTERPRET_CONFIG` under the interpreter;
     on CUDA the first entry of :data:`CONFIG_SPACE` per kernel, or with ``autotune=True`` the fastest entry,
     timed once per (kernel, head dim, sequence bucket, pattern kind, dtype, device) and cached in ``_TUNED``.
     Debug flags (tests): ``nan_fill`` fills fresh outputs with NaN so unwritten memory shows up;
     ``record_visits`` makes every kernel count the block pairs it visits into ``self.visits`` (keys
     ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
-    visit) and keeps the plans used in ``self.plans``.
+    visit) and keeps the plans used in ``self.plans``. ``self.compiled[family]`` is the last compiled kernel
+    launched per family (Triton's ``CompiledKernel``: ``n_regs``, ``n_spills``, ``metadata.shared``).
     """
 
     name = "triton"
 
-    def __init__(self, config: KernelConfig | None = None, *, autotune: bool = False, nan_fill: bool = False,
-                 record_visits: bool = False):
+    def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
+                 autotune: bool = False, nan_fill: bool = False, record_visits: bool = False):
         self.config = config
+        self.configs = dict(configs or {})
+        unknown = set(self.configs) - {"fwd", "dq", "dkdv"}
+        if unknown:
+            raise ValueError(f"Triton(configs=...): unknown kernel families {sorted(unknown)} "
+                             "(expected 'fwd', 'dq', 'dkdv')")
+        self.compiled: dict[str, object] = {}
         self.autotune = autotune
         self.nan_fill = nan_fill
         self.record_visits = record_visits
@@ -258,6 +266,8 @@ class Triton(Implementation):
         return (family, min(d, MAX_HEAD_DIM), s_bucket, call.pattern.name, call.q.dtype, dev)
 
     def _config(self, call: AttentionCall, family: str, run) -> KernelConfig:
+        if family in self.configs:
+            return self.configs[family]
         if self.config is not None:
             return self.config
         if interpreted() or call.q.device.type != "cuda":
@@ -323,7 +333,7 @@ class Triton(Implementation):
         bias, bs = _site_tensor(call.bias, full, tab.q_slots)
         visits = self._visits("fwd", tab, b * hq, q.device) if record else tab.q_slots
         plan = tab.plan
-        kern.attn_fwd[(plan.n_qblocks, b * hq)](
+        self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
@@ -377,7 +387,7 @@ class Triton(Implementation):
         bias, bs = _site_tensor(call.bias, full, tab.q_slots)
         dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=q.device)
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
-        _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
+        self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
             q, k, v, grad_out, lse, delta, dq, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
@@ -400,7 +410,7 @@ class Triton(Implementation):
         dk = self._empty(b, hk, s_k, d, dtype=k.dtype, device=dev)
         dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
-        _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
+        self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),

@@ -1,0 +1,98 @@
+"""Compile locattn's Triton kernels offline for a GPU target (default sm_90) and report compile time,
+registers, spills and shared memory: no GPU needed (Triton's bundled ptxas).
+
+    python tools/compile_sm90.py                       # bf16, head dims 64/128/256, default tiles
+    python tools/compile_sm90.py --d 128 --ndim 2 --family fwd --block 128 64 --warps 8 --stages 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from locattn.codegen import triton_kernels as K  # noqa: E402
+from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig  # noqa: E402
+
+KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv}
+# pointer arguments and their element types (the rest are integer sizes/strides, or the fp32 scale)
+PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
+PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
+PTR_F32 = {"LSE", "Delta", "dBias", "Bias"}
+PTR_I32 = {"q_slots", "k_slots", "q_lo", "q_hi", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
+           "qb_idx", "Visits"}
+PTR_U8 = {"Mask"}
+
+
+def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
+                target=GPUTarget("cuda", 90, 32)):
+    fn = KERNELS[family]
+    names = list(inspect.signature(fn.fn).parameters)
+    sig, const = {}, {}
+    bd = max(16, 1 << (d - 1).bit_length())
+    cvals = dict(NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
+                 PRECISION="tf32", UPCAST=False)
+    for n in names:
+        if n in cvals:
+            sig[n] = "constexpr"
+            const[(names.index(n),)] = cvals[n]
+        elif n in PTR_INPUT or n in PTR_OUTPUT_SAME:
+            sig[n] = f"*{dtype}"
+        elif n in PTR_F32:
+            sig[n] = "*fp32"
+        elif n in PTR_I32:
+            sig[n] = "*i32"
+        elif n in PTR_U8:
+            sig[n] = "*u8"
+        elif n == "sm_scale":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    # strides of the last dim are 1 in practice: specialise like the launcher does
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    for n in names:
+        if n.endswith("d") and n.startswith("stride_") and n not in ("stride_bd",):
+            sig[n] = "constexpr"
+            const[(names.index(n),)] = 1
+    src = ASTSource(fn, sig, const, attrs)
+    t = time.perf_counter()
+    ck = triton.compile(src, target=target, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    dt = time.perf_counter() - t
+    return dt, ck
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", nargs="*", default=["fwd", "dq", "dkdv"])
+    ap.add_argument("--d", type=int, nargs="*", default=[64, 128, 256])
+    ap.add_argument("--ndim", type=int, nargs="*", default=[1])
+    ap.add_argument("--block", type=int, nargs=2)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--all", action="store_true", help="every config of CONFIG_SPACE, not only the first")
+    args = ap.parse_args()
+    for d in args.d:
+        for fam in args.family:
+            space = CONFIG_SPACE[(fam, max(64, min(256, 1 << (d - 1).bit_length())))]
+            cfgs = ([KernelConfig(*args.block, args.warps, args.stages)] if args.block
+                    else space if args.all else space[:1])
+            for cfg in cfgs:
+                for ndim in args.ndim:
+                    dt, ck = compile_one(fam, d, ndim, cfg)
+                    md = ck.metadata
+                    print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {ck.n_regs if hasattr(ck, 'n_regs') else '?'}"
+                          f" spills {getattr(ck, 'n_spills', '?')} shared {md.shared}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU session in one command: versions, the Triton tests run natively, then the GPU benchmark.
+#
+#   tools/gpu_check.sh                       # writes into $OUT (device tool) or /tmp/locattn-gpu
+#   BENCH_ARGS="--quick --budget-s 90" TEST_TIMEOUT=150 tools/gpu_check.sh
+#   SKIP_TESTS=1 BENCH_TIMEOUT=420 tools/gpu_check.sh       # benchmark only
+#
+# Files written (at most 8, the device tool's limit): gpu.txt, tests.log, junit.xml, bench.log,
+# gpu_attention.json. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist; nothing is installed:
+# locattn is imported from this checkout through PYTHONPATH.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/locattn-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+t0=$(date +%s)
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,utilization.gpu,memory.used --format=csv
+  python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  nproc
+} 2>&1 | tee "$OUT/gpu.txt"
+
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "== tests/test_triton.py (native CUDA kernels)"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider -rfEs \
+    --junitxml="$OUT/junit.xml" tests/test_triton.py ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  echo "pytest exit $? after $(( $(date +%s) - t0 )) s"
+  grep -v PytestBenchmarkWarning "$OUT/tests.log" | grep -v "warner(" | tail -n 40
+fi
+
+echo "== benchmarks/gpu_attention.py ${BENCH_ARGS:-}"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" ${BENCH_ARGS:-} \
+  >"$OUT/bench.log" 2>&1
+echo "benchmark exit $? after $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$OUT/gpu.txt"
+grep -v Warning "$OUT/bench.log" | grep -v "^  block_mask = " | cut -c1-420 | tail -n 45
