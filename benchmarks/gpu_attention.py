@@ -340,6 +340,11 @@ def _compiled_flex(flex_attention):
                      "accumulated_cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(256, getattr(torch._dynamo.config, name)))
+        # the timed backward replays one graph (retain_graph=True): compiled autograd must not donate its
+        # saved buffers, or the second backward fails ("compiled with non-empty donated buffers")
+        import torch._functorch.config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
@@ -367,6 +372,44 @@ def fmt(rec: dict) -> str:
             f" | regs/spills {kern}")
 
 
+SWEEP_CASES = ("dense-16k", "sw1d-16k", "na2d-128x128", "tiled3d-30x48x80")
+
+
+def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
+    """Time each kernel family alone for every candidate tile of ``CONFIG_SPACE`` (the data for choosing
+    the untuned defaults). Returns {family: [(config, ms), ...] fastest first}."""
+    layout = case_layout(case)
+    q, k, v, g = make_inputs(case, d, dev, torch.float32 if dry else torch.bfloat16)
+    call = AttentionCall(q, k, v, None, None, 1.0 / math.sqrt(d), False, case.pattern, layout)
+    out, lse = Triton().forward(call)
+    delta = (out.float() * g.float()).sum(-1).contiguous()
+    lse = lse.float().contiguous()
+    bucket = min(256, max(64, 1 << (d - 1).bit_length()))
+    res = {}
+    for fam in ("fwd", "dq", "dkdv"):
+        rows = []
+        for cfg in CONFIG_SPACE[(fam, bucket)]:
+            impl = Triton(configs={fam: cfg})
+            run = {"fwd": lambda: impl.forward(call),
+                   "dq": lambda: impl._dq(call, g, lse, delta, cfg, False),
+                   "dkdv": lambda: impl._dkdv(call, g, lse, delta, False, cfg, False)}[fam]
+            try:
+                t = time.perf_counter()
+                run()
+                _sync(dev)
+                compile_s = time.perf_counter() - t
+                rows.append((cfg, bench_ms(run, dev, dry), compile_s))
+            except Exception as e:  # out of resources for this tile
+                rows.append((cfg, math.inf, f"{type(e).__name__}: {e}"[:120]))
+        res[fam] = sorted(rows, key=lambda r: r[1])
+        default = rows[0][1]
+        progress(f"sweep {case.name} d={d} {fam}: " + ", ".join(
+            f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s {ms:.3f} ms" for c, ms, _ in rows)
+            + f" | best/default {res[fam][0][1] / default:.2f}")
+    return {fam: [dict(config=vars(c) if hasattr(c, "__dict__") else str(c), ms=ms, first_call=x)
+                  for c, ms, x in rows] for fam, rows in res.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny sizes, no timing")
@@ -379,6 +422,9 @@ def main(argv=None) -> int:
                     help="first pass: skip the cases left after this many seconds")
     ap.add_argument("--flex-budget-s", type=float, default=280.0,
                     help="skip FlexAttention (a compile per case) after this many seconds")
+    ap.add_argument("--sweep", action="store_true",
+                    help=f"time every CONFIG_SPACE tile per kernel family on {', '.join(SWEEP_CASES)} "
+                         "(or --cases) instead of the benchmark")
     ap.add_argument("--json", default="gpu_attention.json")
     args = ap.parse_args(argv)
 
@@ -405,6 +451,17 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print(json.dumps(env))
+    if args.sweep:
+        names = args.cases or (("dense", "na2d") if dry else SWEEP_CASES)
+        sweep = []
+        for d in dims:
+            for case in (c for c in (dry_cases() if dry else gpu_cases()) if c.name in names):
+                if over_budget(args):
+                    break
+                sweep.append(dict(case=case.name, head_dim=d, families=sweep_case(case, d, dev, dry)))
+                Path(args.json).write_text(json.dumps(dict(env=env, sweep=sweep), indent=1, default=str))
+        return 0
+
     records, sdpa_cache = [], {}
 
     def save():

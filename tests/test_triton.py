@@ -11,6 +11,7 @@ kernel/eager error ratios over these cases are 0.3 - 2.1 (fp32, fp16 and bf16 al
 """
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -424,4 +425,15 @@ def test_gpu_benchmark_dry_run(tmp_path):
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 0
+    # the config sweep (the data behind CONFIG_SPACE's defaults): every candidate of every family timed
+    sweep = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run", "--sweep",
+                           "--json", str(sweep)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(sweep.read_text())["sweep"]
+    assert {r["case"] for r in rows} == {"dense", "na2d"}
+    for r in rows:
+        for fam in ("fwd", "dq", "dkdv"):
+            assert len(r["families"][fam]) == len(CONFIG_SPACE[(fam, 64)])
+            assert all(math.isfinite(x["ms"]) for x in r["families"][fam])
     assert time.time() - t0 < 60

@@ -38,7 +38,7 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     names = list(inspect.signature(fn.fn).parameters)
     sig, const = {}, {}
     bd = max(16, 1 << (d - 1).bit_length())
-    cvals = dict(NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
+    cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False)
     for n in names:
@@ -58,11 +58,15 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
         else:
             sig[n] = "i32"
     # strides of the last dim are 1 in practice: specialise like the launcher does
+    # like the launcher: pointers are 16-byte aligned, the innermost strides are 1 (specialised to the constant),
+    # the other strides of [B, H, S, D] tensors with D a multiple of 16 are divisible by 16
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
     for n in names:
-        if n.endswith("d") and n.startswith("stride_") and n not in ("stride_bd",):
+        if n.startswith("stride_") and n.endswith("d"):
             sig[n] = "constexpr"
             const[(names.index(n),)] = 1
+        elif n.startswith("stride_") and n[-1] in "bhsqk" and d % 16 == 0:
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, const, attrs)
     t = time.perf_counter()
     ck = triton.compile(src, target=target, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
