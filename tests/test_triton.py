@@ -208,6 +208,47 @@ def test_kernel_matches_reference(case: Case):
     _run_case(call, _impl(*case.block), need_dbias=call.bias is not None)
 
 
+ADDRESSING = {  # case id -> (LINEAR, RANGES) the tables must give it
+    "dense-63-d40": (True, True),
+    "dense-cross-63x125-d72-dv40-gqa-mask-bias": (True, True),
+    "dense-causal-125-fp16": (True, True),
+    "sw1d-200-w7": (True, True),
+    "sw1d-200-dil3-axiscausal-sitecausal-d72": (False, True),   # dilation: slots are not in token order
+    "sw1d-125-globals-sinks-bf16": (False, False),                # global key blocks break the runs
+    "tiled-8x12-allfull-bias-gqa-dv24": (False, True),
+    "na2d-5x7-dil-globals-sinks-causal-d72": (False, False),
+}
+
+
+@pytest.mark.parametrize("case_id", list(ADDRESSING))
+def test_table_free_addressing_is_chosen_and_equal(case_id: str):
+    """LINEAR (tokens computed from slot indices) and RANGES (key-block runs walked without an index load)
+    are chosen exactly for token-ordered, run-structured plans, and give the same result as the tables."""
+    from locattn.codegen.triton_impl import kernel_tables
+    from locattn.patterns.plan import build_plan
+
+    case = next(c for c in CASES if c.id == case_id)
+    call = case.call()
+    plan = build_plan(call.pattern, call.layout, call.q.shape[-2], call.k.shape[-2], *case.block, call.is_causal)
+    tab = kernel_tables(plan, call.pattern, call.layout, call.q.device)
+    assert (tab.linear, tab.ranges) == ADDRESSING[case_id]
+    fast = _run_case(call, _impl(*case.block))
+    slow = Triton(KernelConfig(*case.block, 1, 1), tables_only=True).forward(call)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_runs_of_a_plan():
+    from locattn.codegen.triton_impl import _runs
+
+    rows = torch.tensor([0, 0, 0, 1, 1, 3])
+    cols = torch.tensor([2, 3, 4, 0, 1, 5])
+    full = torch.tensor([False, True, False, True, True, False])
+    assert _runs(rows, cols, full, 4).tolist() == [[2, 3, 4, 5], [0, 0, 2, 2], [0, 0, 0, 0], [5, 5, 5, 6]]
+    assert _runs(rows, torch.tensor([2, 4, 5, 0, 1, 5]), full, 4) is None          # gap in row 0
+    assert _runs(rows, cols, torch.tensor([True, False, True, True, True, False]), 4) is None  # full not a run
+
+
 def test_empty_rows_give_zero_and_neg_inf():
     case = Case("sw-emptyrows", SlidingWindow(window=3), mask="rows")
     out, lse = _impl().forward(case.call())

@@ -28,19 +28,19 @@ PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
 PTR_F32 = {"LSE", "Delta", "dBias", "Bias"}
 PTR_I32 = {"q_slots", "k_slots", "q_lo", "q_hi", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
-           "qb_idx", "Visits"}
+           "qb_idx", "kv_rng", "qb_rng", "Visits"}
 PTR_U8 = {"Mask"}
 
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
-                target=GPUTarget("cuda", 90, 32)):
+                linear: bool = False, ranges: bool = False, target=GPUTarget("cuda", 90, 32)):
     fn = KERNELS[family]
     names = list(inspect.signature(fn.fn).parameters)
     sig, const = {}, {}
     bd = max(16, 1 << (d - 1).bit_length())
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
-                 PRECISION="tf32", UPCAST=False)
+                 PRECISION="tf32", UPCAST=False, LINEAR=linear, RANGES=ranges)
     for n in names:
         if n in cvals:
             sig[n] = "constexpr"
@@ -83,6 +83,8 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--all", action="store_true", help="every config of CONFIG_SPACE, not only the first")
+    ap.add_argument("--linear", action="store_true", help="LINEAR slots (dense / plain 1-D plans)")
+    ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
@@ -91,7 +93,7 @@ def main() -> int:
                     else space if args.all else space[:1])
             for cfg in cfgs:
                 for ndim in args.ndim:
-                    dt, ck = compile_one(fam, d, ndim, cfg)
+                    dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges)
                     md = ck.metadata
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {ck.n_regs if hasattr(ck, 'n_regs') else '?'}"
                           f" spills {getattr(ck, 'n_spills', '?')} shared {md.shared}", flush=True)

@@ -121,6 +121,10 @@ class KernelTables:
     qb_ptr: torch.Tensor
     qb_split: torch.Tensor
     qb_idx: torch.Tensor
+    kv_rng: torch.Tensor  # [n_qblocks, 4] (lo, full_lo, full_hi, hi) when ``ranges``
+    qb_rng: torch.Tensor  # [n_kblocks, 4] likewise for the transposed plan
+    linear: bool          # slot i is token i (padding past the sequence) for queries and keys
+    ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
     ndim: int
     prefix: int
     grid_end: int
@@ -135,6 +139,36 @@ def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: b
     """
     t = slots.clamp_min(0)
     return query_bounds(pattern, layout, t) if query else key_coords(pattern, layout, t)
+
+
+def _is_linear(slots: torch.Tensor, seq: int) -> bool:
+    """Whether slot i holds token i for every token, padding (-1) after the sequence."""
+    n = slots.numel()
+    return n >= seq and torch.equal(slots[:seq], torch.arange(seq)) and bool((slots[seq:] < 0).all())
+
+
+def _runs(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n_rows: int) -> torch.Tensor | None:
+    """Per row, ``(lo, full_lo, full_hi, hi)`` if the row's columns are the contiguous run ``[lo, hi)`` with
+    its full columns the contiguous run ``[full_lo, full_hi)`` inside it; None if any row is not.
+
+    Rows without full columns get ``full_lo = full_hi = lo``; empty rows ``(0, 0, 0, 0)``."""
+    big = torch.iinfo(torch.long).max
+
+    def seg(op, vals, sel, init):
+        out = torch.full((n_rows,), init, dtype=torch.long)
+        return out.scatter_reduce_(0, rows[sel], vals[sel], op) if bool(sel.any()) else out
+
+    every = torch.ones_like(full)
+    count = torch.bincount(rows, minlength=n_rows)
+    n_full = torch.bincount(rows[full], minlength=n_rows)
+    lo, hi = seg("amin", cols, every, big), seg("amax", cols, every, -1) + 1
+    f_lo, f_hi = seg("amin", cols, full, big), seg("amax", cols, full, -1) + 1
+    empty, no_full = count == 0, n_full == 0
+    lo, hi = torch.where(empty, 0, lo), torch.where(empty, 0, hi)
+    f_lo, f_hi = torch.where(no_full, lo, f_lo), torch.where(no_full, lo, f_hi)
+    if not (bool(((hi - lo) == count).all()) and bool(((f_hi - f_lo) == n_full).all())):
+        return None
+    return torch.stack([lo, f_lo, f_hi, hi], 1)
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, full: torch.Tensor, n_rows: int, n_cols: int):
@@ -155,6 +189,13 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     cols, full = plan.kv_idx, plan.kv_full
     kv_ptr, kv_split, kv_idx = _csr(rows, cols, full, nq, nk)
     qb_ptr, qb_split, qb_idx = _csr(cols, rows, full, nk, nq)
+    kv_rng, qb_rng = _runs(rows, cols, full, nq), _runs(cols, rows, full, nk)
+    ranges = kv_rng is not None and qb_rng is not None
+    if not ranges:
+        kv_rng = qb_rng = torch.zeros(1, 4, dtype=torch.long)
+    s_q = int((plan.q_slots.max() + 1).clamp_min(0))
+    s_k = int((plan.k_slots.max() + 1).clamp_min(0))
+    linear = _is_linear(plan.q_slots, s_q) and _is_linear(plan.k_slots, s_k)
     nqs, nks = plan.q_slots.numel(), plan.k_slots.numel()
     q_lo = torch.zeros(3, nqs, dtype=torch.long)
     q_hi = torch.zeros(3, nqs, dtype=torch.long)
@@ -175,7 +216,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
 
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_hi), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
-                        ndim, prefix, grid_end, sinks)
+                        dev(kv_rng), dev(qb_rng), linear, ranges, ndim, prefix, grid_end, sinks)
 
 
 def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
@@ -207,13 +248,17 @@ class Triton(Implementation):
     ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
     visit) and keeps the plans used in ``self.plans``. ``self.compiled[family]`` is the last compiled kernel
     launched per family (Triton's ``CompiledKernel``: ``n_regs``, ``n_spills``, ``metadata.shared``).
+    ``tables_only`` turns off the table-free addressing (LINEAR / RANGES in the kernel glossary) so the two
+    can be compared; results are identical.
     """
 
     name = "triton"
 
     def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
-                 autotune: bool = False, nan_fill: bool = False, record_visits: bool = False):
+                 autotune: bool = False, nan_fill: bool = False, record_visits: bool = False,
+                 tables_only: bool = False):
         self.config = config
+        self.tables_only = tables_only
         self.configs = dict(configs or {})
         unknown = set(self.configs) - {"fwd", "dq", "dkdv"}
         if unknown:
@@ -335,14 +380,15 @@ class Triton(Implementation):
         plan = tab.plan
         self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
-            hq, hq // hk, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
-            float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            hq, hq // hk, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
+            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
 
     # -- backward ---------------------------------------------------------------------------------------------
@@ -369,12 +415,16 @@ class Triton(Implementation):
         db = reduce_to(dbias, call.bias.shape).to(call.bias.dtype) if want_dbias else None
         return dq, dk, dvv, db
 
+    def _addressing(self, tab: KernelTables) -> dict:
+        return dict(LINEAR=tab.linear and not self.tables_only, RANGES=tab.ranges and not self.tables_only)
+
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
         return dict(NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
                     HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(call.q.dtype),
-                    UPCAST=_upcast(call.q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    UPCAST=_upcast(call.q.dtype), **self._addressing(tab), num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
 
     def _dq(self, call, grad_out, lse, delta, cfg: KernelConfig, record: bool) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
@@ -389,10 +439,11 @@ class Triton(Implementation):
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
             q, k, v, grad_out, lse, delta, dq, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx, visits,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
-            hq, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks, plan.n_kblocks,
-            float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **self._bwd_common(call, tab, cfg, record))
+            hq, hq // hk, s_q, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
+            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
@@ -412,11 +463,12 @@ class Triton(Implementation):
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx, visits,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
+            tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
             *dbias.stride(),
-            hq, hk, hq // hk, s_q, d, dv, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
-            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            hq, hk, hq // hk, s_q, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(),
+            plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
 

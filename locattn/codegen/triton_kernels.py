@@ -18,6 +18,12 @@ k_u          int32 [3, n_k_slots]: per key slot and axis, the key's u-space coor
 NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
 prefix/grid_end/sinks
              global tokens are ``t < prefix`` or ``t >= grid_end``; keys ``t < sinks`` are sinks
+LINEAR       slot i holds token i (tokens >= seq_q / seq_k are padding): dense and plain 1-D plans. Tokens are
+             computed from the slot index; the slot tables are not read
+RANGES       every query block's key blocks form one contiguous range with its full blocks contiguous inside
+             (dense, 1-D windows): ``kv_rng[m] = (lo, full_lo, full_hi, hi)`` is read once per program and the
+             loops run ``n = lo ..`` directly, with no index load on the critical path. Likewise ``qb_rng`` per
+             key block for dK/dV. Otherwise the CSR below is walked
 IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
@@ -43,8 +49,28 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
-_SIZES = ["H", "HK", "GROUP", "S", "S_q", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
+_SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
           "sinks"]
+
+
+@triton.jit
+def _tokens(slots, slot, seq, LINEAR: tl.constexpr):
+    """Token index of each slot (-1 = padding): computed for LINEAR plans, else read from the slot table."""
+    if LINEAR:
+        t = tl.where(slot < seq, slot, -1)
+    else:
+        t = tl.load(slots + slot)
+    return t
+
+
+@triton.jit
+def _block_id(kv_idx, i, DIRECT: tl.constexpr):
+    """The i-th block of a loop: ``i`` itself for RANGES plans, else the CSR entry."""
+    if DIRECT:
+        n = i
+    else:
+        n = tl.load(kv_idx + i)
+    return n
 
 
 @triton.jit
@@ -134,16 +160,16 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots, k_u,
-                  stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, D: tl.constexpr, qk_scale,
-                  prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                  stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k,
+                  D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
     the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate.
     Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
     kslot = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kt = tl.load(k_slots + kslot)
+    kt = _tokens(k_slots, kslot, seq_k, LINEAR)
     kv = kt >= 0
     kj = tl.where(kv, kt, 0).to(tl.int64)
     kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
@@ -176,18 +202,18 @@ def _record_visit(ptr, IS_FULL: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-               n_k_slots, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
+               n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+               UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = tl.load(kv_idx + i)
+        n = _block_id(kv_idx, i, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_MASK,
-                                      HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
             m_use = m_new  # every score is finite: no empty-row guard needed
@@ -207,7 +233,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
-             q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
+             q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
              stride_qb, stride_qh, stride_qs, stride_qd,
              stride_kb, stride_kh, stride_ks, stride_kd,
              stride_vb, stride_vh, stride_vs, stride_vd,
@@ -215,12 +241,12 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_lb, stride_lh, stride_ls,
              stride_mb, stride_mh, stride_mq, stride_mk,
              stride_bb, stride_bh, stride_bq, stride_bk,
-             H, GROUP, D: tl.constexpr, DV: tl.constexpr, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
-             sm_scale, prefix, grid_end, sinks,
+             H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots, n_qblocks,
+             n_kblocks, sm_scale, prefix, grid_end, sinks,
              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+             VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
+             RANGES: tl.constexpr):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -231,7 +257,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = tl.load(q_slots + qslot)
+    qt = _tokens(q_slots, qslot, seq_q, LINEAR)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -247,21 +273,45 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    start = tl.load(kv_ptr + pid_m)
-    split = tl.load(kv_split + pid_m)
-    end = tl.load(kv_ptr + pid_m + 1)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
-                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
-                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST)
+    if RANGES:  # (lo, full_lo, full_hi, hi): full blocks [full_lo, full_hi), partial ones around them
+        lo = tl.load(kv_rng + 4 * pid_m)
+        f_lo = tl.load(kv_rng + 4 * pid_m + 1)
+        f_hi = tl.load(kv_rng + 4 * pid_m + 2)
+        hi = tl.load(kv_rng + 4 * pid_m + 3)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_lo, f_hi, Visit_row,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                                   PRECISION, UPCAST, LINEAR, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, lo, f_lo, Visit_row,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                                   PRECISION, UPCAST, LINEAR, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_hi, hi, Visit_row,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                                   PRECISION, UPCAST, LINEAR, True)
+    else:  # CSR: full blocks kv_idx[start:split], partial ones kv_idx[split:end]
+        start = tl.load(kv_ptr + pid_m)
+        split = tl.load(kv_split + pid_m)
+        end = tl.load(kv_ptr + pid_m + 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                                   PRECISION, UPCAST, LINEAR, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
+                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                                   PRECISION, UPCAST, LINEAR, False)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -298,18 +348,18 @@ def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_
 def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-              n_k_slots, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
+              n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = tl.load(kv_idx + i)
+        n = _block_id(kv_idx, i, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_MASK,
-                                      HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = tl.math.exp2(s - lse2[:, None])
@@ -323,7 +373,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
-                q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, Visits,
+                q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -331,12 +381,12 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 stride_dqb, stride_dqh, stride_dqs, stride_dqd,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_bb, stride_bh, stride_bq, stride_bk,
-                H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
-                sm_scale, prefix, grid_end, sinks,
+                H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
+                n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+                VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
+                RANGES: tl.constexpr):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
@@ -348,7 +398,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = tl.load(q_slots + qslot)
+    qt = _tokens(q_slots, qslot, seq_q, LINEAR)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -369,21 +419,45 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    start = tl.load(kv_ptr + pid_m)
-    split = tl.load(kv_split + pid_m)
-    end = tl.load(kv_ptr + pid_m + 1)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
-                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
-                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST)
+    if RANGES:
+        lo = tl.load(kv_rng + 4 * pid_m)
+        f_lo = tl.load(kv_rng + 4 * pid_m + 1)
+        f_hi = tl.load(kv_rng + 4 * pid_m + 2)
+        hi = tl.load(kv_rng + 4 * pid_m + 3)
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_lo, f_hi, Visit_row,
+                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                       UPCAST, LINEAR, True)
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, lo, f_lo, Visit_row,
+                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                       UPCAST, LINEAR, True)
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_hi, hi, Visit_row,
+                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                       UPCAST, LINEAR, True)
+    else:
+        start = tl.load(kv_ptr + pid_m)
+        split = tl.load(kv_split + pid_m)
+        end = tl.load(kv_ptr + pid_m + 1)
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
+                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                       UPCAST, LINEAR, False)
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
+                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                       UPCAST, LINEAR, False)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -392,18 +466,18 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_lo, q_hi, qb_idx, start, end, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
-                stride_dbq, stride_dbk, n_q_slots, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
-                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
+                stride_dbq, stride_dbk, n_q_slots, seq_q, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
+                grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        m = tl.load(qb_idx + i)
+        m = _block_id(qb_idx, i, DIRECT)
         qslot = m * BLOCK_M + offs_m
-        qt = tl.load(q_slots + qslot)
+        qt = _tokens(q_slots, qslot, seq_q, LINEAR)
         qv = qt >= 0
         qi = tl.where(qv, qt, 0).to(tl.int64)
         q = tl.load(Q_bh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -438,7 +512,7 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
-                  q_slots, k_slots, q_lo, q_hi, k_u, qb_ptr, qb_split, qb_idx, Visits,
+                  q_slots, k_slots, q_lo, q_hi, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd,
                   stride_vb, stride_vh, stride_vs, stride_vd,
@@ -448,12 +522,12 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   stride_dkb, stride_dkh, stride_dks, stride_dkd,
                   stride_dvb, stride_dvh, stride_dvs, stride_dvd,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
-                  H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, n_q_slots, n_k_slots, n_qblocks, n_kblocks,
-                  sm_scale, prefix, grid_end, sinks,
+                  H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
+                  n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
                   NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, LINEAR: tl.constexpr, RANGES: tl.constexpr):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -468,7 +542,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kslot = pid_n * BLOCK_N + offs_n
-    kt = tl.load(k_slots + kslot)
+    kt = _tokens(k_slots, kslot, seq_k, LINEAR)
     kv = kt >= 0
     kj = tl.where(kv, kt, 0).to(tl.int64)
     kT = tl.load(K + b * stride_kb + hk * stride_kh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
@@ -477,9 +551,20 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                  mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
     ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
     qk_scale = sm_scale * LOG2E
-    start = tl.load(qb_ptr + pid_n)
-    split = tl.load(qb_split + pid_n)
-    end = tl.load(qb_ptr + pid_n + 1)
+    if RANGES:  # (lo, full_lo, full_hi, hi) of the query blocks; the runs [a0, a1) [b0, b1) [c0, c1)
+        a0 = tl.load(qb_rng + 4 * pid_n + 1)
+        a1 = tl.load(qb_rng + 4 * pid_n + 2)
+        b0 = tl.load(qb_rng + 4 * pid_n)
+        b1 = a0
+        c0 = a1
+        c1 = tl.load(qb_rng + 4 * pid_n + 3)
+    else:  # CSR: full query blocks qb_idx[a0:a1], partial ones qb_idx[b0:b1]
+        a0 = tl.load(qb_ptr + pid_n)
+        a1 = tl.load(qb_split + pid_n)
+        b0 = a1
+        b1 = tl.load(qb_ptr + pid_n + 1)
+        c0 = b1
+        c1 = b1
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -494,19 +579,24 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, start, split, Visits_h, n_kblocks, pid_n,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, a0, a1, Visits_h, n_kblocks, pid_n,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
-                             sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D,
-                             BLOCK_DV, VISIT, PRECISION,
-                   UPCAST)
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
+                             grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
+                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, split, end, Visits_h, n_kblocks, pid_n,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, b0, b1, Visits_h, n_kblocks, pid_n,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, D, DV, qk_scale, prefix, grid_end,
-                             sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M, BLOCK_D,
-                             BLOCK_DV, VISIT, PRECISION,
-                   UPCAST)
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
+                             grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
+                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
+        if RANGES:
+            dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
+                                 dB_bh, q_slots, q_lo, q_hi, qb_idx, c0, c1, Visits_h, n_kblocks, pid_n,
+                                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
+                                 stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
+                                 grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
+                                 BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
