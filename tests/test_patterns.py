@@ -8,7 +8,7 @@ import torch
 from golden import golden_mask
 from locattn.patterns import (PATTERNS, Dense, Layout, Neighborhood, PatternError, ShiftedWindow, SlidingWindow,
                               Strided, Tiled, count_allowed, dense_mask)
-from locattn.patterns.plan import build_plan, choose_tile, count_pairs
+from locattn.patterns.plan import build_plan, choose_tile, choose_tiles, count_pairs
 
 
 def _random_case(rng: random.Random):
@@ -136,6 +136,62 @@ def test_tiled_is_block_sparse_when_tile_is_block():
     assert choose_tile(layout.grid, 16, pattern) == (4, 4)
     plan = build_plan(pattern, layout, 256, 256, 16, 16, False)
     assert plan.n_full == plan.nnz  # no partial block at all
+
+
+def test_tile_search_makes_sta_subtiles_exact():
+    """An STA tile larger than the block: the search picks a sub-tile, so every block is full and no
+    computed entry is wasted (the generic power-of-two tile spans two frames: partial blocks)."""
+    import math
+
+    pattern = Tiled(tile=(1, 8, 8), window=(1, 1, 3))
+    layout = Layout(grid=(2, 8, 24))
+    pattern.validate(layout.grid)
+    s = math.prod(layout.grid)
+    assert choose_tile(layout.grid, 16, pattern) == (2, 2, 4)  # generic: spans two frames, partial blocks
+    tq, tk = choose_tiles(pattern, layout.grid, 16, 16)
+    assert all(t % q == 0 and t % k == 0 for t, q, k in zip((1, 8, 8), tq, tk))  # sub-tiles of the STA tile
+    plan = build_plan(pattern, layout.resolve(s), s, s, 16, 16, False)
+    assert plan.n_full == plan.nnz
+    assert plan.nnz * 16 * 16 == count_allowed(pattern, layout.resolve(s), s, s)
+
+
+@pytest.mark.parametrize("pattern,grid,bm,bn", [
+    (Neighborhood(kernel=(5, 7)), (24, 40), 64, 32),
+    (Neighborhood(kernel=(3, 5, 5), dilation=(1, 2, 1)), (6, 20, 12), 32, 32),
+    (Strided(kernel=(5, 5), stride=(2, 3)), (18, 30), 32, 16),
+    (Tiled(tile=(2, 8, 8), window=(3, 3, 5)), (6, 24, 40), 64, 32),
+])
+def test_tile_search_cost_is_exact_and_no_worse(pattern, grid, bm, bn):
+    """The search's per-axis product formula equals the real plan's block counts, and its choice costs no more
+    than choose_tile's default (full + PARTIAL_BLOCK_COST x partial, measured on the built plans)."""
+    import math
+
+    import locattn.patterns.plan as plan_mod
+
+    pattern.validate(grid)
+    layout = Layout(grid=grid).resolve(math.prod(grid))
+    s = math.prod(grid)
+
+    def plan_cost(tiles):
+        orig = plan_mod.choose_tiles
+        plan_mod.choose_tiles = lambda *a: tiles
+        try:
+            plan = build_plan.__wrapped__(pattern, layout, s, s, bm, bn, False)
+        finally:
+            plan_mod.choose_tiles = orig
+        partial = plan.nnz - plan.n_full
+        return plan.n_full + plan_mod.PARTIAL_BLOCK_COST * partial, plan
+
+    base = (choose_tile(grid, bm, pattern), choose_tile(grid, bn, pattern))
+    best = choose_tiles(pattern, grid, bm, bn)
+    c_best, plan = plan_cost(best)
+    c_base, _ = plan_cost(base)
+    assert c_best <= c_base
+    # the product formula (per-axis touched tile pairs) is the plan's block count
+    touched = 1
+    for a in range(len(grid)):
+        touched *= int(plan_mod._axis_pairs(pattern, grid, a, best[0][a], best[1][a])[1].sum())
+    assert touched == plan.nnz
 
 
 def test_validation_errors():

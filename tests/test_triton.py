@@ -216,7 +216,6 @@ ADDRESSING = {  # case id -> (LINEAR, RANGES) the tables must give it
     "sw1d-200-dil3-axiscausal-sitecausal-d72": (False, True),   # dilation: slots are not in token order
     "sw1d-125-globals-sinks-bf16": (False, False),                # global key blocks break the runs
     "tiled-8x12-allfull-bias-gqa-dv24": (False, True),
-    "na2d-5x7-dil-globals-sinks-causal-d72": (False, False),
 }
 
 

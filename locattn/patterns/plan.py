@@ -100,6 +100,71 @@ def choose_tile(grid: tuple[int, ...], block: int, pattern: Pattern | None = Non
     return tuple(t)
 
 
+#: cost of a partial block relative to a full one in the tile search: on the H200 (benchmarks/RESULTS.md) the
+#: Triton kernels compute partial blocks at about half the rate of full ones (na2d ~65 vs tiled2d ~127 TF/s)
+PARTIAL_BLOCK_COST = 2.0
+
+
+def _pow2_tiles(grid: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
+    """Power-of-two tiles of exactly ``block`` slots whose sides do not exceed the grid's (rounded up to a
+    power of two)."""
+    caps = [1 << max(0, (n - 1).bit_length()) for n in grid]
+    out: list[tuple[int, ...]] = []
+
+    def rec(prefix: tuple[int, ...], left: int):
+        a = len(prefix)
+        if a == len(grid):
+            if left == 1:
+                out.append(prefix)
+            return
+        t = 1
+        while t <= min(left, caps[a]):
+            rec(prefix + (t,), left // t)
+            t *= 2
+
+    rec((), block)
+    return out
+
+
+def choose_tiles(pattern: Pattern, grid: tuple[int, ...], block_m: int, block_n: int
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Query and key tiles for a grid pattern: the pair of power-of-two tiles (``block_m`` / ``block_n`` slots)
+    that minimises the plan's work, ``full blocks + PARTIAL_BLOCK_COST x partial blocks`` over the grid part.
+
+    Exact and cheap because the plan is a product over axes: the number of touched (full) block pairs is the
+    product over axes of the per-axis touched (full) tile pairs. Ties keep :func:`choose_tile`'s choice. A
+    ``tiled`` (STA) pattern gets a tile that divides its own tile whenever one exists: every block full, no
+    key wasted. Falls back to :func:`choose_tile` when no tile of exactly ``block`` slots fits the grid.
+    """
+    base = choose_tile(grid, block_m, pattern), choose_tile(grid, block_n, pattern)
+    cand_q, cand_k = _pow2_tiles(grid, block_m), _pow2_tiles(grid, block_n)
+    if len(grid) == 1 or not cand_q or not cand_k:
+        return base
+    axis_cache: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+    def axis_counts(a: int, tq: int, tk: int) -> tuple[int, int]:
+        key = (a, tq, tk)
+        if key not in axis_cache:
+            _, touched, full = _axis_pairs(pattern, grid, a, tq, tk)
+            axis_cache[key] = (int(touched.sum()), int(full.sum()))
+        return axis_cache[key]
+
+    def cost(tq, tk) -> float:
+        touched, full = 1, 1
+        for a in range(len(grid)):
+            t, f = axis_counts(a, tq[a], tk[a])
+            touched, full = touched * t, full * f
+        return full + PARTIAL_BLOCK_COST * (touched - full)
+
+    best, best_cost = base, cost(*base) if base[0] in cand_q and base[1] in cand_k else math.inf
+    for tq in cand_q:
+        for tk in cand_k:
+            c = cost(tq, tk)
+            if c < best_cost:
+                best, best_cost = (tq, tk), c
+    return best
+
+
 def _grid_slots(layout: Layout, pattern: Pattern, tile: tuple[int, ...], block: int) -> torch.Tensor:
     """Token index of every slot of the grid part: tiles row-major over the tile grid, padded to ``block``."""
     grid = layout.grid
@@ -184,7 +249,7 @@ def build_plan(pattern: Pattern, layout: Layout, s_q: int, s_k: int, block_m: in
     assert s_q == s_k and layout.grid is not None and layout.seq_len == s_q
     grid = layout.grid
     ndim = len(grid)
-    tq, tk = choose_tile(grid, block_m, pattern), choose_tile(grid, block_n, pattern)
+    tq, tk = choose_tiles(pattern, grid, block_m, block_n)
 
     # --- slots
     pre_q, pre_k = _pad_range(0, layout.prefix, block_m), _pad_range(0, layout.prefix, block_n)
