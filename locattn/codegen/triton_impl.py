@@ -57,19 +57,27 @@ class KernelConfig:
 INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 
 #: candidate configs per (kernel, head-dim bucket); the first entry is the untuned default. For dK/dV,
-#: block_n is the key block a program owns and block_m the query blocks it walks. Chosen (without a GPU at
-#: hand) from what the sm_90 compile reports: these tiles keep register spills at or near zero for bf16.
+#: block_n is the key block a program owns and block_m the query blocks it walks. The defaults were chosen
+#: without a GPU from the sm_90 compile (no register spills for bf16) and measured once on an H200
+#: (benchmarks/RESULTS.md: 104-231 TF/s on all-full plans, far under SDPA). The entries after the first three
+#: are the tiles common in tuned Triton flash kernels on Hopper (BLOCK_M 128, 3-4 stages; dK/dV 32-64 x 128),
+#: not yet measured here: `python benchmarks/gpu_attention.py --sweep` times them all per family.
 CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
     ("fwd", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3),
-                  KernelConfig(128, 128, 8, 2)],
+                  KernelConfig(128, 128, 8, 2), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3)],
     ("fwd", 128): [KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 3),
-                   KernelConfig(64, 64, 4, 3)],
-    ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 2)],
-    ("dq", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 4, 2), KernelConfig(64, 64, 4, 2)],
-    ("dq", 128): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 8, 2)],
+                   KernelConfig(64, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4)],
+    ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 2),
+                   KernelConfig(64, 64, 8, 2)],
+    ("dq", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 4, 2), KernelConfig(64, 64, 4, 2),
+                 KernelConfig(128, 32, 4, 4), KernelConfig(128, 64, 8, 3)],
+    ("dq", 128): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 8, 2),
+                  KernelConfig(128, 32, 8, 3), KernelConfig(64, 32, 4, 3)],
     ("dq", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
-    ("dkdv", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 4, 2)],
-    ("dkdv", 128): [KernelConfig(32, 64, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 64, 8, 2)],
+    ("dkdv", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 4, 2),
+                   KernelConfig(32, 128, 4, 4), KernelConfig(64, 128, 8, 3)],
+    ("dkdv", 128): [KernelConfig(32, 64, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 64, 8, 2),
+                    KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2)],
     ("dkdv", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)],
 }
 

@@ -64,13 +64,33 @@ def _tokens(slots, slot, seq, LINEAR: tl.constexpr):
 
 
 @triton.jit
-def _block_id(kv_idx, i, DIRECT: tl.constexpr):
-    """The i-th block of a loop: ``i`` itself for RANGES plans, else the CSR entry."""
+def _block_id(kv_idx, i, jump, gap, DIRECT: tl.constexpr):
+    """Block of loop step ``i``: for RANGES plans computed, ``i``, or ``i + gap`` from ``i >= jump`` on (one
+    loop walks the partial blocks on both sides of the full run); else the CSR entry ``kv_idx[i]``."""
     if DIRECT:
-        n = i
+        n = tl.where(i >= jump, i + gap, i)
     else:
         n = tl.load(kv_idx + i)
     return n
+
+
+@triton.jit
+def _loop_bounds(ptr, split_ptr, rng, row, RANGES: tl.constexpr):
+    """(start, end, jump, gap) of the full-block loop and of the partial-block loop of plan row ``row``."""
+    if RANGES:  # rng[row] = (lo, full_lo, full_hi, hi): full [full_lo, full_hi), partial the rest of [lo, hi)
+        lo = tl.load(rng + 4 * row)
+        f_lo = tl.load(rng + 4 * row + 1)
+        f_hi = tl.load(rng + 4 * row + 2)
+        hi = tl.load(rng + 4 * row + 3)
+        s0, e0, j0, g0 = f_lo, f_hi, f_hi, f_hi * 0
+        s1, e1, j1, g1 = lo, hi - (f_hi - f_lo), f_lo, f_hi - f_lo
+    else:  # CSR: full entries [ptr[row], split[row]), partial [split[row], ptr[row + 1])
+        start = tl.load(ptr + row)
+        split = tl.load(split_ptr + row)
+        end = tl.load(ptr + row + 1)
+        s0, e0, j0, g0 = start, split, split, start * 0
+        s1, e1, j1, g1 = split, end, end, start * 0
+    return s0, e0, j0, g0, s1, e1, j1, g1
 
 
 @triton.jit
@@ -200,7 +220,7 @@ def _record_visit(ptr, IS_FULL: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
+               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -209,7 +229,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
                UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = _block_id(kv_idx, i, DIRECT)
+        n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
@@ -273,45 +293,19 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if RANGES:  # (lo, full_lo, full_hi, hi): full blocks [full_lo, full_hi), partial ones around them
-        lo = tl.load(kv_rng + 4 * pid_m)
-        f_lo = tl.load(kv_rng + 4 * pid_m + 1)
-        f_hi = tl.load(kv_rng + 4 * pid_m + 2)
-        hi = tl.load(kv_rng + 4 * pid_m + 3)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_lo, f_hi, Visit_row,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                                   PRECISION, UPCAST, LINEAR, True)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, lo, f_lo, Visit_row,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                                   PRECISION, UPCAST, LINEAR, True)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_hi, hi, Visit_row,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                                   PRECISION, UPCAST, LINEAR, True)
-    else:  # CSR: full blocks kv_idx[start:split], partial ones kv_idx[split:end]
-        start = tl.load(kv_ptr + pid_m)
-        split = tl.load(kv_split + pid_m)
-        end = tl.load(kv_ptr + pid_m + 1)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                                   PRECISION, UPCAST, LINEAR, False)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
-                                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                                   stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                                   PRECISION, UPCAST, LINEAR, False)
+    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
+                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                               stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               PRECISION, UPCAST, LINEAR, RANGES)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
+                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
+                               stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               PRECISION, UPCAST, LINEAR, RANGES)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -346,7 +340,7 @@ def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-              K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, Visit_row,
+              K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
               n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -355,7 +349,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
               UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = _block_id(kv_idx, i, DIRECT)
+        n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
@@ -419,52 +413,26 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if RANGES:
-        lo = tl.load(kv_rng + 4 * pid_m)
-        f_lo = tl.load(kv_rng + 4 * pid_m + 1)
-        f_hi = tl.load(kv_rng + 4 * pid_m + 2)
-        hi = tl.load(kv_rng + 4 * pid_m + 3)
-        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_lo, f_hi, Visit_row,
-                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                       UPCAST, LINEAR, True)
-        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, lo, f_lo, Visit_row,
-                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                       UPCAST, LINEAR, True)
-        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, f_hi, hi, Visit_row,
-                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                       UPCAST, LINEAR, True)
-    else:
-        start = tl.load(kv_ptr + pid_m)
-        split = tl.load(kv_split + pid_m)
-        end = tl.load(kv_ptr + pid_m + 1)
-        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, split, Visit_row,
-                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                       UPCAST, LINEAR, False)
-        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
-                       K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, split, end, Visit_row,
-                       stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                       n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                       NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                       UPCAST, LINEAR, False)
+    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
+                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                   n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   UPCAST, LINEAR, RANGES)
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
+                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
+                   n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   UPCAST, LINEAR, RANGES)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
-                q_slots, q_lo, q_hi, qb_idx, start, end, Visits_h, n_kblocks, pid_n,
+                q_slots, q_lo, q_hi, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
                 grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -475,7 +443,7 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        m = _block_id(qb_idx, i, DIRECT)
+        m = _block_id(qb_idx, i, jump, gap, DIRECT)
         qslot = m * BLOCK_M + offs_m
         qt = _tokens(q_slots, qslot, seq_q, LINEAR)
         qv = qt >= 0
@@ -551,20 +519,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                  mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
     ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
     qk_scale = sm_scale * LOG2E
-    if RANGES:  # (lo, full_lo, full_hi, hi) of the query blocks; the runs [a0, a1) [b0, b1) [c0, c1)
-        a0 = tl.load(qb_rng + 4 * pid_n + 1)
-        a1 = tl.load(qb_rng + 4 * pid_n + 2)
-        b0 = tl.load(qb_rng + 4 * pid_n)
-        b1 = a0
-        c0 = a1
-        c1 = tl.load(qb_rng + 4 * pid_n + 3)
-    else:  # CSR: full query blocks qb_idx[a0:a1], partial ones qb_idx[b0:b1]
-        a0 = tl.load(qb_ptr + pid_n)
-        a1 = tl.load(qb_split + pid_n)
-        b0 = a1
-        b1 = tl.load(qb_ptr + pid_n + 1)
-        c0 = b1
-        c1 = b1
+    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(qb_ptr, qb_split, qb_rng, pid_n, RANGES)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -579,24 +534,17 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, a0, a1, Visits_h, n_kblocks, pid_n,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, s0, e0, j0, g0, Visits_h, n_kblocks,
+                             pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
                              grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
                              BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, b0, b1, Visits_h, n_kblocks, pid_n,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
+                             dB_bh, q_slots, q_lo, q_hi, qb_idx, s1, e1, j1, g1, Visits_h, n_kblocks,
+                             pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
                              grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
                              BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
-        if RANGES:
-            dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                                 dB_bh, q_slots, q_lo, q_hi, qb_idx, c0, c1, Visits_h, n_kblocks, pid_n,
-                                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                                 stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
-                                 grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
-                                 BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
