@@ -3,7 +3,8 @@
 For each pattern (1-D sliding window at 16k / 64k tokens, 2-D neighborhood and tiled on 64x64 and 128x128
 grids, 3-D neighborhood and tiled on a 30x48x80 grid, dense) and head dim (128, then 64), bf16, B=1:
 
-* locattn ``triton`` forward and backward time, plus its plan build time (analytic, no S x S mask),
+* locattn ``triton`` forward and backward time, plus its plan build time (analytic, no S x S mask); where the
+  plan allows table-free addressing (LINEAR / RANGES), the same kernels on the CSR tables too (A/B),
 * effective TFLOP/s counting only computed score entries (``count_allowed``: 4·n·D forward, 2.5x that
   backward),
 * speedup over dense ``F.scaled_dot_product_attention`` and the fraction of the ideal speedup
@@ -215,6 +216,17 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
                        fwd_tflops=flops_fwd / fwd / 1e9, bwd_tflops=flops_bwd / bwd / 1e9,
                        block_density=plan.block_density,
                        kernels={fam: kernel_stats(ck) for fam, ck in impl.compiled.items()})
+    # A/B of the addressing: where the plan allows table-free loops (LINEAR / RANGES), time the CSR tables too
+    tab = kernel_tables(build_plan(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False), case.pattern,
+                        layout, dev)
+    rec["ours"]["addressing"] = dict(linear=tab.linear, ranges=tab.ranges)
+    if tab.linear or tab.ranges:
+        slow = Triton(impl.config, tables_only=True)
+        res2 = {}
+        t_fwd = bench_ms(lambda: res2.update(o=slow.forward(call)), dev, dry)
+        o2, l2 = res2["o"]
+        t_bwd = bench_ms(lambda: slow.backward(call, g, o2, l2, False), dev, dry)
+        rec["ours_tables"] = dict(fwd_ms=t_fwd, bwd_ms=t_bwd, same_output=bool(torch.equal(o2, out)))
 
     # --- dense SDPA (same sequence length, no mask): the baseline of the ideal speedup
     key = (s, h, d)
@@ -362,6 +374,10 @@ def fmt(rec: dict) -> str:
 
     fl = rec.get("flex", {})
     kern = " ".join(f"{f}:{k.get('n_regs', '?')}/{k.get('n_spills', '?')}" for f, k in o.get("kernels", {}).items())
+    if "ours_tables" in rec:
+        t = rec["ours_tables"]
+        kern += (f" | tables fwd {t['fwd_ms']:.2f} bwd {t['bwd_ms']:.2f} ms"
+                 f"{'' if t['same_output'] else ' OUTPUT DIFFERS'}")
     return (f"{rec['case']:18s} d={rec['head_dim']:<3d} density={rec['density']:.4f} | ours fwd "
             f"{o['fwd_ms']:8.2f} ms {o['fwd_tflops']:6.1f} TF/s  bwd {o['bwd_ms']:8.2f} ms "
             f"{o['bwd_tflops']:6.1f} TF/s  plan {o['plan_ms']:.1f} ms | vs sdpa x{get(rec, 'speedup_vs_sdpa_fwd')}"
@@ -501,7 +517,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     save()
     print(f"wrote {args.json} ({len(records)} records, {time.time() - T0:.1f} s)")
-    failed = [r for r in records if "error" in r.get("ours", {}) or "error" in r.get("flex", {})]
+    failed = [r for r in records if "error" in r.get("ours", {}) or "error" in r.get("flex", {})
+              or r.get("ours_tables", {}).get("same_output") is False]
     if dry and failed:
         print(f"dry run: {len(failed)} case(s) failed", file=sys.stderr)
         return 1
