@@ -27,7 +27,7 @@ KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv}
 PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
 PTR_F32 = {"LSE", "Delta", "dBias", "Bias"}
-PTR_I32 = {"q_slots", "k_slots", "q_lo", "q_hi", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
+PTR_I32 = {"q_slots", "k_slots", "q_lo", "q_w", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
            "qb_idx", "kv_rng", "qb_rng", "Visits"}
 PTR_U8 = {"Mask"}
 
@@ -40,7 +40,7 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     bd = max(16, 1 << (d - 1).bit_length())
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
-                 PRECISION="tf32", UPCAST=False, LINEAR=linear, RANGES=ranges)
+                 PRECISION="tf32", UPCAST=False, LINEAR=linear, RANGES=ranges, HAS_GLOBALS=False)
     for n in names:
         if n in cvals:
             sig[n] = "constexpr"

@@ -121,7 +121,7 @@ class KernelTables:
     q_slots: torch.Tensor
     k_slots: torch.Tensor
     q_lo: torch.Tensor    # [3, n_q_slots]
-    q_hi: torch.Tensor
+    q_w: torch.Tensor     # [3, n_q_slots] interval widths (hi - lo); empty intervals are (2**30, 0)
     k_u: torch.Tensor     # [3, n_k_slots]
     kv_ptr: torch.Tensor
     kv_split: torch.Tensor
@@ -133,6 +133,7 @@ class KernelTables:
     qb_rng: torch.Tensor  # [n_kblocks, 4] likewise for the transposed plan
     linear: bool          # slot i is token i (padding past the sequence) for queries and keys
     ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
+    has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
     ndim: int
     prefix: int
     grid_end: int
@@ -206,7 +207,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     linear = _is_linear(plan.q_slots, s_q) and _is_linear(plan.k_slots, s_k)
     nqs, nks = plan.q_slots.numel(), plan.k_slots.numel()
     q_lo = torch.zeros(3, nqs, dtype=torch.long)
-    q_hi = torch.zeros(3, nqs, dtype=torch.long)
+    q_w = torch.zeros(3, nqs, dtype=torch.long)
     k_u = torch.zeros(3, nks, dtype=torch.long)
     ndim, prefix, grid_end, sinks = 0, 0, 0, 0
     if pattern.local:
@@ -214,17 +215,20 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         if ndim > 3:
             raise ValueError(f"the Triton kernels support grids of up to 3 axes, got {ndim}")
         for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, plan.q_slots, True)):
-            q_lo[a], q_hi[a] = lo, hi
+            empty = hi < lo
+            q_lo[a] = torch.where(empty, 1 << 30, lo)
+            q_w[a] = torch.where(empty, 0, hi - lo)
         for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
             k_u[a] = u
         prefix, grid_end, sinks = layout.prefix, layout.prefix + layout.n_grid, layout.sinks
+    has_globals = bool(pattern.local and (layout.prefix or layout.suffix or layout.sinks))
 
     def dev(t):
         return t.to(device=device, dtype=torch.int32).contiguous()
 
-    return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_hi), dev(k_u),
+    return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_w), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
-                        dev(kv_rng), dev(qb_rng), linear, ranges, ndim, prefix, grid_end, sinks)
+                        dev(kv_rng), dev(qb_rng), linear, ranges, has_globals, ndim, prefix, grid_end, sinks)
 
 
 def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
@@ -388,7 +392,7 @@ class Triton(Implementation):
         plan = tab.plan
         self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
             hq, hq // hk, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
@@ -424,7 +428,8 @@ class Triton(Implementation):
         return dq, dk, dvv, db
 
     def _addressing(self, tab: KernelTables) -> dict:
-        return dict(LINEAR=tab.linear and not self.tables_only, RANGES=tab.ranges and not self.tables_only)
+        return dict(LINEAR=tab.linear and not self.tables_only, RANGES=tab.ranges and not self.tables_only,
+                    HAS_GLOBALS=tab.has_globals)
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -447,7 +452,7 @@ class Triton(Implementation):
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
             q, k, v, grad_out, lse, delta, dq, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
@@ -471,7 +476,7 @@ class Triton(Implementation):
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_hi, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
+            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
             tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
             *dbias.stride(),

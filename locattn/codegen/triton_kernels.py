@@ -13,7 +13,8 @@ kv_ptr/kv_split/kv_idx
              ``kv_idx[kv_ptr[m]:kv_split[m]]`` are full, ``kv_idx[kv_split[m]:kv_ptr[m+1]]`` partial.
 qb_ptr/qb_split/qb_idx
              the transposed CSR (query blocks of each key block, full first) for the dK/dV kernel.
-q_lo/q_hi    int32 [3, n_q_slots]: per query slot and axis, the inclusive u-space key interval
+q_lo/q_w     int32 [3, n_q_slots]: per query slot and axis, the u-space key interval [q_lo, q_lo + q_w]
+             (empty intervals are stored as (2**30, 0)), tested as one unsigned compare ``u - lo <= w``
 k_u          int32 [3, n_k_slots]: per key slot and axis, the key's u-space coordinate
 NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
 prefix/grid_end/sinks
@@ -25,6 +26,8 @@ RANGES       every query block's key blocks form one contiguous range with its f
              loops run ``n = lo ..`` directly, with no index load on the critical path. Likewise ``qb_rng`` per
              key block for dK/dV. Otherwise the CSR below is walked
 IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all
+HAS_GLOBALS  the layout has global tokens or sinks (prefix > 0, grid_end < S or sinks > 0): without them the
+             partial-block predicate skips the global tests
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
 HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
@@ -94,44 +97,52 @@ def _loop_bounds(ptr, split_ptr, rng, row, RANGES: tl.constexpr):
 
 
 @triton.jit
-def _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
-          NDIM: tl.constexpr, CAUSAL: tl.constexpr):
+def _inside(u, lo, w):
+    """``lo <= u <= lo + w`` for [1, N] keys and [M, 1] queries, as one unsigned compare per element."""
+    return (u[None, :] - lo[:, None]).to(tl.uint32, bitcast=True) <= w[:, None].to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
+          NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr):
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``)."""
     keep = (qt[:, None] >= 0) & (kt[None, :] >= 0)
     if NDIM > 0:
-        win = (ku0[None, :] >= qlo0[:, None]) & (ku0[None, :] <= qhi0[:, None])
+        win = _inside(ku0, qlo0, qw0)
         if NDIM > 1:
-            win = win & (ku1[None, :] >= qlo1[:, None]) & (ku1[None, :] <= qhi1[:, None])
+            win = win & _inside(ku1, qlo1, qw1)
         if NDIM > 2:
-            win = win & (ku2[None, :] >= qlo2[:, None]) & (ku2[None, :] <= qhi2[:, None])
-        q_glob = (qt < prefix) | (qt >= grid_end)
-        k_glob = (kt < prefix) | (kt >= grid_end) | (kt < sinks)
-        keep = keep & (win | q_glob[:, None] | k_glob[None, :])
+            win = win & _inside(ku2, qlo2, qw2)
+        if HAS_GLOBALS:
+            q_glob = (qt < prefix) | (qt >= grid_end)
+            k_glob = (kt < prefix) | (kt >= grid_end) | (kt < sinks)
+            win = win | q_glob[:, None] | k_glob[None, :]
+        keep = keep & win
     if CAUSAL:
         keep = keep & (kt[None, :] <= qt[:, None])
     return keep
 
 
 @triton.jit
-def _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM: tl.constexpr):
+def _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM: tl.constexpr):
     """Per query slot u-space intervals of up to three axes (unused axes give dummies)."""
     zero = qslot * 0
     qlo0 = zero
-    qhi0 = zero
+    qw0 = zero
     qlo1 = zero
-    qhi1 = zero
+    qw1 = zero
     qlo2 = zero
-    qhi2 = zero
+    qw2 = zero
     if NDIM > 0:
         qlo0 = tl.load(q_lo + qslot)
-        qhi0 = tl.load(q_hi + qslot)
+        qw0 = tl.load(q_w + qslot)
     if NDIM > 1:
         qlo1 = tl.load(q_lo + n_q_slots + qslot)
-        qhi1 = tl.load(q_hi + n_q_slots + qslot)
+        qw1 = tl.load(q_w + n_q_slots + qslot)
     if NDIM > 2:
         qlo2 = tl.load(q_lo + 2 * n_q_slots + qslot)
-        qhi2 = tl.load(q_hi + 2 * n_q_slots + qslot)
-    return qlo0, qhi0, qlo1, qhi1, qlo2, qhi2
+        qw2 = tl.load(q_w + 2 * n_q_slots + qslot)
+    return qlo0, qw0, qlo1, qw1, qlo2, qw2
 
 
 @triton.jit
@@ -179,9 +190,9 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots, k_u,
+def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots, k_u,
                   stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k,
-                  D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr,
+                  D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
@@ -199,8 +210,8 @@ def _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh
         s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
     if not IS_FULL:
         ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
-        keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                     NDIM, CAUSAL)
+        keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                     NDIM, CAUSAL, HAS_GLOBALS)
         s = tl.where(keep, s, float("-inf"))
     return s, kT, kj, kv
 
@@ -219,20 +230,20 @@ def _record_visit(ptr, IS_FULL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
-               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
+        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
+                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
@@ -253,7 +264,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
-             q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
+             q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
              stride_qb, stride_qh, stride_qs, stride_qd,
              stride_kb, stride_kh, stride_ks, stride_kd,
              stride_vb, stride_vh, stride_vs, stride_vd,
@@ -263,7 +274,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_bb, stride_bh, stride_bq, stride_bk,
              H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots, n_qblocks,
              n_kblocks, sm_scale, prefix, grid_end, sinks,
-             NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+             NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
              RANGES: tl.constexpr):
@@ -282,7 +293,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
-    qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
+    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
     M_bh = Mask + b * stride_mb + h * stride_mh
@@ -294,17 +305,17 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
                                stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
                                PRECISION, UPCAST, LINEAR, RANGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
                                stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                               NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
                                PRECISION, UPCAST, LINEAR, RANGES)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -339,20 +350,20 @@ def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
               n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
-              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, K_bh, M_bh, B_bh, k_slots,
+        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
+                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
@@ -367,7 +378,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
-                q_slots, k_slots, q_lo, q_hi, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
+                q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -377,7 +388,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 stride_bb, stride_bh, stride_bq, stride_bk,
                 H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
                 n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
-                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
                 RANGES: tl.constexpr):
@@ -404,7 +415,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     # empty rows (lse = -inf) and padding rows: +inf makes every p = exp2(s - inf) = 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row, mask=qv, other=0.0)
-    qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
+    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
     M_bh = Mask + b * stride_mb + h * stride_mh
@@ -414,17 +425,17 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                    K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                    n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
                    UPCAST, LINEAR, RANGES)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2,
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                    K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                    n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
+                   NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
                    UPCAST, LINEAR, RANGES)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
@@ -432,10 +443,10 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 
 @triton.jit
 def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
-                q_slots, q_lo, q_hi, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
+                q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
-                grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
@@ -459,9 +470,9 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
         if HAS_MASK or HAS_BIAS:
             s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
         if not IS_FULL:
-            qlo0, qhi0, qlo1, qhi1, qlo2, qhi2 = _load_bounds(q_lo, q_hi, n_q_slots, qslot, NDIM)
-            keep = _keep(qt, kt, qlo0, qhi0, qlo1, qhi1, qlo2, qhi2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL)
+            qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
+            keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
+                         NDIM, CAUSAL, HAS_GLOBALS)
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])                       # [BLOCK_M, BLOCK_N]
         dv += _mma(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
@@ -480,7 +491,7 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
-                  q_slots, k_slots, q_lo, q_hi, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
+                  q_slots, k_slots, q_lo, q_w, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd,
                   stride_vb, stride_vh, stride_vs, stride_vd,
@@ -492,7 +503,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                   H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
                   n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
-                  NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, LINEAR: tl.constexpr, RANGES: tl.constexpr):
@@ -534,16 +545,16 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, s0, e0, j0, g0, Visits_h, n_kblocks,
+                             dB_bh, q_slots, q_lo, q_w, qb_idx, s0, e0, j0, g0, Visits_h, n_kblocks,
                              pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
-                             grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
+                             grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
                              BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_hi, qb_idx, s1, e1, j1, g1, Visits_h, n_kblocks,
+                             dB_bh, q_slots, q_lo, q_w, qb_idx, s1, e1, j1, g1, Visits_h, n_kblocks,
                              pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
                              stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
-                             grid_end, sinks, NDIM, CAUSAL, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
+                             grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
                              BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
