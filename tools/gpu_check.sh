@@ -4,9 +4,10 @@
 #   tools/gpu_check.sh                       # writes into $OUT (device tool) or /tmp/locattn-gpu
 #   BENCH_ARGS="--quick --budget-s 90" TEST_TIMEOUT=150 tools/gpu_check.sh
 #   SKIP_TESTS=1 BENCH_TIMEOUT=420 tools/gpu_check.sh       # benchmark only
+#   SWEEP_ARGS="--head-dims 128 --budget-s 200" SKIP_BENCH=1 tools/gpu_check.sh   # tests + config sweep
 #
-# Files written (at most 8, the device tool's limit): gpu.txt, tests.log, junit.xml, bench.log,
-# gpu_attention.json. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist; nothing is installed:
+# Files written (at most 8, the device tool's limit): gpu.txt, tests.log, junit.xml, sweep.log, sweep.json,
+# bench.log, gpu_attention.json. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist; nothing is installed:
 # locattn is imported from this checkout through PYTHONPATH.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,15 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "pytest exit $? after $(( $(date +%s) - t0 )) s"
   grep -v PytestBenchmarkWarning "$OUT/tests.log" | grep -v "warner(" | tail -n 40
 fi
+
+if [ -n "${SWEEP_ARGS:-}" ]; then
+  echo "== benchmarks/gpu_attention.py --sweep ${SWEEP_ARGS}"
+  timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/gpu_attention.py --sweep --json "$OUT/sweep.json" ${SWEEP_ARGS} \
+    >"$OUT/sweep.log" 2>&1
+  echo "sweep exit $? after $(( $(date +%s) - t0 )) s"
+  grep "sweep " "$OUT/sweep.log" | cut -c1-400
+fi
+[ -n "${SKIP_BENCH:-}" ] && exit 0
 
 echo "== benchmarks/gpu_attention.py ${BENCH_ARGS:-}"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" ${BENCH_ARGS:-} \
