@@ -219,8 +219,8 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     # A/B of the addressing: where the plan allows table-free loops (LINEAR / RANGES), time the CSR tables too
     tab = kernel_tables(build_plan(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False), case.pattern,
                         layout, dev)
-    rec["ours"]["addressing"] = dict(linear=tab.linear, ranges=tab.ranges)
-    if tab.linear or tab.ranges:
+    rec["ours"]["addressing"] = dict(q_addr=tab.q_addr, k_addr=tab.k_addr, ranges=tab.ranges)
+    if tab.computed:
         slow = Triton(impl.config, tables_only=True)
         res2 = {}
         t_fwd = bench_ms(lambda: res2.update(o=slow.forward(call)), dev, dry)

@@ -208,21 +208,30 @@ def test_kernel_matches_reference(case: Case):
     _run_case(call, _impl(*case.block), need_dbias=call.bias is not None)
 
 
-ADDRESSING = {  # case id -> (LINEAR, RANGES) the tables must give it
-    "dense-63-d40": (True, True),
-    "dense-cross-63x125-d72-dv40-gqa-mask-bias": (True, True),
-    "dense-causal-125-fp16": (True, True),
-    "sw1d-200-w7": (True, True),
-    "sw1d-200-dil3-axiscausal-sitecausal-d72": (False, True),   # dilation: slots are not in token order
-    "sw1d-125-globals-sinks-bf16": (False, False),                # global key blocks break the runs
-    "tiled-8x12-allfull-bias-gqa-dv24": (False, True),
+ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES) the tables must give it
+    "dense-63-d40": ("linear", "linear", True),
+    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True),
+    "dense-causal-125-fp16": ("linear", "linear", True),
+    "sw1d-200-w7": ("linear", "linear", True),
+    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True),   # dilation: slots not in token order
+    "sw1d-125-globals-sinks-bf16": ("table", "table", False),              # global key blocks break the runs
+    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True),     # prefix globals: slots shifted
+    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True),                   # dilation
+    "strided-9x7": ("grid", "grid", True),
+    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True),
+    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True),
 }
+
+
+def _mode(code: int) -> str:
+    from locattn.codegen.triton_impl import GRID_BIT
+    return "table" if code == 0 else "linear" if code == 1 else "grid" if code & GRID_BIT else f"?{code}"
 
 
 @pytest.mark.parametrize("case_id", list(ADDRESSING))
 def test_table_free_addressing_is_chosen_and_equal(case_id: str):
-    """LINEAR (tokens computed from slot indices) and RANGES (key-block runs walked without an index load)
-    are chosen exactly for token-ordered, run-structured plans, and give the same result as the tables."""
+    """Computed addressing (LINEAR / GRID tokens from slot indices, RANGES key-block runs walked without an
+    index load) is chosen exactly where it reproduces the tables, and gives bit-identical results."""
     from locattn.codegen.triton_impl import kernel_tables
     from locattn.patterns.plan import build_plan
 
@@ -230,11 +239,27 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     call = case.call()
     plan = build_plan(call.pattern, call.layout, call.q.shape[-2], call.k.shape[-2], *case.block, call.is_causal)
     tab = kernel_tables(plan, call.pattern, call.layout, call.q.device)
-    assert (tab.linear, tab.ranges) == ADDRESSING[case_id]
+    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges) == ADDRESSING[case_id]
     fast = _run_case(call, _impl(*case.block))
     slow = Triton(KernelConfig(*case.block, 1, 1), tables_only=True).forward(call)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grid_slot_tokens_match_the_plans():
+    """The host mirror of the kernels' GRID arithmetic reproduces build_plan's spatial-tile slot tables (odd
+    grids, padded tiles, tiles wider than an axis)."""
+    from locattn.codegen.triton_impl import grid_slot_tokens
+    from locattn.patterns.plan import build_plan
+
+    for pattern, grid, bm, bn in [(Neighborhood(kernel=(3, 5)), (9, 13), 16, 32),
+                                  (Neighborhood(kernel=(3, 3, 5)), (3, 5, 11), 32, 16),
+                                  (Tiled(tile=(2, 4), window=(3, 3)), (6, 20), 64, 16)]:
+        s = math.prod(grid)
+        plan = build_plan(pattern, Layout(grid=grid).resolve(s), s, s, bm, bn, False)
+        for slots, block, tile in ((plan.q_slots, bm, plan.q_tile), (plan.k_slots, bn, plan.k_tile)):
+            tok, _ = grid_slot_tokens(slots.numel(), block, tile, grid)
+            assert torch.equal(tok, slots), (grid, tile)
 
 
 def test_runs_of_a_plan():

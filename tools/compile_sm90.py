@@ -33,14 +33,24 @@ PTR_U8 = {"Mask"}
 
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
-                linear: bool = False, ranges: bool = False, target=GPUTarget("cuda", 90, 32)):
+                linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None,
+                target=GPUTarget("cuda", 90, 32)):
+    """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
+    queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
+    from locattn.codegen.triton_impl import GRID_BIT
+    addr = int(linear)
+    if tile:
+        addr = GRID_BIT
+        for a, t in enumerate(tile):
+            addr |= (t.bit_length() - 1) << (4 * a)
     fn = KERNELS[family]
     names = list(inspect.signature(fn.fn).parameters)
     sig, const = {}, {}
     bd = max(16, 1 << (d - 1).bit_length())
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
-                 PRECISION="tf32", UPCAST=False, LINEAR=linear, RANGES=ranges, HAS_GLOBALS=False)
+                 PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
+                 HAS_GLOBALS=False)
     for n in names:
         if n in cvals:
             sig[n] = "constexpr"
@@ -85,6 +95,7 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="every config of CONFIG_SPACE, not only the first")
     ap.add_argument("--linear", action="store_true", help="LINEAR slots (dense / plain 1-D plans)")
     ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
+    ap.add_argument("--tile", type=int, nargs="*", help="GRID addressing with this spatial tile (2-D/3-D)")
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
@@ -93,7 +104,8 @@ def main() -> int:
                     else space if args.all else space[:1])
             for cfg in cfgs:
                 for ndim in args.ndim:
-                    dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges)
+                    dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
+                                         tile=tuple(args.tile) if args.tile else None)
                     md = ck.metadata
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {ck.n_regs if hasattr(ck, 'n_regs') else '?'}"
                           f" spills {getattr(ck, 'n_spills', '?')} shared {md.shared}", flush=True)

@@ -131,13 +131,24 @@ class KernelTables:
     qb_idx: torch.Tensor
     kv_rng: torch.Tensor  # [n_qblocks, 4] (lo, full_lo, full_hi, hi) when ``ranges``
     qb_rng: torch.Tensor  # [n_kblocks, 4] likewise for the transposed plan
-    linear: bool          # slot i is token i (padding past the sequence) for queries and keys
+    q_addr: int           # QADDR: 0 slot table, 1 linear (slot i is token i), GRID_BIT | tile code (see glossary)
+    k_addr: int           # KADDR likewise for keys
+    grid: tuple[int, int, int]  # g0, g1, g2 (1-padded) for GRID addressing
     ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
     has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
     ndim: int
     prefix: int
     grid_end: int
     sinks: int
+
+    @property
+    def linear(self) -> bool:
+        return self.q_addr == 1 and self.k_addr == 1
+
+    @property
+    def computed(self) -> bool:
+        """Whether any table-free addressing applies (what ``tables_only`` turns off)."""
+        return bool(self.q_addr or self.k_addr or self.ranges)
 
 
 def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: bool) -> list[torch.Tensor]:
@@ -148,6 +159,53 @@ def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: b
     """
     t = slots.clamp_min(0)
     return query_bounds(pattern, layout, t) if query else key_coords(pattern, layout, t)
+
+
+#: marks a GRID addressing code (QADDR / KADDR): bits 4a..4a+3 hold log2 of the tile side on axis a
+GRID_BIT = 1 << 12
+
+
+def grid_slot_tokens(n_slots: int, block: int, tile: tuple[int, ...], grid: tuple[int, ...]
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Token and grid coordinates of every slot when blocks are spatial tiles, exactly as the kernels compute
+    them for GRID addressing (``_grid_coords``): block tiles row-major over the tile grid, slots row-major in
+    the tile, padding (-1) past the tile or the grid. Returns (tokens [n_slots], coords per axis)."""
+    s = torch.arange(n_slots)
+    blk, off = s // block, s % block
+    nt = [-(-g // t) for g, t in zip(grid, tile)]
+    valid = torch.ones(n_slots, dtype=torch.bool)
+    coords = [None] * len(grid)
+    for a in reversed(range(len(grid))):
+        coords[a] = (blk % nt[a]) * tile[a] + off % tile[a]
+        blk, off = blk // nt[a], off // tile[a]
+        valid &= coords[a] < grid[a]
+    valid &= off == 0  # slots past the tile's own size
+    tok = torch.zeros(n_slots, dtype=torch.long)
+    for a in range(len(grid)):
+        tok = tok * grid[a] + coords[a]
+    return torch.where(valid, tok, -1), coords
+
+
+def _grid_addr(slots: torch.Tensor, block: int, tile: tuple[int, ...] | None, layout: Layout,
+               k_u: torch.Tensor | None = None) -> int:
+    """The GRID addressing code of a plan side if the kernels' tile arithmetic reproduces its slot table (and,
+    for keys, its u-space coordinates: dilation 1), else 0."""
+    grid = layout.grid
+    if not grid or len(grid) not in (2, 3) or tile is None or len(tile) != len(grid):
+        return 0
+    if any(t & (t - 1) or t > 1 << 15 for t in tile):
+        return 0
+    tok, coords = grid_slot_tokens(slots.numel(), block, tile, grid)
+    if not torch.equal(tok, slots):
+        return 0
+    if k_u is not None:
+        ok = slots >= 0
+        if not all(torch.equal(k_u[a][ok], coords[a][ok]) for a in range(len(grid))):
+            return 0
+    code = GRID_BIT
+    for a, t in enumerate(tile):
+        code |= (t.bit_length() - 1) << (4 * a)
+    return code
 
 
 def _is_linear(slots: torch.Tensor, seq: int) -> bool:
@@ -205,6 +263,8 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     s_q = int((plan.q_slots.max() + 1).clamp_min(0))
     s_k = int((plan.k_slots.max() + 1).clamp_min(0))
     linear = _is_linear(plan.q_slots, s_q) and _is_linear(plan.k_slots, s_k)
+    q_addr = k_addr = 1 if linear else 0
+    g = (1, 1, 1)
     nqs, nks = plan.q_slots.numel(), plan.k_slots.numel()
     q_lo = torch.zeros(3, nqs, dtype=torch.long)
     q_w = torch.zeros(3, nqs, dtype=torch.long)
@@ -221,6 +281,10 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
             k_u[a] = u
         prefix, grid_end, sinks = layout.prefix, layout.prefix + layout.n_grid, layout.sinks
+        if not linear:
+            q_addr = _grid_addr(plan.q_slots, plan.block_m, plan.q_tile, layout)
+            k_addr = _grid_addr(plan.k_slots, plan.block_n, plan.k_tile, layout, k_u[:ndim])
+            g = tuple(layout.grid) + (1,) * (3 - ndim)
     has_globals = bool(pattern.local and (layout.prefix or layout.suffix or layout.sinks))
 
     def dev(t):
@@ -228,7 +292,8 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
 
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_w), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
-                        dev(kv_rng), dev(qb_rng), linear, ranges, has_globals, ndim, prefix, grid_end, sinks)
+                        dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, ndim, prefix,
+                        grid_end, sinks)
 
 
 def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
@@ -395,7 +460,7 @@ class Triton(Implementation):
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
-            hq, hq // hk, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
+            hq, hq // hk, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
             plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
@@ -428,8 +493,9 @@ class Triton(Implementation):
         return dq, dk, dvv, db
 
     def _addressing(self, tab: KernelTables) -> dict:
-        return dict(LINEAR=tab.linear and not self.tables_only, RANGES=tab.ranges and not self.tables_only,
-                    HAS_GLOBALS=tab.has_globals)
+        off = self.tables_only
+        return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
+                    RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals)
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -455,7 +521,7 @@ class Triton(Implementation):
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
-            hq, hq // hk, s_q, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
+            hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
             plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **self._bwd_common(call, tab, cfg, record))
         return dq
 
@@ -480,7 +546,7 @@ class Triton(Implementation):
             tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
             *dbias.stride(),
-            hq, hk, hq // hk, s_q, d, dv, s_q, s_k, plan.q_slots.numel(), plan.k_slots.numel(),
+            hq, hk, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias

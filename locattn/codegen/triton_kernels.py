@@ -19,8 +19,10 @@ k_u          int32 [3, n_k_slots]: per key slot and axis, the key's u-space coor
 NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
 prefix/grid_end/sinks
              global tokens are ``t < prefix`` or ``t >= grid_end``; keys ``t < sinks`` are sinks
-LINEAR       slot i holds token i (tokens >= seq_q / seq_k are padding): dense and plain 1-D plans. Tokens are
-             computed from the slot index; the slot tables are not read
+QADDR/KADDR  how query / key slots map to tokens: 0 = the slot tables; 1 = LINEAR, slot i holds token i
+             (tokens >= seq_q / seq_k are padding: dense and plain 1-D plans); otherwise GRID = GRID_BIT | log2
+             of the tile side per axis (4 bits each): 2-D/3-D blocks are spatial tiles of the g0 x g1 (x g2)
+             grid, tokens and key u-coordinates computed by index arithmetic. Computed modes read no table
 RANGES       every query block's key blocks form one contiguous range with its full blocks contiguous inside
              (dense, 1-D windows): ``kv_rng[m] = (lo, full_lo, full_hi, hi)`` is read once per program and the
              loops run ``n = lo ..`` directly, with no index load on the critical path. Likewise ``qb_rng`` per
@@ -52,18 +54,66 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
-_SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
+_SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
           "sinks"]
 
 
 @triton.jit
-def _tokens(slots, slot, seq, LINEAR: tl.constexpr):
-    """Token index of each slot (-1 = padding): computed for LINEAR plans, else read from the slot table."""
-    if LINEAR:
+def _grid_coords(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """Grid coordinates of the slots ``offs`` of block ``blk`` when blocks are spatial tiles (``ADDR`` =
+    GRID_BIT | log2 tile sides, 4 bits per axis): the block's tile is row-major over the tile grid, the slot
+    row-major inside the tile, slots past the tile or the grid are padding. Returns (c0, c1, c2, valid)."""
+    L0 = ADDR & 15  # constexpr arithmetic: folded at compile time
+    L1 = (ADDR >> 4) & 15
+    L2 = (ADDR >> 8) & 15
+    if NDIM == 2:
+        nt1 = (g1 + (1 << L1) - 1) >> L1
+        o1 = offs & ((1 << L1) - 1)
+        o0 = offs >> L1
+        c0 = ((blk // nt1) << L0) + o0
+        c1 = ((blk % nt1) << L1) + o1
+        c2 = offs * 0
+        valid = (o0 < (1 << L0)) & (c0 < g0) & (c1 < g1)
+    else:
+        nt1 = (g1 + (1 << L1) - 1) >> L1
+        nt2 = (g2 + (1 << L2) - 1) >> L2
+        o2 = offs & ((1 << L2) - 1)
+        o1 = (offs >> L2) & ((1 << L1) - 1)
+        o0 = offs >> (L1 + L2)
+        c0 = ((blk // (nt1 * nt2)) << L0) + o0
+        c1 = ((blk // nt2 % nt1) << L1) + o1
+        c2 = ((blk % nt2) << L2) + o2
+        valid = (o0 < (1 << L0)) & (c0 < g0) & (c1 < g1) & (c2 < g2)
+    return c0, c1, c2, valid
+
+
+@triton.jit
+def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """Token index of the slots ``offs`` of block ``blk`` (-1 = padding): computed for LINEAR (ADDR == 1) and
+    GRID plans, else read from the slot table (ADDR == 0)."""
+    slot = blk * BLOCK + offs
+    if ADDR == 1:
         t = tl.where(slot < seq, slot, -1)
+    elif ADDR != 0:
+        c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
+        if NDIM == 2:
+            t = tl.where(valid, c0 * g1 + c1, -1)
+        else:
+            t = tl.where(valid, (c0 * g1 + c1) * g2 + c2, -1)
     else:
         t = tl.load(slots + slot)
     return t
+
+
+@triton.jit
+def _key_u(k_u, n_k_slots, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr,
+           NDIM: tl.constexpr):
+    """u-space coordinates of key slots: the grid coordinates for GRID plans (dilation 1), else the table."""
+    if ADDR > 1:
+        ku0, ku1, ku2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
+    else:
+        ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, blk * BLOCK + offs, NDIM)
+    return ku0, ku1, ku2
 
 
 @triton.jit
@@ -85,15 +135,15 @@ def _loop_bounds(ptr, split_ptr, rng, row, RANGES: tl.constexpr):
         f_lo = tl.load(rng + 4 * row + 1)
         f_hi = tl.load(rng + 4 * row + 2)
         hi = tl.load(rng + 4 * row + 3)
-        s0, e0, j0, g0 = f_lo, f_hi, f_hi, f_hi * 0
-        s1, e1, j1, g1 = lo, hi - (f_hi - f_lo), f_lo, f_hi - f_lo
+        s0, e0, j0, gap0 = f_lo, f_hi, f_hi, f_hi * 0
+        s1, e1, j1, gap1 = lo, hi - (f_hi - f_lo), f_lo, f_hi - f_lo
     else:  # CSR: full entries [ptr[row], split[row]), partial [split[row], ptr[row + 1])
         start = tl.load(ptr + row)
         split = tl.load(split_ptr + row)
         end = tl.load(ptr + row + 1)
-        s0, e0, j0, g0 = start, split, split, start * 0
-        s1, e1, j1, g1 = split, end, end, start * 0
-    return s0, e0, j0, g0, s1, e1, j1, g1
+        s0, e0, j0, gap0 = start, split, split, start * 0
+        s1, e1, j1, gap1 = split, end, end, start * 0
+    return s0, e0, j0, gap0, s1, e1, j1, gap1
 
 
 @triton.jit
@@ -191,16 +241,16 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots, k_u,
-                  stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k,
+                  stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                   D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
     the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate.
     Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
-    kslot = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _tokens(k_slots, kslot, seq_k, LINEAR)
+    kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     kv = kt >= 0
     kj = tl.where(kv, kt, 0).to(tl.int64)
     kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
@@ -209,7 +259,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     if HAS_MASK or HAS_BIAS:
         s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
     if not IS_FULL:
-        ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+        ku0, ku1, ku2 = _key_u(k_u, n_k_slots, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
                      NDIM, CAUSAL, HAS_GLOBALS)
         s = tl.where(keep, s, float("-inf"))
@@ -233,18 +283,18 @@ def _record_visit(ptr, IS_FULL: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-               n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
+               n_k_slots, seq_k, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
+               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
+                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
             m_use = m_new  # every score is finite: no empty-row guard needed
@@ -272,11 +322,12 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_lb, stride_lh, stride_ls,
              stride_mb, stride_mh, stride_mq, stride_mk,
              stride_bb, stride_bh, stride_bq, stride_bk,
-             H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots, n_qblocks,
+             H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots, n_qblocks,
              n_kblocks, sm_scale, prefix, grid_end, sinks,
              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
+             VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
+             KADDR: tl.constexpr,
              RANGES: tl.constexpr):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
@@ -288,7 +339,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = _tokens(q_slots, qslot, seq_q, LINEAR)
+    qt = _tokens(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -304,19 +355,19 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
+    s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, gap0, Visit_row,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                               stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
                                NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST, LINEAR, RANGES)
+                               PRECISION, UPCAST, KADDR, RANGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
+                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row,
                                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                               stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
                                NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST, LINEAR, RANGES)
+                               PRECISION, UPCAST, KADDR, RANGES)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -353,18 +404,18 @@ def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_
 def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-              n_k_slots, seq_k, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
+              n_k_slots, seq_k, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-              UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
+              UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, LINEAR)
+                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = tl.math.exp2(s - lse2[:, None])
@@ -386,11 +437,12 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 stride_dqb, stride_dqh, stride_dqs, stride_dqd,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_bb, stride_bh, stride_bq, stride_bk,
-                H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
+                H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
                 n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINEAR: tl.constexpr,
+                VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
+                KADDR: tl.constexpr,
                 RANGES: tl.constexpr):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
     contiguous fp32."""
@@ -403,7 +455,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = _tokens(q_slots, qslot, seq_q, LINEAR)
+    qt = _tokens(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -424,19 +476,19 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
+    s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, g0, Visit_row,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, gap0, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                   n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
                    NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST, LINEAR, RANGES)
+                   UPCAST, KADDR, RANGES)
     dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, g1, Visit_row,
+                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row,
                    stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, seq_k, D, DV, qk_scale, prefix, grid_end, sinks,
+                   n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
                    NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST, LINEAR, RANGES)
+                   UPCAST, KADDR, RANGES)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -445,18 +497,18 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
-                stride_dbq, stride_dbk, n_q_slots, seq_q, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
+                stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
                 grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, LINEAR: tl.constexpr, DIRECT: tl.constexpr):
+                UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         m = _block_id(qb_idx, i, jump, gap, DIRECT)
         qslot = m * BLOCK_M + offs_m
-        qt = _tokens(q_slots, qslot, seq_q, LINEAR)
+        qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         qv = qt >= 0
         qi = tl.where(qv, qt, 0).to(tl.int64)
         q = tl.load(Q_bh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -501,12 +553,12 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   stride_dkb, stride_dkh, stride_dks, stride_dkd,
                   stride_dvb, stride_dvh, stride_dvs, stride_dvd,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
-                  H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, n_q_slots, n_k_slots,
+                  H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
                   n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
                   NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, LINEAR: tl.constexpr, RANGES: tl.constexpr):
+                  UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -520,17 +572,16 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kslot = pid_n * BLOCK_N + offs_n
-    kt = _tokens(k_slots, kslot, seq_k, LINEAR)
+    kt = _tokens(k_slots, pid_n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     kv = kt >= 0
     kj = tl.where(kv, kt, 0).to(tl.int64)
     kT = tl.load(K + b * stride_kb + hk * stride_kh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                  mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
     vT = tl.load(V + b * stride_vb + hk * stride_vh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                  mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, kslot, NDIM)
+    ku0, ku1, ku2 = _key_u(k_u, n_k_slots, pid_n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     qk_scale = sm_scale * LOG2E
-    s0, e0, j0, g0, s1, e1, j1, g1 = _loop_bounds(qb_ptr, qb_split, qb_rng, pid_n, RANGES)
+    s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(qb_ptr, qb_split, qb_rng, pid_n, RANGES)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -545,17 +596,17 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_w, qb_idx, s0, e0, j0, g0, Visits_h, n_kblocks,
+                             dB_bh, q_slots, q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks,
                              pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                              grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
-                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
+                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
         dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_w, qb_idx, s1, e1, j1, g1, Visits_h, n_kblocks,
+                             dB_bh, q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks,
                              pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, D, DV, qk_scale, prefix,
+                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                              grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
-                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, LINEAR, RANGES)
+                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
