@@ -162,8 +162,9 @@ def test_tile_search_makes_sta_subtiles_exact():
     (Tiled(tile=(2, 8, 8), window=(3, 3, 5)), (6, 24, 40), 64, 32),
 ])
 def test_tile_search_cost_is_exact_and_no_worse(pattern, grid, bm, bn):
-    """The search's per-axis product formula equals the real plan's block counts, and its choice costs no more
-    than choose_tile's default (full + PARTIAL_BLOCK_COST x partial, measured on the built plans)."""
+    """The search's per-axis product formula equals the real plan's block counts, its O(n) per-axis counts equal
+    the exact per-axis relation, and its choice costs no more than choose_tile's default (full +
+    PARTIAL_BLOCK_COST x partial, measured on the built plans)."""
     import math
 
     import locattn.patterns.plan as plan_mod
@@ -192,6 +193,13 @@ def test_tile_search_cost_is_exact_and_no_worse(pattern, grid, bm, bn):
     for a in range(len(grid)):
         touched *= int(plan_mod._axis_pairs(pattern, grid, a, best[0][a], best[1][a])[1].sum())
     assert touched == plan.nnz
+    # the search's O(n) per-axis counts equal the exact per-axis relation for every tile pair it considers
+    for a in range(len(grid)):
+        for tq in {t[a] for t in plan_mod._pow2_tiles(grid, bm)}:
+            for tk in {t[a] for t in plan_mod._pow2_tiles(grid, bn)}:
+                _, t_exact, f_exact = plan_mod._axis_pairs(pattern, grid, a, tq, tk)
+                assert plan_mod._axis_counts(pattern, grid, a, tq, tk) == (int(t_exact.sum()),
+                                                                           int(f_exact.sum())), (a, tq, tk)
 
 
 def test_validation_errors():

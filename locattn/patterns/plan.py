@@ -126,15 +126,51 @@ def _pow2_tiles(grid: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _axis_bounds_u(pattern: Pattern, grid: tuple[int, ...], a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = grid[a]
+    lo, hi = pattern.axis_bounds(a, grid, u_to_coord(torch.arange(n), n, pattern.dilation_of(a, len(grid))))
+    return lo, hi
+
+
+def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: int) -> tuple[int, int]:
+    """(touched, full) tile pairs of axis ``a`` for query tile ``tq`` and key tile ``tk``, in O(n).
+
+    Per query tile, the key tiles from the one holding its smallest ``lo`` to the one holding its largest
+    ``hi`` (equal to :func:`_axis_pairs`'s count when the tile's key intervals overlap or touch, as they do for
+    every pattern here) and the full ones: key tiles inside every query's interval, without padding."""
+    n = grid[a]
+    lo, hi = _axis_bounds_u(pattern, grid, a)
+    nq, nk = -(-n // tq), -(-n // tk)
+    pad = nq * tq - n
+    big = torch.iinfo(torch.long).max // 4
+    lo_t = torch.cat([lo, torch.full((pad,), big)]).view(nq, tq)
+    hi_t = torch.cat([hi, torch.full((pad,), -big)]).view(nq, tq)
+    lo_min = lo_t.min(1).values
+    hi_max = hi_t.max(1).values
+    first = torch.div(lo_min.clamp(0, n - 1), tk, rounding_mode="floor")
+    last = torch.div(hi_max.clamp(0, n - 1), tk, rounding_mode="floor")
+    touched = torch.where((hi_max >= 0) & (lo_min <= n - 1) & (hi_max >= lo_min), last - first + 1, 0)
+    # full: key tiles [ks, ks + tk) with ks >= max lo and ks + tk - 1 <= min hi, inside the axis (no padding)
+    lo_max = torch.cat([lo, torch.full((pad,), -big)]).view(nq, tq).max(1).values
+    hi_min = torch.cat([hi, torch.full((pad,), big)]).view(nq, tq).min(1).values
+    f_first = torch.div(lo_max.clamp_min(0) + tk - 1, tk, rounding_mode="floor")
+    f_last = torch.minimum(torch.div(hi_min + 1, tk, rounding_mode="floor") - 1,
+                           torch.tensor(n // tk - 1))
+    full = (f_last - f_first + 1).clamp_min(0)
+    return int(touched.sum()), int(full.sum())
+
+
 def choose_tiles(pattern: Pattern, grid: tuple[int, ...], block_m: int, block_n: int
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Query and key tiles for a grid pattern: the pair of power-of-two tiles (``block_m`` / ``block_n`` slots)
     that minimises the plan's work, ``full blocks + PARTIAL_BLOCK_COST x partial blocks`` over the grid part.
 
-    Exact and cheap because the plan is a product over axes: the number of touched (full) block pairs is the
-    product over axes of the per-axis touched (full) tile pairs. Ties keep :func:`choose_tile`'s choice. A
-    ``tiled`` (STA) pattern gets a tile that divides its own tile whenever one exists: every block full, no
-    key wasted. Falls back to :func:`choose_tile` when no tile of exactly ``block`` slots fits the grid.
+    Cheap because the plan is a product over axes: the number of touched (full) block pairs is the product over
+    axes of the per-axis touched (full) tile pairs (:func:`_axis_counts`, O(axis length) each). Ties keep
+    :func:`choose_tile`'s choice. A ``tiled`` (STA) pattern gets a tile that divides its own tile whenever one
+    exists: every block full, no key wasted. Falls back to :func:`choose_tile` when no tile of exactly
+    ``block`` slots fits the grid.
     """
     base = choose_tile(grid, block_m, pattern), choose_tile(grid, block_n, pattern)
     cand_q, cand_k = _pow2_tiles(grid, block_m), _pow2_tiles(grid, block_n)
@@ -145,8 +181,7 @@ def choose_tiles(pattern: Pattern, grid: tuple[int, ...], block_m: int, block_n:
     def axis_counts(a: int, tq: int, tk: int) -> tuple[int, int]:
         key = (a, tq, tk)
         if key not in axis_cache:
-            _, touched, full = _axis_pairs(pattern, grid, a, tq, tk)
-            axis_cache[key] = (int(touched.sum()), int(full.sum()))
+            axis_cache[key] = _axis_counts(pattern, grid, a, tq, tk)
         return axis_cache[key]
 
     def cost(tq, tk) -> float:
