@@ -1,6 +1,7 @@
 """locattn demo: compile a DiT-like model with a policy, show what was rewritten, its error and its speed.
 
     python examples/demo.py [--size 128] [--policy examples/dit_policy.toml] [--reps 5]
+    python examples/demo.py --device cuda --dtype bfloat16 --size 256     # on a GPU: the Triton kernels
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ import locattn  # noqa: E402
 from dit_model import TinyDiT  # noqa: E402
 
 
+def _sync(x):
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, x, reps):
     t0 = time.perf_counter()
     with torch.no_grad():
         y = fn(x)  # first call compiles
+    _sync(x)
     first = time.perf_counter() - t0
     times = []
     with torch.no_grad():
         for _ in range(reps):
             t0 = time.perf_counter()
             fn(x)
+            _sync(x)
             times.append(time.perf_counter() - t0)
     return y, first, statistics.median(times)
 
@@ -41,13 +49,17 @@ def main():
     ap.add_argument("--policy", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit_policy.toml"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton kernels)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = TinyDiT(layers=args.layers).eval()
-    x = torch.randn(1, 4, args.size, args.size)
-    print(f"TinyDiT: {args.layers} blocks, {(args.size // 2) ** 2} tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    dtype = getattr(torch, args.dtype)
+    model = TinyDiT(layers=args.layers).eval().to(args.device, dtype)
+    x = torch.randn(1, 4, args.size, args.size).to(args.device, dtype)
+    where = torch.cuda.get_device_name() if x.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"TinyDiT: {args.layers} blocks, {(args.size // 2) ** 2} tokens, {args.dtype}, torch {torch.__version__}, "
+          f"{where}\n")
 
     report = locattn.explain(model, x, policy=args.policy)
     print(report, "\n")

@@ -5,10 +5,12 @@
 #   BENCH_ARGS="--quick --budget-s 90" TEST_TIMEOUT=150 tools/gpu_check.sh
 #   SKIP_TESTS=1 BENCH_TIMEOUT=420 tools/gpu_check.sh       # benchmark only
 #   SWEEP_ARGS="--head-dims 128 --budget-s 200" SKIP_BENCH=1 tools/gpu_check.sh   # tests + config sweep
+#   DEMO_ARGS="--device cuda --dtype bfloat16 --size 256" ...                        # + the end-to-end demo
 #
 # Files written (at most 8, the device tool's limit): gpu.txt, tests.log, junit.xml, sweep.log, sweep.json,
-# bench.log, gpu_attention.json. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist; nothing is installed:
-# locattn is imported from this checkout through PYTHONPATH.
+# bench.log, gpu_attention.json, demo.log. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist. locattn is
+# imported from this checkout through PYTHONPATH; an editable install without dependencies (no network needed)
+# registers the backend="locattn" entry point for the demo.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/locattn-gpu}
@@ -21,6 +23,8 @@ t0=$(date +%s)
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   nproc
 } 2>&1 | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
+  || echo "editable install failed: backend=\"locattn\" (the entry point) is unavailable, locattn.backend() works"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== tests/test_triton.py (native CUDA kernels)"
@@ -36,6 +40,12 @@ if [ -n "${SWEEP_ARGS:-}" ]; then
     >"$OUT/sweep.log" 2>&1
   echo "sweep exit $? after $(( $(date +%s) - t0 )) s"
   grep "sweep " "$OUT/sweep.log" | cut -c1-400
+fi
+if [ -n "${DEMO_ARGS:-}" ]; then
+  echo "== examples/demo.py ${DEMO_ARGS}"
+  timeout "${DEMO_TIMEOUT:-180}" python3 examples/demo.py ${DEMO_ARGS} >"$OUT/demo.log" 2>&1
+  echo "demo exit $? after $(( $(date +%s) - t0 )) s"
+  grep -v Warning "$OUT/demo.log" | tail -n 12
 fi
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 
