@@ -20,10 +20,14 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -83,6 +87,60 @@ CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
 
 #: autotuning results: (family, head-dim bucket, seq bucket, pattern kind, dtype, device index) -> config
 _TUNED: dict[tuple, KernelConfig] = {}
+#: per CUDA device index, the results persisted by earlier processes (key string -> config), read once
+_PERSISTED: dict[int, dict[str, KernelConfig]] = {}
+
+
+def tuning_file(device_name: str) -> Path | None:
+    """Where autotuning results for one GPU model and Triton version persist: ``$LOCATTN_CACHE_DIR`` (default
+    ``~/.cache/locattn``) / ``triton-<version>-<device>.json``; None when ``LOCATTN_CACHE_DIR`` is set empty."""
+    import triton
+
+    root = os.environ.get("LOCATTN_CACHE_DIR")
+    if root == "":
+        return None
+    base = Path(root) if root else Path.home() / ".cache" / "locattn"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
+    return base / f"triton-{triton.__version__}-{slug}.json"
+
+
+def _key_str(key: tuple) -> str:
+    family, d, s_bucket, pattern, dtype = key[:5]
+    return f"{family}|d{d}|s{s_bucket}|{pattern}|{str(dtype).replace('torch.', '')}"
+
+
+def load_tuned(path: Path | None) -> dict[str, KernelConfig]:
+    """Persisted results (key string -> config); an unreadable file or a malformed entry is skipped, logged."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("locattn triton: ignoring the autotuning cache %s (%s)", path, e)
+        return {}
+    out = {}
+    for k, v in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            out[k] = KernelConfig(**v)
+        except (TypeError, ValueError) as e:
+            log.warning("locattn triton: ignoring autotuning entry %s in %s (%s)", k, path, e)
+    return out
+
+
+def save_tuned(path: Path | None, key: str, cfg: KernelConfig) -> None:
+    """Add one result to the file (read, update, write to a temporary file, rename: concurrent writers lose at
+    most an entry, never the file)."""
+    if path is None:
+        return
+    entries = {k: dataclasses.asdict(v) for k, v in load_tuned(path).items()}
+    entries[key] = dataclasses.asdict(cfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("locattn triton: could not write the autotuning cache %s (%s)", path, e)
 
 
 def _kernels():
@@ -318,8 +376,10 @@ class Triton(Implementation):
 
     ``config``: fixed tiles for all three kernels; ``configs``: fixed tiles per kernel family (``"fwd"``,
     ``"dq"``, ``"dkdv"``), taking precedence over ``config``. Default: :data:`INTERPRET_CONFIG` under the interpreter;
-    on CUDA the first entry of :data:`CONFIG_SPACE` per kernel, or with ``autotune=True`` the fastest entry,
-    timed once per (kernel, head dim, sequence bucket, pattern kind, dtype, device) and cached in ``_TUNED``.
+    on CUDA the first entry of :data:`CONFIG_SPACE` per kernel, or with ``autotune=True`` (default: the
+    environment variable ``LOCATTN_AUTOTUNE=1``) the fastest entry, timed once per (kernel, head dim, sequence
+    bucket, pattern kind, dtype, GPU model) and cached in ``_TUNED`` and on disk (:func:`tuning_file`), so a
+    later process reuses it without timing.
     Debug flags (tests): ``nan_fill`` fills fresh outputs with NaN so unwritten memory shows up;
     ``record_visits`` makes every kernel count the block pairs it visits into ``self.visits`` (keys
     ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
@@ -332,7 +392,7 @@ class Triton(Implementation):
     name = "triton"
 
     def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
-                 autotune: bool = False, nan_fill: bool = False, record_visits: bool = False,
+                 autotune: bool | None = None, nan_fill: bool = False, record_visits: bool = False,
                  tables_only: bool = False):
         self.config = config
         self.tables_only = tables_only
@@ -395,10 +455,18 @@ class Triton(Implementation):
         if interpreted() or call.q.device.type != "cuda":
             return INTERPRET_CONFIG
         key = self._tune_key(call, family)
+        dev = key[-1]
+        if dev not in _PERSISTED:  # what earlier processes tuned on this GPU model
+            _PERSISTED[dev] = load_tuned(tuning_file(torch.cuda.get_device_name(dev)))
         if key in _TUNED:
             return _TUNED[key]
+        persisted = _PERSISTED.get(dev, {}).get(_key_str(key))
+        if persisted is not None:
+            _TUNED[key] = persisted
+            return persisted
         space = CONFIG_SPACE[(family, key[1])]
-        if not self.autotune or torch.cuda.is_current_stream_capturing():
+        autotune = self.autotune if self.autotune is not None else os.environ.get("LOCATTN_AUTOTUNE") == "1"
+        if not autotune or torch.cuda.is_current_stream_capturing():
             return space[0]
         best, best_t = space[0], math.inf
         for cfg in space:
@@ -417,6 +485,7 @@ class Triton(Implementation):
             if t < best_t:
                 best, best_t = cfg, t
         _TUNED[key] = best
+        save_tuned(tuning_file(torch.cuda.get_device_name(dev)), _key_str(key), best)
         bump("triton_autotune", f"{key[0]} d{key[1]} s{key[2]} {key[3]} -> {best}")
         return best
 

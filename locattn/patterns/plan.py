@@ -141,7 +141,7 @@ def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: i
     every pattern here) and the full ones: key tiles inside every query's interval, without padding."""
     n = grid[a]
     lo, hi = _axis_bounds_u(pattern, grid, a)
-    nq, nk = -(-n // tq), -(-n // tk)
+    nq = -(-n // tq)
     pad = nq * tq - n
     big = torch.iinfo(torch.long).max // 4
     lo_t = torch.cat([lo, torch.full((pad,), big)]).view(nq, tq)
