@@ -33,6 +33,7 @@ if "--dry-run" in sys.argv:  # before triton is imported anywhere: build the ker
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from locattn.codegen.registry import AttentionCall  # noqa: E402
-from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, kernel_tables  # noqa: E402
+from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, _key_str, kernel_tables  # noqa: E402
 from locattn.patterns import Dense, Layout, Neighborhood, SlidingWindow, Tiled, count_allowed  # noqa: E402
 from locattn.patterns.base import Pattern, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
 from locattn.patterns.plan import build_plan  # noqa: E402
@@ -422,8 +423,35 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
         progress(f"sweep {case.name} d={d} {fam}: " + ", ".join(
             f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s {ms:.3f} ms" for c, ms, _ in rows)
             + f" | best/default {res[fam][0][1] / default:.2f}")
-    return {fam: [dict(config=vars(c) if hasattr(c, "__dict__") else str(c), ms=ms, first_call=x)
-                  for c, ms, x in rows] for fam, rows in res.items()}
+    probe = Triton()
+    return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
+                          for fam, rows in res.items()},
+                keys={fam: _key_str(probe._tune_key(call, fam)) for fam in res},
+                default_keys={fam: _key_str(probe._tune_key(call, fam), wildcard=True) for fam in res})
+
+
+def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
+    """Tiles to ship for the swept GPU (format of ``locattn/codegen/tuned/<device>.json``): per swept case and
+    kernel its fastest tile (exact key), and per (kernel, head dim, dtype) the tile with the best geometric
+    mean of time / default time over the swept cases (wildcard key)."""
+    entries: dict[str, dict] = {}
+    groups: dict[str, list[dict[tuple, float]]] = {}
+    for rec in sweep:
+        for fam, rows in rec["families"].items():
+            ok = [r for r in rows if math.isfinite(r["ms"])]
+            if not ok:
+                continue
+            entries[rec["keys"][fam]] = ok[0]["config"]
+            default_ms = next(r["ms"] for r in rows if r["config"] == dataclasses.asdict(
+                CONFIG_SPACE[(fam, int(rec["keys"][fam].split("|")[1][1:]))][0]))
+            groups.setdefault(rec["default_keys"][fam], []).append(
+                {tuple(sorted(r["config"].items())): r["ms"] / default_ms for r in ok})
+    for wild, cases in groups.items():
+        common = set.intersection(*(set(c) for c in cases))
+        if common:
+            best = min(common, key=lambda cfg: sum(math.log(c[cfg]) for c in cases))
+            entries[wild] = dict(best)
+    return entries
 
 
 def main(argv=None) -> int:
@@ -441,6 +469,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help=f"time every CONFIG_SPACE tile per kernel family on {', '.join(SWEEP_CASES)} "
                          "(or --cases) instead of the benchmark")
+    ap.add_argument("--emit-tuned", default=None, metavar="PATH",
+                    help="with --sweep: write the winning tiles for shipping (locattn/codegen/tuned/<device>.json)")
     ap.add_argument("--json", default="gpu_attention.json")
     args = ap.parse_args(argv)
 
@@ -474,8 +504,13 @@ def main(argv=None) -> int:
             for case in (c for c in (dry_cases() if dry else gpu_cases()) if c.name in names):
                 if over_budget(args):
                     break
-                sweep.append(dict(case=case.name, head_dim=d, families=sweep_case(case, d, dev, dry)))
+                sweep.append(dict(case=case.name, head_dim=d, **sweep_case(case, d, dev, dry)))
                 Path(args.json).write_text(json.dumps(dict(env=env, sweep=sweep), indent=1, default=str))
+        if args.emit_tuned:
+            entries = tuned_entries(sweep)
+            Path(args.emit_tuned).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.emit_tuned).write_text(json.dumps(entries, indent=1, sort_keys=True))
+            print(f"wrote {len(entries)} tuned tiles to {args.emit_tuned}")
         return 0
 
     records, sdpa_cache = [], {}

@@ -401,6 +401,26 @@ def test_gpu_autotune_picks_a_config_and_persists_it(tmp_path, monkeypatch):
     assert triton_impl._TUNED[keys[0]] == best and not locattn.counters().get("triton_autotune")
 
 
+def test_shipped_tiles_and_lookup(tmp_path, monkeypatch):
+    """Shipped tiles of a GPU model are read, the user's cache overrides them; lookup: exact key, else (unless
+    autotuning) the per-kernel default."""
+    from locattn.codegen import triton_impl as ti
+
+    monkeypatch.setenv("LOCATTN_CACHE_DIR", str(tmp_path / "user"))
+    shipped = tmp_path / "shipped.json"
+    monkeypatch.setattr(ti, "packaged_tuning_file", lambda name: shipped)
+    key = ("fwd", 128, 16384, "neighborhood", torch.bfloat16, 0)
+    ti.save_tuned(shipped, ti._key_str(key), KernelConfig(128, 64, 8, 3))
+    ti.save_tuned(shipped, ti._key_str(key, wildcard=True), KernelConfig(128, 32, 8, 2))
+    ti.save_tuned(ti.tuning_file("GPU X"), ti._key_str(key), KernelConfig(64, 64, 4, 3))
+    entries = ti.persisted_configs("GPU X")
+    assert ti.lookup_tuned(entries, key, autotune=False) == KernelConfig(64, 64, 4, 3)  # user beats shipped
+    other = ("fwd", 128, 4096, "tiled", torch.bfloat16, 0)
+    assert ti.lookup_tuned(entries, other, autotune=False) == KernelConfig(128, 32, 8, 2)  # per-kernel default
+    assert ti.lookup_tuned(entries, other, autotune=True) is None  # autotuning times the exact key instead
+    assert ti.lookup_tuned(entries, ("dq",) + other[1:], autotune=False) is None
+
+
 def test_tuning_cache_file(tmp_path, monkeypatch, caplog):
     """The on-disk autotuning cache: one file per GPU model and Triton version, round trip, a corrupt file
     or entry is ignored with a warning, LOCATTN_CACHE_DIR="" turns persistence off."""
@@ -524,8 +544,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert out.exists() and out.stat().st_size > 0
     # the config sweep (the data behind CONFIG_SPACE's defaults): every candidate of every family timed
     sweep = tmp_path / "sweep.json"
+    tuned = tmp_path / "tuned" / "cpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run", "--sweep",
-                           "--json", str(sweep)], env=env, capture_output=True, text=True, timeout=120)
+                           "--json", str(sweep), "--emit-tuned", str(tuned)], env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(sweep.read_text())["sweep"]
     assert {r["case"] for r in rows} == {"dense", "na2d"}
@@ -533,4 +555,12 @@ def test_gpu_benchmark_dry_run(tmp_path):
         for fam in ("fwd", "dq", "dkdv"):
             assert len(r["families"][fam]) == len(CONFIG_SPACE[(fam, 64)])
             assert all(math.isfinite(x["ms"]) for x in r["families"][fam])
+    # the emitted tiles load as a shipped tuning file: the fastest per case, one default per kernel
+    from locattn.codegen.triton_impl import load_tuned
+    entries = load_tuned(tuned)
+    for fam in ("fwd", "dq", "dkdv"):
+        assert entries[f"{fam}|d64|*|*|float32"] in CONFIG_SPACE[(fam, 64)]
+        for r in rows:
+            fastest = KernelConfig(**r["families"][fam][0]["config"])
+            assert entries[r["keys"][fam]] == fastest
     assert time.time() - t0 < 60

@@ -7,7 +7,7 @@
 #   SWEEP_ARGS="--head-dims 128 --budget-s 200" SKIP_BENCH=1 tools/gpu_check.sh   # tests + config sweep
 #   DEMO_ARGS="--device cuda --dtype bfloat16 --size 256" ...                        # + the end-to-end demo
 #
-# Files written (at most 8, the device tool's limit): gpu.txt, tests.log, junit.xml, sweep.log, sweep.json,
+# Files written (at most 8, the device tool's limit): gpu.txt, tests.log, sweep.log, sweep.json, tuned.json,
 # bench.log, gpu_attention.json, demo.log. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist. locattn is
 # imported from this checkout through PYTHONPATH; an editable install without dependencies (no network needed)
 # registers the backend="locattn" entry point for the demo.
@@ -29,15 +29,15 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== tests/test_triton.py (native CUDA kernels)"
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -n "${TEST_WORKERS:-8}" -p no:cacheprovider -rfEs \
-    --junitxml="$OUT/junit.xml" tests/test_triton.py ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+    --durations=15 tests/test_triton.py ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
   echo "pytest exit $? after $(( $(date +%s) - t0 )) s"
   grep -v PytestBenchmarkWarning "$OUT/tests.log" | grep -v "warner(" | tail -n 40
 fi
 
 if [ -n "${SWEEP_ARGS:-}" ]; then
   echo "== benchmarks/gpu_attention.py --sweep ${SWEEP_ARGS}"
-  timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/gpu_attention.py --sweep --json "$OUT/sweep.json" ${SWEEP_ARGS} \
-    >"$OUT/sweep.log" 2>&1
+  timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/gpu_attention.py --sweep --json "$OUT/sweep.json" \
+    --emit-tuned "$OUT/tuned.json" ${SWEEP_ARGS} >"$OUT/sweep.log" 2>&1
   echo "sweep exit $? after $(( $(date +%s) - t0 )) s"
   grep "sweep " "$OUT/sweep.log" | cut -c1-400
 fi

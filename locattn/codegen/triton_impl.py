@@ -91,6 +91,30 @@ _TUNED: dict[tuple, KernelConfig] = {}
 _PERSISTED: dict[int, dict[str, KernelConfig]] = {}
 
 
+def _slug(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
+
+
+def packaged_tuning_file(device_name: str) -> Path:
+    """Tiles measured for one GPU model and shipped with locattn (``locattn/codegen/tuned/<device>.json``,
+    written by ``benchmarks/gpu_attention.py --sweep --emit-tuned``)."""
+    return Path(__file__).parent / "tuned" / f"{_slug(device_name)}.json"
+
+
+def persisted_configs(device_name: str) -> dict[str, KernelConfig]:
+    """The shipped tiles of this GPU model, overridden by the user's own autotuning results."""
+    return {**load_tuned(packaged_tuning_file(device_name)), **load_tuned(tuning_file(device_name))}
+
+
+def lookup_tuned(entries: dict[str, KernelConfig], key: tuple, autotune: bool) -> KernelConfig | None:
+    """The persisted tile for ``key``: its exact entry; else, unless autotuning (which then times the exact
+    key), the per-(kernel, head dim, dtype) default entry ``family|d<D>|*|*|dtype``."""
+    cfg = entries.get(_key_str(key))
+    if cfg is None and not autotune:
+        cfg = entries.get(_key_str(key, wildcard=True))
+    return cfg
+
+
 def tuning_file(device_name: str) -> Path | None:
     """Where autotuning results for one GPU model and Triton version persist: ``$LOCATTN_CACHE_DIR`` (default
     ``~/.cache/locattn``) / ``triton-<version>-<device>.json``; None when ``LOCATTN_CACHE_DIR`` is set empty."""
@@ -100,13 +124,14 @@ def tuning_file(device_name: str) -> Path | None:
     if root == "":
         return None
     base = Path(root) if root else Path.home() / ".cache" / "locattn"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
-    return base / f"triton-{triton.__version__}-{slug}.json"
+    return base / f"triton-{triton.__version__}-{_slug(device_name)}.json"
 
 
-def _key_str(key: tuple) -> str:
+def _key_str(key: tuple, wildcard: bool = False) -> str:
+    """``family|d<D>|s<S bucket>|pattern|dtype`` of a tuning key; ``wildcard``: ``family|d<D>|*|*|dtype``."""
     family, d, s_bucket, pattern, dtype = key[:5]
-    return f"{family}|d{d}|s{s_bucket}|{pattern}|{str(dtype).replace('torch.', '')}"
+    dt = str(dtype).replace("torch.", "")
+    return f"{family}|d{d}|*|*|{dt}" if wildcard else f"{family}|d{d}|s{s_bucket}|{pattern}|{dt}"
 
 
 def load_tuned(path: Path | None) -> dict[str, KernelConfig]:
@@ -456,16 +481,16 @@ class Triton(Implementation):
             return INTERPRET_CONFIG
         key = self._tune_key(call, family)
         dev = key[-1]
-        if dev not in _PERSISTED:  # what earlier processes tuned on this GPU model
-            _PERSISTED[dev] = load_tuned(tuning_file(torch.cuda.get_device_name(dev)))
         if key in _TUNED:
             return _TUNED[key]
-        persisted = _PERSISTED.get(dev, {}).get(_key_str(key))
+        if dev not in _PERSISTED:  # shipped tiles of this GPU model, and what earlier processes tuned on it
+            _PERSISTED[dev] = persisted_configs(torch.cuda.get_device_name(dev))
+        autotune = self.autotune if self.autotune is not None else os.environ.get("LOCATTN_AUTOTUNE") == "1"
+        persisted = lookup_tuned(_PERSISTED[dev], key, autotune)
         if persisted is not None:
             _TUNED[key] = persisted
             return persisted
         space = CONFIG_SPACE[(family, key[1])]
-        autotune = self.autotune if self.autotune is not None else os.environ.get("LOCATTN_AUTOTUNE") == "1"
         if not autotune or torch.cuda.is_current_stream_capturing():
             return space[0]
         best, best_t = space[0], math.inf
