@@ -505,12 +505,14 @@ def main(argv=None) -> int:
                 if over_budget(args):
                     break
                 sweep.append(dict(case=case.name, head_dim=d, **sweep_case(case, d, dev, dry)))
+                # rewritten after every case: a run stopped by its time limit keeps what it measured
                 Path(args.json).write_text(json.dumps(dict(env=env, sweep=sweep), indent=1, default=str))
+                if args.emit_tuned:
+                    entries = tuned_entries(sweep)
+                    Path(args.emit_tuned).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.emit_tuned).write_text(json.dumps(entries, indent=1, sort_keys=True))
         if args.emit_tuned:
-            entries = tuned_entries(sweep)
-            Path(args.emit_tuned).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.emit_tuned).write_text(json.dumps(entries, indent=1, sort_keys=True))
-            print(f"wrote {len(entries)} tuned tiles to {args.emit_tuned}")
+            print(f"wrote {len(tuned_entries(sweep))} tuned tiles to {args.emit_tuned}")
         return 0
 
     records, sdpa_cache = [], {}
