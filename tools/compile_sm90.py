@@ -107,7 +107,7 @@ def main() -> int:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
                                          tile=tuple(args.tile) if args.tile else None)
                     md = ck.metadata
-                    print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {ck.n_regs if hasattr(ck, 'n_regs') else '?'}"
+                    print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {getattr(ck, 'n_regs', '?')}"
                           f" spills {getattr(ck, 'n_spills', '?')} shared {md.shared}", flush=True)
     return 0
 

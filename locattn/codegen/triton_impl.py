@@ -615,8 +615,9 @@ class Triton(Implementation):
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
-            hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
-            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks, **self._bwd_common(call, tab, cfg, record))
+            hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
+            plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):

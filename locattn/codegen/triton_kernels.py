@@ -54,8 +54,8 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
-_SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n_q_slots", "n_k_slots", "n_qblocks", "n_kblocks", "prefix", "grid_end",
-          "sinks"]
+_SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n_q_slots", "n_k_slots", "n_qblocks",
+          "n_kblocks", "prefix", "grid_end", "sinks"]
 
 
 @triton.jit
@@ -242,7 +242,8 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots, k_u,
                   stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
-                  D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr,
+                  D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
@@ -284,7 +285,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
                stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
                n_k_slots, seq_k, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
-               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+               NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
+               HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
@@ -293,7 +295,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
+                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
+                                      CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
@@ -324,7 +327,8 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_bb, stride_bh, stride_bq, stride_bk,
              H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots, n_qblocks,
              n_kblocks, sm_scale, prefix, grid_end, sinks,
-             NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+             NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
+             HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
@@ -405,7 +409,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, start, end, jump, gap, Visit_row,
               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
               n_k_slots, seq_k, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix, grid_end, sinks,
-              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
@@ -414,7 +419,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS,
+                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
+                                      CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
         vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
                      mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
@@ -439,7 +445,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 stride_bb, stride_bh, stride_bq, stride_bk,
                 H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
                 n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
-                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
@@ -497,9 +504,10 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
-                stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale, prefix,
-                grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
-                HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_M: tl.constexpr,
+                stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale,
+                prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr,
+                BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
@@ -555,7 +563,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                   H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
                   n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
-                  NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr):
