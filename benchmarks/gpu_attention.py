@@ -402,7 +402,7 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
     delta = (out.float() * g.float()).sum(-1).contiguous()
     lse = lse.float().contiguous()
     bucket = min(256, max(64, 1 << (d - 1).bit_length()))
-    res = {}
+    res, default_ms = {}, {}
     for fam in ("fwd", "dq", "dkdv"):
         rows = []
         for cfg in CONFIG_SPACE[(fam, bucket)]:
@@ -419,13 +419,14 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
             except Exception as e:  # out of resources for this tile
                 rows.append((cfg, math.inf, f"{type(e).__name__}: {e}"[:120]))
         res[fam] = sorted(rows, key=lambda r: r[1])
-        default = rows[0][1]
+        default_ms[fam] = rows[0][1]  # CONFIG_SPACE order: the first is the untuned default
         progress(f"sweep {case.name} d={d} {fam}: " + ", ".join(
             f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s {ms:.3f} ms" for c, ms, _ in rows)
-            + f" | best/default {res[fam][0][1] / default:.2f}")
+            + f" | best/default {res[fam][0][1] / default_ms[fam]:.2f}")
     probe = Triton()
     return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
                           for fam, rows in res.items()},
+                default_ms=default_ms,
                 keys={fam: _key_str(probe._tune_key(call, fam)) for fam in res},
                 default_keys={fam: _key_str(probe._tune_key(call, fam), wildcard=True) for fam in res})
 
@@ -442,10 +443,8 @@ def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
             if not ok:
                 continue
             entries[rec["keys"][fam]] = ok[0]["config"]
-            default_ms = next(r["ms"] for r in rows if r["config"] == dataclasses.asdict(
-                CONFIG_SPACE[(fam, int(rec["keys"][fam].split("|")[1][1:]))][0]))
             groups.setdefault(rec["default_keys"][fam], []).append(
-                {tuple(sorted(r["config"].items())): r["ms"] / default_ms for r in ok})
+                {tuple(sorted(r["config"].items())): r["ms"] / rec["default_ms"][fam] for r in ok})
     for wild, cases in groups.items():
         common = set.intersection(*(set(c) for c in cases))
         if common:
