@@ -84,6 +84,33 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     return dt, ck
 
 
+def static_stats(ck) -> dict:
+    """What the compiled kernel says without a GPU: registers and local (spill) memory per thread from
+    ``cuobjdump --dump-resource-usage`` (Triton's bundled copy), and PTX instruction counts: 32-bit global loads
+    (index / table loads), 16-byte async copies (K/V tiles), wgmma, and the predicate's setp / selp."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    ptx = ck.asm["ptx"]
+    out = {name: len(re.findall(pat, ptx)) for name, pat in (
+        ("ld.global.b32", r"ld\.global\.b32"), ("cp.async", r"cp\.async\.c[ag]\.shared"),
+        ("wgmma", r"wgmma\.mma_async"), ("setp", r"(?m)^\s*setp\."), ("selp", r"(?m)^\s*selp\."))}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump"),
+                              "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    for name in ("REG", "LOCAL"):
+        m = re.search(rf"{name}:(\d+)", res)
+        if m:
+            out[name.lower()] = int(m.group(1))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", nargs="*", default=["fwd", "dq", "dkdv"])
@@ -106,9 +133,9 @@ def main() -> int:
                 for ndim in args.ndim:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
                                          tile=tuple(args.tile) if args.tile else None)
-                    md = ck.metadata
-                    print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  regs {getattr(ck, 'n_regs', '?')}"
-                          f" spills {getattr(ck, 'n_spills', '?')} shared {md.shared}", flush=True)
+                    st = static_stats(ck)
+                    print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "
+                          + "  ".join(f"{k} {v}" for k, v in st.items()), flush=True)
     return 0
 
 
