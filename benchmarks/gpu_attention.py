@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from locattn.codegen.registry import AttentionCall  # noqa: E402
 from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, _key_str, kernel_tables  # noqa: E402
 from locattn.patterns import Dense, Layout, Neighborhood, SlidingWindow, Tiled, count_allowed  # noqa: E402
-from locattn.patterns.base import Pattern, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
+from locattn.patterns.base import Pattern, allowed, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
 from locattn.patterns.plan import build_plan  # noqa: E402
 
 T0 = time.time()
@@ -194,13 +194,6 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     if not ok:
         rec["ours"] = {"error": why}
         return rec
-    # plan + device tables of the forward kernel, uncached (the analytic counterpart of create_block_mask)
-    cfg = impl.config or CONFIG_SPACE[("fwd", min(256, max(64, 1 << (d - 1).bit_length())))][0]
-    t = time.perf_counter()
-    plan = build_plan.__wrapped__(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False)
-    kernel_tables.__wrapped__(plan, case.pattern, layout, dev)
-    _sync(dev)
-    plan_ms = (time.perf_counter() - t) * 1e3
     first_s = None
     if not dry:  # first call compiles (and autotunes when asked); reported, not timed
         t = time.perf_counter()
@@ -209,6 +202,16 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
         _sync(dev)
         first_s = time.perf_counter() - t
         progress(f"{case.name} d={d}: first call (plans + compile) {first_s:.1f} s")
+    # the tiles each kernel runs with (shipped per-GPU tiles, else the first default that fits)
+    tiles = {fam: impl._config(call, fam, None) for fam in ("fwd", "dq", "dkdv")} if not dry else \
+        {fam: impl.config for fam in ("fwd", "dq", "dkdv")}
+    cfg = tiles["fwd"]
+    # plan + device tables of the forward kernel, uncached (the analytic counterpart of create_block_mask)
+    t = time.perf_counter()
+    plan = build_plan.__wrapped__(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False)
+    kernel_tables.__wrapped__(plan, case.pattern, layout, dev)
+    _sync(dev)
+    plan_ms = (time.perf_counter() - t) * 1e3
     res = {}
     fwd = bench_ms(lambda: res.update(o=impl.forward(call)), dev, dry)
     out, lse = res["o"]
@@ -216,6 +219,8 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     rec["ours"] = dict(fwd_ms=fwd, bwd_ms=bwd, plan_ms=plan_ms, first_call_s=first_s,
                        fwd_tflops=flops_fwd / fwd / 1e9, bwd_tflops=flops_bwd / bwd / 1e9,
                        block_density=plan.block_density,
+                       sample_rel_err=sample_error(case, layout, q, k, v, out, scale),
+                       tiles={fam: dataclasses.asdict(c) for fam, c in tiles.items()},
                        kernels={fam: kernel_stats(ck) for fam, ck in impl.compiled.items()})
     # A/B of the addressing: where the plan allows table-free loops (LINEAR / RANGES), time the CSR tables too
     tab = kernel_tables(build_plan(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False), case.pattern,
@@ -253,6 +258,20 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     return rec
 
 
+def sample_error(case: BenchCase, layout: Layout, q, k, v, out, scale: float, n_rows: int = 48) -> float:
+    """||out - ref|| / ||ref|| over ``n_rows`` query rows spread over the sequence (first and last included),
+    the reference computed in fp32 from the pattern's predicate (``allowed``) over all keys: a correctness
+    check of every benchmark case at its real size, on the device that times it."""
+    s = case.seq
+    rows = torch.linspace(0, s - 1, n_rows, device=q.device).round().long()
+    keys = torch.arange(s, device=q.device)
+    keep = allowed(case.pattern, layout, rows[:, None], keys[None, :])        # [R, S]
+    sc = (q[0, :, rows].float() @ k[0].float().transpose(-1, -2)) * scale     # [H, R, S]
+    ref = torch.softmax(sc.masked_fill(~keep, float("-inf")), -1) @ v[0].float()
+    got = out[0, :, rows].float()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
 def add_flex(rec: dict, case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> None:
     """FlexAttention with the same mask, and our speedups over it, into ``rec``."""
     rec["flex"] = run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry)
@@ -284,7 +303,7 @@ def kernel_stats(compiled) -> dict:
     return out
 
 
-def run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> dict:
+def run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry, warm_only: bool = False) -> dict:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
     except ImportError as e:
@@ -332,6 +351,8 @@ def run_flex(case, layout, q, k, v, g, scale, ours_out, args, dev, dry) -> dict:
         _sync(dev)
         res["compile_s"] = time.perf_counter() - t
         progress(f"{case.name}: flex compile (fwd + bwd) {res['compile_s']:.1f} s")
+        if warm_only:
+            return res
         res["max_abs_diff_vs_ours"] = (o.float() - ours_out.float()).abs().max().item()
         res["fwd_ms"] = bench_ms(lambda: flex(qf, kf, vf, block_mask=block_mask, scale=scale), dev, dry)
         o = flex(qf, kf, vf, block_mask=block_mask, scale=scale)
@@ -375,6 +396,9 @@ def fmt(rec: dict) -> str:
 
     fl = rec.get("flex", {})
     kern = " ".join(f"{f}:{k.get('n_regs', '?')}/{k.get('n_spills', '?')}" for f, k in o.get("kernels", {}).items())
+    tiles = " ".join(f"{f}:{t['block_m']}x{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s"
+                     for f, t in o.get("tiles", {}).items() if t)
+    kern += f" | tiles {tiles} | sampled rel err {o.get('sample_rel_err', float('nan')):.1e}"
     if "ours_tables" in rec:
         t = rec["ours_tables"]
         kern += (f" | tables fwd {t['fwd_ms']:.2f} bwd {t['bwd_ms']:.2f} ms"
@@ -423,10 +447,25 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
         progress(f"sweep {case.name} d={d} {fam}: " + ", ".join(
             f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s {ms:.3f} ms" for c, ms, _ in rows)
             + f" | best/default {res[fam][0][1] / default_ms[fam]:.2f}")
+    floor = []
+    if not case.pattern.local and not dry:  # the textbook kernel on the same tiles (benchmarks/flash_floor.py)
+        from flash_floor import floor_forward
+        for cfg in CONFIG_SPACE[("fwd", bucket)]:
+            try:
+                o = floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+                err = ((o.float() - out.float()).norm() / out.float().norm()).item()
+                ms = bench_ms(lambda: floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps,
+                                                    cfg.num_stages), dev, dry)
+                floor.append(dict(config=dataclasses.asdict(cfg), ms=ms, rel_diff_vs_ours=err))
+            except Exception as e:
+                floor.append(dict(config=dataclasses.asdict(cfg), ms=math.inf, error=f"{type(e).__name__}: {e}"[:120]))
+        progress(f"sweep {case.name} d={d} floor fwd: " + ", ".join(
+            f"{r['config']['block_m']}x{r['config']['block_n']}/{r['config']['num_warps']}w/"
+            f"{r['config']['num_stages']}s {r['ms']:.3f} ms" for r in floor))
     probe = Triton()
     return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
                           for fam, rows in res.items()},
-                default_ms=default_ms,
+                floor_fwd=floor, default_ms=default_ms,
                 keys={fam: _key_str(probe._tune_key(call, fam)) for fam in res},
                 default_keys={fam: _key_str(probe._tune_key(call, fam), wildcard=True) for fam in res})
 
@@ -453,6 +492,69 @@ def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
     return entries
 
 
+def flex_warm(args, dev, cases: list[BenchCase], dims: list[int]) -> int:
+    """Compile FlexAttention's block masks and kernels for every case, in the order of the FlexAttention pass,
+    untimed: run beside the first pass with Inductor's on-disk caches on (``TORCHINDUCTOR_FX_GRAPH_CACHE=1``,
+    ``TORCHINDUCTOR_AUTOGRAD_CACHE=1``, here and in the timed run), so that pass finds its graphs compiled.
+    FlexAttention is torch's own code: the caches' blind spot (locattn's custom ops) does not apply."""
+    for d in dims:
+        for case in cases:
+            q, k, v, g = make_inputs(case, d, dev, torch.bfloat16)
+            res = run_flex(case, case_layout(case), q, k, v, g, 1.0 / math.sqrt(d), None, args, dev, False,
+                           warm_only=True)
+            print(f"flex warm {case.name} d={d}: {json.dumps(res)}", flush=True)
+            del q, k, v, g
+            torch.cuda.empty_cache()
+    return 0
+
+
+def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
+    """Compile the kernels a run would time, shard K of N (Triton's disk cache is shared by processes): the
+    sweep's candidate tiles per kernel, or the benchmark's kernels (tables A/B included)."""
+    k, n = (int(x) for x in args.shard.split("/"))
+    dtype = torch.float32 if dry else torch.bfloat16
+    if args.sweep:  # the sweep's cases, as in main()
+        names = args.cases or (("dense", "na2d") if dry else SWEEP_CASES)
+        cases = [c for c in (dry_cases() if dry else gpu_cases()) if c.name in names]
+    items = []
+    for d in dims:
+        bucket = min(256, max(64, 1 << (d - 1).bit_length()))
+        for case in cases:
+            if not args.sweep:
+                items.append((case, d, None, None))
+                continue
+            for fam in ("fwd", "dq", "dkdv") + (("floor",) if not case.pattern.local else ()):
+                items += [(case, d, fam, c) for c in CONFIG_SPACE[("fwd" if fam == "floor" else fam, bucket)]]
+    t0, done = time.time(), 0
+    for i, (case, d, fam, cfg) in enumerate(items):
+        if i % n != k:
+            continue
+        q, kk, v, g = make_inputs(case, d, dev, dtype)
+        call = AttentionCall(q, kk, v, None, None, 1.0 / math.sqrt(d), False, case.pattern, case_layout(case))
+        try:
+            if fam is None:  # the benchmark's kernels, on the computed addressing and on the tables
+                for impl in (Triton(KernelConfig(32, 32, 1, 1) if dry else None), Triton(tables_only=True)):
+                    out, lse = impl.forward(call)
+                    impl.backward(call, g, out, lse, False)
+            elif fam == "floor":
+                from flash_floor import floor_forward
+                floor_forward(q, kk, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+            else:  # one sweep candidate: that kernel alone, like sweep_case
+                impl = Triton(configs={fam: cfg})
+                out, lse = impl.forward(call)
+                delta = (out.float() * g.float()).sum(-1).contiguous()
+                if fam == "dq":
+                    impl._dq(call, g, lse, delta, cfg, False)
+                elif fam == "dkdv":
+                    impl._dkdv(call, g, lse, delta, False, cfg, False)
+        except Exception as e:  # a tile that does not fit: the timed run reports it
+            print(f"shard {k}/{n}: {case.name} d={d} {fam} {cfg}: {type(e).__name__}", flush=True)
+        done += 1
+        del q, kk, v, g, call
+    print(f"shard {k}/{n}: compiled {done} of {len(items)} items in {time.time() - t0:.1f} s", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny sizes, no timing")
@@ -471,6 +573,12 @@ def main(argv=None) -> int:
     ap.add_argument("--emit-tuned", default=None, metavar="PATH",
                     help="with --sweep: write the winning tiles for shipping (locattn/codegen/tuned/<device>.json)")
     ap.add_argument("--json", default="gpu_attention.json")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only compile (into Triton's on-disk cache) what the run would time; with --shard, "
+                         "several such processes in parallel warm the cache for the timed run")
+    ap.add_argument("--shard", default="0/1", metavar="K/N", help="with --compile-only: this process's share")
+    ap.add_argument("--flex-warm", action="store_true",
+                    help="only compile FlexAttention for every case (beside the timed run, Inductor caches on)")
     args = ap.parse_args(argv)
 
     dry = args.dry_run
@@ -495,6 +603,11 @@ def main(argv=None) -> int:
         env["triton"] = triton.__version__
     except ImportError:
         pass
+    if args.compile_only:
+        return warm(args, dev, cases, dims, dry)
+    if args.flex_warm:
+        args.flex_budget_s = math.inf
+        return flex_warm(args, dev, cases, dims)
     print(json.dumps(env))
     if args.sweep:
         names = args.cases or (("dense", "na2d") if dry else SWEEP_CASES)

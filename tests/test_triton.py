@@ -199,6 +199,11 @@ CASES = [
          dv=24, hk=1, bias="full", block=(16, 16)),
     Case("shifted-9x7-mask-emptyrows-fp16", ShiftedWindow(window=(4, 4), shift=(2, 2)), Layout(grid=(9, 7)),
          s=63, mask="rows", dtype=torch.float16),
+    # power-of-two head dims: full blocks load K/V without any mask; all-full plans compile no partial loop
+    Case("dense-64-d32-allfull", Dense(), s=64, d=32),
+    Case("sw1d-200-w40-d32-causal", SlidingWindow(window=40), s=200, d=32, causal=True, block=(16, 16)),
+    Case("tiled-8x12-allfull-d16-bf16", Tiled(tile=(4, 4), window=(3, 3)), Layout(grid=(8, 12)), s=96, d=16,
+         dtype=torch.bfloat16, block=(16, 16)),
 ]
 
 
@@ -208,18 +213,21 @@ def test_kernel_matches_reference(case: Case):
     _run_case(call, _impl(*case.block), need_dbias=call.bias is not None)
 
 
-ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES) the tables must give it
-    "dense-63-d40": ("linear", "linear", True),
-    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True),
-    "dense-causal-125-fp16": ("linear", "linear", True),
-    "sw1d-200-w7": ("linear", "linear", True),
-    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True),   # dilation: slots not in token order
-    "sw1d-125-globals-sinks-bf16": ("table", "table", False),              # global key blocks break the runs
-    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True),     # prefix globals: slots shifted
-    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True),                   # dilation
-    "strided-9x7": ("grid", "grid", True),
-    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True),
-    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True),
+ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES, HAS_PARTIAL) the tables must give it
+    "dense-63-d40": ("linear", "linear", True, True),                        # padded last key block
+    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True, True),
+    "dense-causal-125-fp16": ("linear", "linear", True, True),
+    "sw1d-200-w7": ("linear", "linear", True, True),
+    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True, True),   # dilation: slots not in order
+    "sw1d-125-globals-sinks-bf16": ("table", "table", False, True),              # global key blocks: no runs
+    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True, True),     # prefix globals: slots shifted
+    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True, True),                   # dilation
+    "strided-9x7": ("grid", "grid", True, True),
+    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True, False),
+    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True, True),
+    "dense-64-d32-allfull": ("linear", "linear", True, False),
+    "sw1d-200-w40-d32-causal": ("linear", "linear", True, True),
+    "tiled-8x12-allfull-d16-bf16": ("grid", "grid", True, False),
 }
 
 
@@ -231,7 +239,8 @@ def _mode(code: int) -> str:
 @pytest.mark.parametrize("case_id", list(ADDRESSING))
 def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     """Computed addressing (LINEAR / GRID tokens from slot indices, RANGES key-block runs walked without an
-    index load) is chosen exactly where it reproduces the tables, and gives bit-identical results."""
+    index load) is chosen exactly where it reproduces the tables, and gives bit-identical results; plans
+    without partial blocks are recognised (HAS_PARTIAL off: no predicate loop compiled)."""
     from locattn.codegen.triton_impl import kernel_tables
     from locattn.patterns.plan import build_plan
 
@@ -239,7 +248,7 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     call = case.call()
     plan = build_plan(call.pattern, call.layout, call.q.shape[-2], call.k.shape[-2], *case.block, call.is_causal)
     tab = kernel_tables(plan, call.pattern, call.layout, call.q.device)
-    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges) == ADDRESSING[case_id]
+    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges, tab.has_partial) == ADDRESSING[case_id]
     fast = _run_case(call, _impl(*case.block))
     slow = Triton(KernelConfig(*case.block, 1, 1), tables_only=True).forward(call)
     for a, b in zip(fast, slow):
@@ -271,6 +280,14 @@ def test_runs_of_a_plan():
     assert _runs(rows, cols, full, 4).tolist() == [[2, 3, 4, 5], [0, 0, 2, 2], [0, 0, 0, 0], [5, 5, 5, 6]]
     assert _runs(rows, torch.tensor([2, 4, 5, 0, 1, 5]), full, 4) is None          # gap in row 0
     assert _runs(rows, cols, torch.tensor([True, False, True, True, True, False]), 4) is None  # full not a run
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_nonpositive_scale(scale: float):
+    """The forward folds a positive scale into the softmax (FOLD); zero / negative scales take the plain path."""
+    c = Case(f"sw1d-scale{scale}", SlidingWindow(window=9), s=70, d=16).call()
+    call = AttentionCall(c.q, c.k, c.v, None, None, scale, False, c.pattern, c.layout)
+    _run_case(call, _impl(16, 16))
 
 
 def test_empty_rows_give_zero_and_neg_inf():
@@ -325,7 +342,7 @@ GPU_CASES = [
 @needs_cuda
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c.id for c in GPU_CASES])
 def test_gpu_default_configs(case: Case):
-    """Default (untuned) tiles per kernel family: CONFIG_SPACE[...][0]."""
+    """Default tiles per kernel family: this GPU's shipped tiles, else the first CONFIG_SPACE entry it fits."""
     call = case.call()
     _run_case(call, Triton(nan_fill=True, record_visits=True), need_dbias=call.bias is not None)
 
@@ -419,6 +436,37 @@ def test_shipped_tiles_and_lookup(tmp_path, monkeypatch):
     assert ti.lookup_tuned(entries, other, autotune=False) == KernelConfig(128, 32, 8, 2)  # per-kernel default
     assert ti.lookup_tuned(entries, other, autotune=True) is None  # autotuning times the exact key instead
     assert ti.lookup_tuned(entries, ("dq",) + other[1:], autotune=False) is None
+
+
+def test_untuned_default_is_the_first_tile_that_fits():
+    """Without tuned tiles, a GPU that refuses a tile at launch (Triton's OutOfResources: too little shared
+    memory) gets the next one, counted; the smallest tile is the last resort; other errors are not hidden."""
+    from triton.runtime.errors import OutOfResources
+
+    from locattn.codegen import triton_impl as ti
+    from locattn.counters import counters, reset_counters
+
+    space = [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2)]
+    key = ("fwd", 128, 16384, "dense", torch.bfloat16, 0)
+
+    def fits(limit):
+        def run(cfg):
+            if cfg.block_m * cfg.block_n * cfg.num_stages > limit:
+                raise OutOfResources(cfg.block_m * cfg.block_n * cfg.num_stages, limit, "shared memory")
+        return run
+
+    reset_counters()
+    assert ti._first_that_fits(space, fits(10**6), key) == space[0]
+    assert ti._first_that_fits(space, fits(30000), key) == space[1]
+    assert sum(counters().get("triton_tile_too_large", {}).values()) == 1
+    assert ti._first_that_fits(space, fits(1024), key) == ti.SMALLEST_CONFIG
+    with pytest.raises(OutOfResources):
+        ti._first_that_fits(space, fits(10), key)
+
+    def broken(cfg):
+        raise RuntimeError("not a resource problem")
+    with pytest.raises(RuntimeError):
+        ti._first_that_fits(space, broken, key)
 
 
 def test_tuning_cache_file(tmp_path, monkeypatch, caplog):
@@ -541,7 +589,16 @@ def test_gpu_benchmark_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert out.exists() and out.stat().st_size > 0
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 6
+    for c in cases:  # each case checks our output against the predicate on sampled rows (fp32 here)
+        assert c["ours"]["sample_rel_err"] < 1e-5, c["case"]
+        assert set(c["ours"]["tiles"]) == {"fwd", "dq", "dkdv"}
+    # the parallel pre-compile of a device run: shard 1 of 2 takes every other case
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run",
+                           "--compile-only", "--shard", "1/2"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "compiled 3 of 6 items" in proc.stdout, proc.stdout[-3000:] + proc.stderr
     # the config sweep (the data behind CONFIG_SPACE's defaults): every candidate of every family timed
     sweep = tmp_path / "sweep.json"
     tuned = tmp_path / "tuned" / "cpu.json"

@@ -33,7 +33,7 @@ PTR_U8 = {"Mask"}
 
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
-                linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None,
+                linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None, partial: bool = True,
                 target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
@@ -50,7 +50,7 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
-                 HAS_GLOBALS=False)
+                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True)
     for n in names:
         if n in cvals:
             sig[n] = "constexpr"
@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--linear", action="store_true", help="LINEAR slots (dense / plain 1-D plans)")
     ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
     ap.add_argument("--tile", type=int, nargs="*", help="GRID addressing with this spatial tile (2-D/3-D)")
+    ap.add_argument("--no-partial", action="store_true", help="HAS_PARTIAL off: an all-full plan (dense, exact tiles)")
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
@@ -132,7 +133,8 @@ def main() -> int:
             for cfg in cfgs:
                 for ndim in args.ndim:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
-                                         tile=tuple(args.tile) if args.tile else None)
+                                         tile=tuple(args.tile) if args.tile else None,
+                                         partial=not args.no_partial)
                     st = static_stats(ck)
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "
                           + "  ".join(f"{k} {v}" for k, v in st.items()), flush=True)

@@ -57,6 +57,9 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name}={v} must be a power of two >= 16 (tl.dot tile)")
 
 
+#: the last resort of the untuned default (fits 99 KB of shared memory for every kernel, dtype and head dim)
+SMALLEST_CONFIG = KernelConfig(32, 32, 4, 1)
+
 #: fixed tiles under the interpreter: small blocks keep the (serial, numpy) programs cheap
 INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 
@@ -67,21 +70,25 @@ INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 #: are the tiles common in tuned Triton flash kernels on Hopper (BLOCK_M 128, 3-4 stages; dK/dV 32-64 x 128),
 #: not yet measured here: `python benchmarks/gpu_attention.py --sweep` times them all per family.
 CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
-    ("fwd", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3),
-                  KernelConfig(128, 128, 8, 2), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3)],
-    ("fwd", 128): [KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 2), KernelConfig(128, 64, 8, 3),
-                   KernelConfig(64, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4)],
-    ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 32, 4, 2),
-                   KernelConfig(64, 64, 8, 2)],
+    # forward: 128-row tiles (two warpgroups of 64 rows) first, for H100/H200-class shared memory (up to 227 KB
+    # per block). The untuned default is the first entry the GPU can launch (``_first_that_fits``); every list
+    # holds a tile that fits 99 KB (consumer GPUs), at the latest in last place
+    ("fwd", 64): [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3),
+                  KernelConfig(128, 64, 8, 2), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3)],
+    ("fwd", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4),
+                   KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 8, 2)],
+    ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
+                   KernelConfig(32, 32, 4, 2)],
     ("dq", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 4, 2), KernelConfig(64, 64, 4, 2),
                  KernelConfig(128, 32, 4, 4), KernelConfig(128, 64, 8, 3)],
     ("dq", 128): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 8, 2),
                   KernelConfig(128, 32, 8, 3), KernelConfig(64, 32, 4, 3)],
     ("dq", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
-    ("dkdv", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(32, 128, 4, 2),
-                   KernelConfig(32, 128, 4, 4), KernelConfig(64, 128, 8, 3)],
-    ("dkdv", 128): [KernelConfig(32, 64, 8, 2), KernelConfig(32, 32, 4, 2), KernelConfig(64, 64, 8, 2),
-                    KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2)],
+    # dK/dV computes transposed tiles (the key block is the MMA's M dimension): 128-key blocks first
+    ("dkdv", 64): [KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 4, 2), KernelConfig(32, 128, 4, 4),
+                   KernelConfig(128, 64, 8, 2), KernelConfig(32, 128, 8, 3), KernelConfig(32, 64, 4, 2)],
+    ("dkdv", 128): [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(32, 64, 8, 2),
+                    KernelConfig(32, 128, 4, 3), KernelConfig(64, 64, 8, 2), KernelConfig(32, 32, 4, 2)],
     ("dkdv", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)],
 }
 
@@ -219,6 +226,7 @@ class KernelTables:
     grid: tuple[int, int, int]  # g0, g1, g2 (1-padded) for GRID addressing
     ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
     has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
+    has_partial: bool     # the plan has partial blocks (HAS_PARTIAL: else the partial-block loops are not compiled)
     ndim: int
     prefix: int
     grid_end: int
@@ -369,13 +377,14 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
             k_addr = _grid_addr(plan.k_slots, plan.block_n, plan.k_tile, layout, k_u[:ndim])
             g = tuple(layout.grid) + (1,) * (3 - ndim)
     has_globals = bool(pattern.local and (layout.prefix or layout.suffix or layout.sinks))
+    has_partial = bool((~plan.kv_full).any())
 
     def dev(t):
         return t.to(device=device, dtype=torch.int32).contiguous()
 
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_w), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
-                        dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, ndim, prefix,
+                        dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, ndim, prefix,
                         grid_end, sinks)
 
 
@@ -491,8 +500,12 @@ class Triton(Implementation):
             _TUNED[key] = persisted
             return persisted
         space = CONFIG_SPACE[(family, key[1])]
-        if not autotune or torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return space[0]
+        if not autotune:
+            best = _first_that_fits(space, run, key)
+            _TUNED[key] = best
+            return best
         best, best_t = space[0], math.inf
         for cfg in space:
             try:
@@ -559,7 +572,8 @@ class Triton(Implementation):
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            FOLD=call.bias is None and call.scale > 0, **self._addressing(tab), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return out, lse
 
     # -- backward ---------------------------------------------------------------------------------------------
@@ -589,7 +603,7 @@ class Triton(Implementation):
     def _addressing(self, tab: KernelTables) -> dict:
         off = self.tables_only
         return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
-                    RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals)
+                    RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial)
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -645,6 +659,25 @@ class Triton(Implementation):
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
+
+
+def _first_that_fits(space: list[KernelConfig], run, key: tuple) -> KernelConfig:
+    """The untuned default: the first tile of ``space`` this GPU can launch. Larger tiles come first (they
+    suit H100/H200-class shared memory); a GPU with less shared memory per block (consumer cards, 99 KB)
+    refuses them at launch with Triton's ``OutOfResources``, counted, and takes the next one. Each probe runs
+    the kernel once, at the first call per tuning key only. The result is kept for the process (not on disk).
+    """
+    from triton.runtime.errors import OutOfResources
+
+    for cfg in [*space, SMALLEST_CONFIG]:  # the smallest tile last: fp32 at head dim 256 on a 99 KB GPU
+        try:
+            run(cfg)
+            return cfg
+        except OutOfResources as e:
+            bump("triton_tile_too_large", f"{key[0]} d{key[1]} {key[4]} {cfg}")
+            log.info("locattn triton: %s does not fit this GPU (%s), trying the next tile", cfg, e)
+            err = e
+    raise err
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -27,7 +27,12 @@ RANGES       every query block's key blocks form one contiguous range with its f
              (dense, 1-D windows): ``kv_rng[m] = (lo, full_lo, full_hi, hi)`` is read once per program and the
              loops run ``n = lo ..`` directly, with no index load on the critical path. Likewise ``qb_rng`` per
              key block for dK/dV. Otherwise the CSR below is walked
-IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all
+IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all, and (full blocks
+             have no padding keys) K/V tiles load unmasked unless the head dim is not a power of two
+FOLD         forward without site bias and with scale > 0: scores stay unscaled and ``qk_scale`` is folded
+             into the row max and the exp2 argument (one FMA per score instead of a multiply and a subtract)
+HAS_PARTIAL  the plan has partial blocks; without them (dense, exactly tiled plans) the predicate loop is not
+             compiled at all
 HAS_GLOBALS  the layout has global tokens or sinks (prefix > 0, grid_end < S or sinks > 0): without them the
              partial-block predicate skips the global tests
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
@@ -88,18 +93,25 @@ def _grid_coords(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr, NDIM: tl.constexpr):
+def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr, NDIM: tl.constexpr,
+            ALL_VALID: tl.constexpr = False):
     """Token index of the slots ``offs`` of block ``blk`` (-1 = padding): computed for LINEAR (ADDR == 1) and
-    GRID plans, else read from the slot table (ADDR == 0)."""
+    GRID plans, else read from the slot table (ADDR == 0). ``ALL_VALID``: the block has no padding (a full
+    block's keys), so computed tokens skip the padding test."""
     slot = blk * BLOCK + offs
     if ADDR == 1:
-        t = tl.where(slot < seq, slot, -1)
+        if ALL_VALID:
+            t = slot
+        else:
+            t = tl.where(slot < seq, slot, -1)
     elif ADDR != 0:
         c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
         if NDIM == 2:
-            t = tl.where(valid, c0 * g1 + c1, -1)
+            t = c0 * g1 + c1
         else:
-            t = tl.where(valid, (c0 * g1 + c1) * g2 + c2, -1)
+            t = (c0 * g1 + c1) * g2 + c2
+        if not ALL_VALID:
+            t = tl.where(valid, t, -1)
     else:
         t = tl.load(slots + slot)
     return t
@@ -147,29 +159,47 @@ def _loop_bounds(ptr, split_ptr, rng, row, RANGES: tl.constexpr):
 
 
 @triton.jit
-def _inside(u, lo, w):
-    """``lo <= u <= lo + w`` for [1, N] keys and [M, 1] queries, as one unsigned compare per element."""
-    return (u[None, :] - lo[:, None]).to(tl.uint32, bitcast=True) <= w[:, None].to(tl.uint32, bitcast=True)
+def _inside(u, lo, w, TRANS: tl.constexpr):
+    """``lo <= u <= lo + w`` for [1, N] keys and [M, 1] queries ([N, 1] and [1, M] when ``TRANS``), as one
+    unsigned compare per element."""
+    if TRANS:
+        r = (u[:, None] - lo[None, :]).to(tl.uint32, bitcast=True) <= w[None, :].to(tl.uint32, bitcast=True)
+    else:
+        r = (u[None, :] - lo[:, None]).to(tl.uint32, bitcast=True) <= w[:, None].to(tl.uint32, bitcast=True)
+    return r
+
+
+@triton.jit
+def _outer(qx, kx, TRANS: tl.constexpr):
+    """Broadcast a per-query and a per-key vector to the tile's axes: ([M, 1], [1, N]), or ([1, M], [N, 1])
+    for the transposed [BLOCK_N, BLOCK_M] tiles of the dK/dV kernel."""
+    if TRANS:
+        a, b = qx[None, :], kx[:, None]
+    else:
+        a, b = qx[:, None], kx[None, :]
+    return a, b
 
 
 @triton.jit
 def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-          NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr):
-    """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``)."""
-    keep = (qt[:, None] >= 0) & (kt[None, :] >= 0)
+          NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False):
+    """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
+    transpose [BLOCK_N, BLOCK_M] when ``TRANS``."""
+    q2, k2 = _outer(qt, kt, TRANS)
+    keep = (q2 >= 0) & (k2 >= 0)
     if NDIM > 0:
-        win = _inside(ku0, qlo0, qw0)
+        win = _inside(ku0, qlo0, qw0, TRANS)
         if NDIM > 1:
-            win = win & _inside(ku1, qlo1, qw1)
+            win = win & _inside(ku1, qlo1, qw1, TRANS)
         if NDIM > 2:
-            win = win & _inside(ku2, qlo2, qw2)
+            win = win & _inside(ku2, qlo2, qw2, TRANS)
         if HAS_GLOBALS:
-            q_glob = (qt < prefix) | (qt >= grid_end)
-            k_glob = (kt < prefix) | (kt >= grid_end) | (kt < sinks)
-            win = win | q_glob[:, None] | k_glob[None, :]
+            q_glob, k_glob = _outer((qt < prefix) | (qt >= grid_end), (kt < prefix) | (kt >= grid_end) | (kt < sinks),
+                                    TRANS)
+            win = win | q_glob | k_glob
         keep = keep & win
     if CAUSAL:
-        keep = keep & (kt[None, :] <= qt[:, None])
+        keep = keep & (k2 <= q2)
     return keep
 
 
@@ -212,30 +242,42 @@ def _load_ku(k_u, n_k_slots, kslot, NDIM: tl.constexpr):
 
 @triton.jit
 def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk,
-                HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]."""
+                HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = False):
+    """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]
+    ([BLOCK_N, BLOCK_M] when ``TRANS``)."""
     qv = qt >= 0
     kv = kt >= 0
-    qi = tl.where(qv, qt, 0).to(tl.int64)
-    kj = tl.where(kv, kt, 0).to(tl.int64)
-    io = qv[:, None] & kv[None, :]
+    qi, kj = _outer(tl.where(qv, qt, 0).to(tl.int64), tl.where(kv, kt, 0).to(tl.int64), TRANS)
+    qv2, kv2 = _outer(qv, kv, TRANS)
+    io = qv2 & kv2
     if HAS_BIAS:
-        b = tl.load(B_bh + qi[:, None] * stride_bq + kj[None, :] * stride_bk, mask=io, other=0.0)
+        b = tl.load(B_bh + qi * stride_bq + kj * stride_bk, mask=io, other=0.0)
         s = s + b.to(tl.float32) * LOG2E
     if HAS_MASK:
-        mk = tl.load(M_bh + qi[:, None] * stride_mq + kj[None, :] * stride_mk, mask=io, other=0)
+        mk = tl.load(M_bh + qi * stride_mq + kj * stride_mk, mask=io, other=0)
         s = tl.where(mk != 0, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` with fp32 accumulation. UPCAST (interpreter + bf16 only): the interpreter's ``tl.dot``
-    multiplies bf16 bit patterns as integers, so exact fp32 copies are multiplied instead."""
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+def _load_t(ptrs, dmask, UNMASKED: tl.constexpr):
+    """A K/V tile of a full block: unmasked when the head dim is a power of two, else only its padding."""
+    if UNMASKED:
+        x = tl.load(ptrs)
     else:
-        c = tl.dot(a, b, input_precision=PRECISION)
+        x = tl.load(ptrs, mask=dmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (``a @ b`` when ``acc`` is None) with fp32 accumulation: the accumulator goes into the
+    MMA itself (no second accumulator tile and add). UPCAST (interpreter + bf16 only): the interpreter's
+    ``tl.dot`` multiplies bf16 bit patterns as integers, so exact fp32 copies are multiplied instead."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=PRECISION)
     return c
 
 
@@ -245,18 +287,28 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   D: tl.constexpr, qk_scale, prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
+                  FOLD: tl.constexpr = False):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
-    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate.
+    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate. ``FOLD``
+    (no bias, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2 argument.
     Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
-    kv = kt >= 0
-    kj = tl.where(kv, kt, 0).to(tl.int64)
-    kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                 mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+    kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM, IS_FULL)
+    if IS_FULL:  # a full block has no padding keys: only the head-dim padding (if any) is masked
+        kv = offs_n >= 0
+        kj = kt.to(tl.int64)
+        kT = _load_t(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd, offs_d[:, None] < D,
+                     D == BLOCK_D)
+    else:
+        kv = kt >= 0
+        kj = tl.where(kv, kt, 0).to(tl.int64)
+        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    s = _mma(q, kT, None, PRECISION, UPCAST)
+    if not FOLD:
+        s = s * qk_scale
     if HAS_MASK or HAS_BIAS:
         s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
     if not IS_FULL:
@@ -289,7 +341,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
+               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -297,18 +349,28 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD)
+        if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_FULL and not HAS_MASK and not HAS_BIAS:
             m_use = m_new  # every score is finite: no empty-row guard needed
         else:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
+        if FOLD:
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        else:
+            p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                    mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST)
+        if IS_FULL:
+            v = _load_t(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd, offs_dv[None, :] < DV,
+                        DV == BLOCK_DV)
+        else:
+            v = tl.load(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                        mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
@@ -332,7 +394,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
-             RANGES: tl.constexpr):
+             RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -360,18 +422,18 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, gap0, Visit_row,
-                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST, KADDR, RANGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                               K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row,
-                               stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq,
-                               stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
-                               NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                               PRECISION, UPCAST, KADDR, RANGES)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
+                               k_u, kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd,
+                               stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
+                               qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD)
+    if HAS_PARTIAL:  # partial blocks exist: the predicate loop
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
+                                   k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
+                                   stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
+                                   D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
+                                   HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
+                                   FOLD)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -422,12 +484,16 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
-        vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
-                     mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        if IS_FULL:
+            vT = _load_t(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd, offs_dv[:, None] < DV,
+                         DV == BLOCK_DV)
+        else:
+            vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
+                         mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _mma(do, vT, PRECISION, UPCAST)
+        dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION, UPCAST)
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
     return dq
@@ -450,7 +516,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
-                RANGES: tl.constexpr):
+                RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
@@ -484,24 +550,23 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s0, e0, j0, gap0, Visit_row,
-                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST, KADDR, RANGES)
-    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
-                   K_bh, V_bh, M_bh, B_bh, k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row,
-                   stride_ks, stride_kd, stride_vs, stride_vd, stride_mq, stride_mk, stride_bq, stride_bk,
-                   n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks,
-                   NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION,
-                   UPCAST, KADDR, RANGES)
+    dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots, k_u,
+                   kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
+                   stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
+                   sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                   PRECISION, UPCAST, KADDR, RANGES)
+    if HAS_PARTIAL:  # partial blocks exist: the predicate loop
+        dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
+                       k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
+                       stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
+                       sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
+                       PRECISION, UPCAST, KADDR, RANGES)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
+def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale,
@@ -519,31 +584,34 @@ def _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh
         qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         qv = qt >= 0
         qi = tl.where(qv, qt, 0).to(tl.int64)
-        q = tl.load(Q_bh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                    mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+        # transposed tiles [BLOCK_N, BLOCK_M]: the key block is the MMA's M dimension (64-128 rows, wgmma
+        # on Hopper) whatever BLOCK_M is; qᵀ comes straight from memory, q / dOᵀ as register transposes
+        qT = tl.load(Q_bh + qi[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                     mask=qv[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                      mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE_bh + qi, mask=qv, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
-        s = _mma(q, kT, PRECISION, UPCAST) * qk_scale
+        sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or HAS_BIAS:
-            s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
+            sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
+                             True)
         if not IS_FULL:
             qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL, HAS_GLOBALS)
-            s = tl.where(keep, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])                       # [BLOCK_M, BLOCK_N]
-        dv += _mma(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-        dp = _mma(do, vT, PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk += _mma(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+                         NDIM, CAUSAL, HAS_GLOBALS, True)
+            sT = tl.where(keep, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])                     # [BLOCK_N, BLOCK_M]
+        dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dpT = _mma(v, tl.trans(do), None, PRECISION, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
         if NEED_DBIAS:
             kv = kt >= 0
             kj = tl.where(kv, kt, 0).to(tl.int64)
-            tl.store(dB_bh + qi[:, None] * stride_dbq + kj[None, :] * stride_dbk, ds,
-                     mask=qv[:, None] & kv[None, :])
+            tl.store(dB_bh + qi[None, :] * stride_dbq + kj[:, None] * stride_dbk, dsT,
+                     mask=qv[None, :] & kv[:, None])
         if VISIT:
             _record_visit(Visits_h + m.to(tl.int64) * n_kblocks + pid_n, IS_FULL)
     return dk, dv
@@ -567,7 +635,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr):
+                  UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
+                  HAS_PARTIAL: tl.constexpr):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -584,10 +653,10 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
     kt = _tokens(k_slots, pid_n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     kv = kt >= 0
     kj = tl.where(kv, kt, 0).to(tl.int64)
-    kT = tl.load(K + b * stride_kb + hk * stride_kh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                 mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
-    vT = tl.load(V + b * stride_vb + hk * stride_vh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
-                 mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + kj[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=kv[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     ku0, ku1, ku2 = _key_u(k_u, n_k_slots, pid_n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     qk_scale = sm_scale * LOG2E
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(qb_ptr, qb_split, qb_rng, pid_n, RANGES)
@@ -604,18 +673,19 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         B_bh = Bias + b * stride_bb + h * stride_bh
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
-        dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks,
-                             pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
-                             grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M,
-                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
-        dk, dv = _dkdv_inner(dk, dv, kT, vT, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh,
-                             dB_bh, q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks,
-                             pid_n, stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq,
-                             stride_bk, stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
-                             grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False, BLOCK_M,
-                             BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh, q_slots,
+                             q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs, stride_qd,
+                             stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq, stride_dbk,
+                             n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
+                             HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV, VISIT,
+                             PRECISION, UPCAST, QADDR, RANGES)
+        if HAS_PARTIAL:  # partial blocks exist: the predicate loop
+            dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
+                                 q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
+                                 stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
+                                 stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
+                                 grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
+                                 BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
