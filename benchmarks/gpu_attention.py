@@ -472,8 +472,9 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
 
 def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
     """Tiles to ship for the swept GPU (format of ``locattn/codegen/tuned/<device>.json``): per swept case and
-    kernel its fastest tile (exact key), and per (kernel, head dim, dtype) the tile with the best geometric
-    mean of time / default time over the swept cases (wildcard key)."""
+    kernel its fastest tile (exact key); per (kernel, head dim, pattern, dtype) and per (kernel, head dim,
+    dtype) the tile with the best geometric mean of time / default time over the swept cases of that pattern,
+    resp. all of them (wildcard keys ``family|d<D>|*|<pattern>|dtype`` and ``family|d<D>|*|*|dtype``)."""
     entries: dict[str, dict] = {}
     groups: dict[str, list[dict[tuple, float]]] = {}
     for rec in sweep:
@@ -481,9 +482,12 @@ def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
             ok = [r for r in rows if math.isfinite(r["ms"])]
             if not ok:
                 continue
-            entries[rec["keys"][fam]] = ok[0]["config"]
-            groups.setdefault(rec["default_keys"][fam], []).append(
-                {tuple(sorted(r["config"].items())): r["ms"] / rec["default_ms"][fam] for r in ok})
+            exact = rec["keys"][fam]
+            entries[exact] = ok[0]["config"]
+            rel = {tuple(sorted(r["config"].items())): r["ms"] / rec["default_ms"][fam] for r in ok}
+            f, d, _, pattern, dt = exact.split("|")
+            for wild in (rec["default_keys"][fam], f"{f}|{d}|*|{pattern}|{dt}"):
+                groups.setdefault(wild, []).append(rel)
     for wild, cases in groups.items():
         common = set.intersection(*(set(c) for c in cases))
         if common:
@@ -577,6 +581,9 @@ def main(argv=None) -> int:
                     help="only compile (into Triton's on-disk cache) what the run would time; with --shard, "
                          "several such processes in parallel warm the cache for the timed run")
     ap.add_argument("--shard", default="0/1", metavar="K/N", help="with --compile-only: this process's share")
+    ap.add_argument("--flex-from", default=None, metavar="JSON",
+                    help="FlexAttention pass only, for the cases of an earlier run's JSON (same GPU, e.g. the "
+                         "previous device call): its rows get the FlexAttention columns, written to --json")
     ap.add_argument("--flex-warm", action="store_true",
                     help="only compile FlexAttention for every case (beside the timed run, Inductor caches on)")
     args = ap.parse_args(argv)
@@ -628,6 +635,21 @@ def main(argv=None) -> int:
         return 0
 
     records, sdpa_cache = [], {}
+    if args.flex_from:  # FlexAttention only, against our numbers from an earlier run on this GPU
+        prev = json.loads(Path(args.flex_from).read_text())
+        records = prev["cases"]
+        env["ours_from"] = dict(file=args.flex_from, env=prev.get("env"))
+        by_name = {c.name: c for c in (dry_cases() if dry else gpu_cases())}
+        for rec in records:
+            if "fwd_ms" in rec.get("ours", {}) and rec["case"] in by_name:
+                try:
+                    flex_pass(rec, by_name[rec["case"]], args, dev, dry)
+                except Exception as e:
+                    rec["flex"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(fmt(rec), flush=True)
+                Path(args.json).write_text(json.dumps(dict(env=env, cases=records, wall_s=time.time() - T0),
+                                                      indent=1, default=str))
+        return 0
 
     def save():
         out = dict(env=env, cases=records, wall_s=time.time() - T0)

@@ -436,6 +436,27 @@ def test_shipped_tiles_and_lookup(tmp_path, monkeypatch):
     assert ti.lookup_tuned(entries, other, autotune=False) == KernelConfig(128, 32, 8, 2)  # per-kernel default
     assert ti.lookup_tuned(entries, other, autotune=True) is None  # autotuning times the exact key instead
     assert ti.lookup_tuned(entries, ("dq",) + other[1:], autotune=False) is None
+    # a pattern's own default sits between the exact key and the kernel's default
+    ti.save_tuned(shipped, ti._key_str(other, wildcard=True, keep_pattern=True), KernelConfig(128, 64, 8, 4))
+    entries = ti.persisted_configs("GPU X")
+    assert ti._key_str(other, wildcard=True, keep_pattern=True) == "fwd|d128|*|tiled|bfloat16"
+    assert ti.lookup_tuned(entries, other, autotune=False) == KernelConfig(128, 64, 8, 4)
+    assert ti.lookup_tuned(entries, key, autotune=False) == KernelConfig(64, 64, 4, 3)
+
+
+def test_shipped_h200_tiles_are_candidates():
+    """The shipped H200 file loads, every tile in it is a CONFIG_SPACE candidate of its kernel and head dim, and
+    each kernel has its default entry (what the device measured, in the format the lookup reads)."""
+    from locattn.codegen import triton_impl as ti
+
+    entries = ti.load_tuned(ti.packaged_tuning_file("NVIDIA H200"))
+    assert entries
+    for key, cfg in entries.items():
+        fam, d = key.split("|")[:2]
+        assert cfg in CONFIG_SPACE[(fam, int(d[1:]))], key
+    for fam in ("fwd", "dq", "dkdv"):
+        for d in (64, 128):
+            assert f"{fam}|d{d}|*|*|bfloat16" in entries
 
 
 def test_untuned_default_is_the_first_tile_that_fits():
@@ -594,6 +615,15 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for c in cases:  # each case checks our output against the predicate on sampled rows (fp32 here)
         assert c["ours"]["sample_rel_err"] < 1e-5, c["case"]
         assert set(c["ours"]["tiles"]) == {"fwd", "dq", "dkdv"}
+    # FlexAttention alone against an earlier run's rows (a later device call): the dry run checks its mask and
+    # output against ours
+    flex = tmp_path / "flex.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run",
+                           "--flex-from", str(out), "--json", str(flex)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(flex.read_text())["cases"]
+    assert len(rows) == 6 and all(r["flex"]["max_abs_diff_vs_ours"] < 1e-4 for r in rows), rows
     # the parallel pre-compile of a device run: shard 1 of 2 takes every other case
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--dry-run",
                            "--compile-only", "--shard", "1/2"], env=env, capture_output=True, text=True,
@@ -617,7 +647,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
     entries = load_tuned(tuned)
     for fam in ("fwd", "dq", "dkdv"):
         assert entries[f"{fam}|d64|*|*|float32"] in CONFIG_SPACE[(fam, 64)]
+        for r in rows:  # each swept pattern's default: one swept case per pattern here, so its fastest tile
+            pattern = r["keys"][fam].split("|")[3]
+            assert entries[f"{fam}|d64|*|{pattern}|float32"] == KernelConfig(**r["families"][fam][0]["config"])
         for r in rows:
             fastest = KernelConfig(**r["families"][fam][0]["config"])
             assert entries[r["keys"][fam]] == fastest
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 90

@@ -56,7 +56,8 @@ class Implementation:
         return True, ""
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (:func:`lse_dtype`; -inf for empty rows)."""
+        """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (:func:`lse_dtype`; -inf for empty
+        rows)."""
         raise NotImplementedError
 
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

@@ -63,32 +63,30 @@ SMALLEST_CONFIG = KernelConfig(32, 32, 4, 1)
 #: fixed tiles under the interpreter: small blocks keep the (serial, numpy) programs cheap
 INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 
-#: candidate configs per (kernel, head-dim bucket); the first entry is the untuned default. For dK/dV,
-#: block_n is the key block a program owns and block_m the query blocks it walks. The defaults were chosen
-#: without a GPU from the sm_90 compile (no register spills for bf16) and measured once on an H200
-#: (benchmarks/RESULTS.md: 104-231 TF/s on all-full plans, far under SDPA). The entries after the first three
-#: are the tiles common in tuned Triton flash kernels on Hopper (BLOCK_M 128, 3-4 stages; dK/dV 32-64 x 128),
-#: not yet measured here: `python benchmarks/gpu_attention.py --sweep` times them all per family.
+#: candidate configs per (kernel, head-dim bucket). For dK/dV, block_n is the key block a program owns and
+#: block_m the query blocks it walks. Order = preference: the first entry the GPU can launch is the untuned
+#: default (``_first_that_fits``); every list holds a tile that fits 99 KB of shared memory (consumer GPUs), at
+#: the latest in last place. The order for head dims 64 and 128 is the H200 sweep of 2026-11-28 (bf16;
+#: benchmarks/RESULTS.md, ``gpu_attention.py --sweep``): its per-kernel winners first, so other Hopper GPUs
+#: start from them; an H200 reads its measured tiles from ``tuned/NVIDIA_H200.json`` instead. Head dim 256 is
+#: unmeasured (tiles chosen from the sm_90 compile: no spills, shared memory within limits).
 CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
-    # forward: 128-row tiles (two warpgroups of 64 rows) first, for H100/H200-class shared memory (up to 227 KB
-    # per block). The untuned default is the first entry the GPU can launch (``_first_that_fits``); every list
-    # holds a tile that fits 99 KB (consumer GPUs), at the latest in last place
     ("fwd", 64): [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3),
                   KernelConfig(128, 64, 8, 2), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3)],
-    ("fwd", 128): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4),
+    ("fwd", 128): [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 64, 8, 3),
                    KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 8, 2)],
     ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
                    KernelConfig(32, 32, 4, 2)],
-    ("dq", 64): [KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 4, 2), KernelConfig(64, 64, 4, 2),
-                 KernelConfig(128, 32, 4, 4), KernelConfig(128, 64, 8, 3)],
-    ("dq", 128): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 8, 2),
-                  KernelConfig(128, 32, 8, 3), KernelConfig(64, 32, 4, 3)],
+    ("dq", 64): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 4), KernelConfig(64, 64, 4, 2),
+                 KernelConfig(128, 32, 4, 2), KernelConfig(128, 64, 8, 2)],
+    ("dq", 128): [KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 3), KernelConfig(64, 64, 8, 2),
+                  KernelConfig(64, 32, 8, 2), KernelConfig(32, 64, 8, 2)],
     ("dq", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)],
-    # dK/dV computes transposed tiles (the key block is the MMA's M dimension): 128-key blocks first
-    ("dkdv", 64): [KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 4, 2), KernelConfig(32, 128, 4, 4),
-                   KernelConfig(128, 64, 8, 2), KernelConfig(32, 128, 8, 3), KernelConfig(32, 64, 4, 2)],
-    ("dkdv", 128): [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 2), KernelConfig(32, 64, 8, 2),
-                    KernelConfig(32, 128, 4, 3), KernelConfig(64, 64, 8, 2), KernelConfig(32, 32, 4, 2)],
+    # dK/dV computes transposed tiles (the key block is the MMA's M dimension): 128-key blocks win
+    ("dkdv", 64): [KernelConfig(32, 128, 4, 2), KernelConfig(32, 128, 4, 4), KernelConfig(32, 64, 4, 2),
+                   KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 2)],
+    ("dkdv", 128): [KernelConfig(64, 128, 8, 2), KernelConfig(32, 128, 8, 3), KernelConfig(32, 64, 8, 2),
+                    KernelConfig(64, 64, 8, 2), KernelConfig(32, 128, 4, 3), KernelConfig(32, 32, 4, 2)],
     ("dkdv", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)],
 }
 
@@ -115,10 +113,12 @@ def persisted_configs(device_name: str) -> dict[str, KernelConfig]:
 
 def lookup_tuned(entries: dict[str, KernelConfig], key: tuple, autotune: bool) -> KernelConfig | None:
     """The persisted tile for ``key``: its exact entry; else, unless autotuning (which then times the exact
-    key), the per-(kernel, head dim, dtype) default entry ``family|d<D>|*|*|dtype``."""
+    key), the pattern's default ``family|d<D>|*|<pattern>|dtype`` (tiles suit patterns: on the H200 the
+    neighborhood forward prefers 64-key blocks, dense and tiled 128), then the kernel's default
+    ``family|d<D>|*|*|dtype``."""
     cfg = entries.get(_key_str(key))
     if cfg is None and not autotune:
-        cfg = entries.get(_key_str(key, wildcard=True))
+        cfg = entries.get(_key_str(key, wildcard=True, keep_pattern=True)) or entries.get(_key_str(key, wildcard=True))
     return cfg
 
 
@@ -134,11 +134,14 @@ def tuning_file(device_name: str) -> Path | None:
     return base / f"triton-{triton.__version__}-{_slug(device_name)}.json"
 
 
-def _key_str(key: tuple, wildcard: bool = False) -> str:
-    """``family|d<D>|s<S bucket>|pattern|dtype`` of a tuning key; ``wildcard``: ``family|d<D>|*|*|dtype``."""
+def _key_str(key: tuple, wildcard: bool = False, keep_pattern: bool = False) -> str:
+    """``family|d<D>|s<S bucket>|pattern|dtype`` of a tuning key; ``wildcard``: ``family|d<D>|*|*|dtype``, or
+    with ``keep_pattern`` ``family|d<D>|*|pattern|dtype``."""
     family, d, s_bucket, pattern, dtype = key[:5]
     dt = str(dtype).replace("torch.", "")
-    return f"{family}|d{d}|*|*|{dt}" if wildcard else f"{family}|d{d}|s{s_bucket}|{pattern}|{dt}"
+    if wildcard:
+        return f"{family}|d{d}|*|{pattern if keep_pattern else '*'}|{dt}"
+    return f"{family}|d{d}|s{s_bucket}|{pattern}|{dt}"
 
 
 def load_tuned(path: Path | None) -> dict[str, KernelConfig]:
