@@ -271,6 +271,17 @@ def test_grid_slot_tokens_match_the_plans():
             assert torch.equal(tok, slots), (grid, tile)
 
 
+def test_fp32_divmod_of_grid_addressing_is_exact_below_2_pow_20():
+    """GRID addressing divides block indices by tile-grid extents in fp32 (``_divmod``: trunc((x + 0.5) *
+    rn(1 / n))): exact for every x < 2**20 and the extents a grid can have (checked exhaustively for a spread of
+    them, incl. the worst, large ones); larger plans are caught by the host mirror and use the tables."""
+    x = torch.arange(1 << 20)
+    xf = x.float() + 0.5
+    for n in [1, 2, 3, 5, 7, 10, 13, 30, 48, 80, 127, 255, 641, 1000, 2047, 4095, 8191, 32767]:
+        q = (xf * (torch.tensor(1.0) / torch.tensor(float(n)))).long()
+        assert torch.equal(q, x // n), n
+
+
 def test_runs_of_a_plan():
     from locattn.codegen.triton_impl import _runs
 

@@ -270,8 +270,13 @@ def grid_slot_tokens(n_slots: int, block: int, tile: tuple[int, ...], grid: tupl
     valid = torch.ones(n_slots, dtype=torch.bool)
     coords = [None] * len(grid)
     for a in reversed(range(len(grid))):
-        coords[a] = (blk % nt[a]) * tile[a] + off % tile[a]
-        blk, off = blk // nt[a], off // tile[a]
+        if a:  # the kernel's fp32 divmod (_divmod), not exact integer division: mirrored, so checked
+            q = ((blk.float() + 0.5) * (torch.tensor(1.0) / torch.tensor(float(nt[a])))).long()
+            coords[a] = (blk - q * nt[a]) * tile[a] + off % tile[a]
+            blk = q
+        else:  # the outermost axis takes the rest of the block index (no modulo): blocks past the grid are padding
+            coords[a] = blk * tile[a] + off % tile[a]
+        off = off // tile[a]
         valid &= coords[a] < grid[a]
     valid &= off == 0  # slots past the tile's own size
     tok = torch.zeros(n_slots, dtype=torch.long)

@@ -64,6 +64,16 @@ _SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n
 
 
 @triton.jit
+def _divmod(x, n):
+    """``(x // n, x % n)`` for a block index ``x >= 0`` and a tile-grid extent ``n``, in fp32 instead of an
+    integer division (~20 instructions each, per loop iteration): ``trunc((x + 0.5) * rn(1 / n))``. Exact while
+    ``x < 2**20``; the host mirror (``grid_slot_tokens``) computes the same fp32 expression and GRID addressing
+    is only chosen where it reproduces the plan's tables."""
+    q = ((x.to(tl.float32) + 0.5) * tl.math.div_rn(1.0, n.to(tl.float32))).to(tl.int32)
+    return q, x - q * n
+
+
+@triton.jit
 def _grid_coords(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
     """Grid coordinates of the slots ``offs`` of block ``blk`` when blocks are spatial tiles (``ADDR`` =
     GRID_BIT | log2 tile sides, 4 bits per axis): the block's tile is row-major over the tile grid, the slot
@@ -73,21 +83,24 @@ def _grid_coords(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
     L2 = (ADDR >> 8) & 15
     if NDIM == 2:
         nt1 = (g1 + (1 << L1) - 1) >> L1
+        b0, b1 = _divmod(blk, nt1)
         o1 = offs & ((1 << L1) - 1)
         o0 = offs >> L1
-        c0 = ((blk // nt1) << L0) + o0
-        c1 = ((blk % nt1) << L1) + o1
+        c0 = (b0 << L0) + o0
+        c1 = (b1 << L1) + o1
         c2 = offs * 0
         valid = (o0 < (1 << L0)) & (c0 < g0) & (c1 < g1)
     else:
         nt1 = (g1 + (1 << L1) - 1) >> L1
         nt2 = (g2 + (1 << L2) - 1) >> L2
+        q2, b2 = _divmod(blk, nt2)
+        b0, b1 = _divmod(q2, nt1)
         o2 = offs & ((1 << L2) - 1)
         o1 = (offs >> L2) & ((1 << L1) - 1)
         o0 = offs >> (L1 + L2)
-        c0 = ((blk // (nt1 * nt2)) << L0) + o0
-        c1 = ((blk // nt2 % nt1) << L1) + o1
-        c2 = ((blk % nt2) << L2) + o2
+        c0 = (b0 << L0) + o0
+        c1 = (b1 << L1) + o1
+        c2 = (b2 << L2) + o2
         valid = (o0 < (1 << L0)) & (c0 < g0) & (c1 < g1) & (c2 < g2)
     return c0, c1, c2, valid
 
