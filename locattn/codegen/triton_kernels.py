@@ -654,6 +654,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
     transposed plan): the GQA sum happens in registers, so the result is deterministic without atomics.
+    Score tiles are computed transposed, ``sᵀ = k qᵀ`` [BLOCK_N, BLOCK_M], so that the key block is every MMA's
+    M dimension (sm_90 wgmma needs 64 rows per warpgroup; query blocks of 32 rows would not get it).
     dBias (fp32 [B, H, S_q, S_k]) receives ``ds`` of every visited pair.
     """
     pid_n = tl.program_id(0)
