@@ -576,6 +576,9 @@ def main(argv=None) -> int:
                          "(or --cases) instead of the benchmark")
     ap.add_argument("--emit-tuned", default=None, metavar="PATH",
                     help="with --sweep: write the winning tiles for shipping (locattn/codegen/tuned/<device>.json)")
+    ap.add_argument("--tuned-from", nargs="+", default=None, metavar="SWEEP_JSON",
+                    help="with --emit-tuned: write the shipped tiles from saved sweep JSONs (same GPU model), no "
+                         "timing; a case swept twice keeps its later record")
     ap.add_argument("--json", default="gpu_attention.json")
     ap.add_argument("--compile-only", action="store_true",
                     help="only compile (into Triton's on-disk cache) what the run would time; with --shard, "
@@ -588,6 +591,15 @@ def main(argv=None) -> int:
                     help="only compile FlexAttention for every case (beside the timed run, Inductor caches on)")
     args = ap.parse_args(argv)
 
+    if args.tuned_from:  # no device needed: the shipped tiles from saved sweeps (e.g. two runs on one GPU model)
+        latest = {(rec["case"], rec["head_dim"]): rec for f in args.tuned_from
+                  for rec in json.loads(Path(f).read_text())["sweep"]}
+        sweep = list(latest.values())
+        if not args.emit_tuned:
+            ap.error("--tuned-from needs --emit-tuned PATH")
+        Path(args.emit_tuned).write_text(json.dumps(tuned_entries(sweep), indent=1, sort_keys=True))
+        print(f"wrote {len(tuned_entries(sweep))} tuned tiles from {len(sweep)} swept cases to {args.emit_tuned}")
+        return 0
     dry = args.dry_run
     if dry:
         dev = torch.device("cpu")

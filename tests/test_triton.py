@@ -664,4 +664,11 @@ def test_gpu_benchmark_dry_run(tmp_path):
         for r in rows:
             fastest = KernelConfig(**r["families"][fam][0]["config"])
             assert entries[r["keys"][fam]] == fastest
+    # the shipped file rebuilt from saved sweeps (a case swept twice counts once): the same tiles
+    again = tmp_path / "again.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--tuned-from", str(sweep),
+                           str(sweep), "--emit-tuned", str(again)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert load_tuned(again) == entries
     assert time.time() - t0 < 90
