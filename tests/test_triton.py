@@ -500,6 +500,29 @@ def test_untuned_default_is_the_first_tile_that_fits():
     with pytest.raises(RuntimeError):
         ti._first_that_fits(space, broken, key)
 
+    # cached per (key, padded head dims); during CUDA-graph capture an unprobed key gets the smallest tile, no probe
+    fit_key = key + (128, 64)
+    ti._FITS.pop(fit_key, None)
+    calls = []
+
+    def counted(cfg):
+        calls.append(cfg)
+        fits(30000)(cfg)
+    assert ti._untuned_default(space, counted, fit_key, capturing=True) == ti.SMALLEST_CONFIG and not calls
+    assert ti._untuned_default(space, counted, fit_key, capturing=False) == space[1]
+    assert ti._untuned_default(space, counted, fit_key, capturing=True) == space[1]   # probed before: reused
+    assert ti._untuned_default(space, counted, fit_key, capturing=False) == space[1] and len(calls) == 2
+    ti._FITS.pop(fit_key)
+
+
+def test_fold_only_for_a_normal_positive_scale():
+    from locattn.codegen.triton_impl import _can_fold
+    c = Case("fold", Dense(), s=8, d=16).call()
+    for scale, bias, ok in [(0.125, None, True), (1e-20, None, True), (1e-40, None, False), (0.0, None, False),
+                            (-0.5, None, False), (0.125, torch.zeros(8, 8), False)]:
+        call = AttentionCall(c.q, c.k, c.v, None, bias, scale, False, c.pattern, c.layout)
+        assert _can_fold(call) == ok, (scale, bias is not None)
+
 
 def test_tuning_cache_file(tmp_path, monkeypatch, caplog):
     """The on-disk autotuning cache: one file per GPU model and Triton version, round trip, a corrupt file

@@ -92,6 +92,8 @@ CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
 
 #: autotuning results: (family, head-dim bucket, seq bucket, pattern kind, dtype, device index) -> config
 _TUNED: dict[tuple, KernelConfig] = {}
+#: untuned defaults: (tuning key, padded head dims) -> the first CONFIG_SPACE tile that launched (``_first_that_fits``)
+_FITS: dict[tuple, KernelConfig] = {}
 #: per CUDA device index, the results persisted by earlier processes (key string -> config), read once
 _PERSISTED: dict[int, dict[str, KernelConfig]] = {}
 
@@ -418,7 +420,9 @@ class Triton(Implementation):
 
     ``config``: fixed tiles for all three kernels; ``configs``: fixed tiles per kernel family (``"fwd"``,
     ``"dq"``, ``"dkdv"``), taking precedence over ``config``. Default: :data:`INTERPRET_CONFIG` under the interpreter;
-    on CUDA the first entry of :data:`CONFIG_SPACE` per kernel, or with ``autotune=True`` (default: the
+    on CUDA the tiles persisted for this GPU model (the user's autotuning cache, then the shipped
+    ``tuned/<device>.json``: exact key, the pattern's default, the kernel's default), else the first entry of
+    :data:`CONFIG_SPACE` the GPU can launch (:func:`_untuned_default`); with ``autotune=True`` (default: the
     environment variable ``LOCATTN_AUTOTUNE=1``) the fastest entry, timed once per (kernel, head dim, sequence
     bucket, pattern kind, dtype, GPU model) and cached in ``_TUNED`` and on disk (:func:`tuning_file`), so a
     later process reuses it without timing.
@@ -508,12 +512,12 @@ class Triton(Implementation):
             _TUNED[key] = persisted
             return persisted
         space = CONFIG_SPACE[(family, key[1])]
-        if torch.cuda.is_current_stream_capturing():
-            return space[0]
+        capturing = torch.cuda.is_current_stream_capturing()
         if not autotune:
-            best = _first_that_fits(space, run, key)
-            _TUNED[key] = best
-            return best
+            # what fits depends on both padded head dims and the dtype (shared memory), not only on the key's bucket
+            return _untuned_default(space, run, key + (_pow2(call.q.shape[-1]), _pow2(call.v.shape[-1])), capturing)
+        if capturing:
+            return SMALLEST_CONFIG
         best, best_t = space[0], math.inf
         for cfg in space:
             try:
@@ -580,8 +584,7 @@ class Triton(Implementation):
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            FOLD=call.bias is None and call.scale > 0, **self._addressing(tab), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            FOLD=_can_fold(call), **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
 
     # -- backward ---------------------------------------------------------------------------------------------
@@ -669,19 +672,39 @@ class Triton(Implementation):
         return dk, dvv, dbias
 
 
+def _can_fold(call: AttentionCall) -> bool:
+    """FOLD (forward): no site bias, and a scale that stays a normal positive fp32 number in the kernel (a scale
+    that underflows to 0 would turn the masked scores' -inf x 0 into NaN; the plain path handles it)."""
+    return call.bias is None and call.scale >= 1e-30
+
+
+def _untuned_default(space: list[KernelConfig], run, fit_key: tuple, capturing: bool) -> KernelConfig:
+    """The tile of a kernel without tuned tiles: the first of ``space`` that launches on this GPU, probed once per
+    ``fit_key`` (tuning key + padded head dims) and kept in ``_FITS``. While a CUDA graph is being captured
+    nothing may launch outside it, so an unprobed key gets ``SMALLEST_CONFIG`` (it fits any GPU), counted, and is
+    probed at its first call outside a capture."""
+    if fit_key in _FITS:
+        return _FITS[fit_key]
+    if capturing:
+        bump("triton_capture_default", f"{fit_key[0]} d{fit_key[1]} {fit_key[4]}")
+        return SMALLEST_CONFIG
+    _FITS[fit_key] = _first_that_fits(space, run, fit_key)
+    return _FITS[fit_key]
+
+
 def _first_that_fits(space: list[KernelConfig], run, key: tuple) -> KernelConfig:
     """The untuned default: the first tile of ``space`` this GPU can launch. Larger tiles come first (they
     suit H100/H200-class shared memory); a GPU with less shared memory per block (consumer cards, 99 KB)
     refuses them at launch with Triton's ``OutOfResources``, counted, and takes the next one. Each probe runs
     the kernel once, at the first call per tuning key only. The result is kept for the process (not on disk).
     """
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     for cfg in [*space, SMALLEST_CONFIG]:  # the smallest tile last: fp32 at head dim 256 on a 99 KB GPU
         try:
             run(cfg)
             return cfg
-        except OutOfResources as e:
+        except (OutOfResources, PTXASError) as e:
             bump("triton_tile_too_large", f"{key[0]} d{key[1]} {key[4]} {cfg}")
             log.info("locattn triton: %s does not fit this GPU (%s), trying the next tile", cfg, e)
             err = e
