@@ -450,18 +450,22 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
     floor = []
     if not case.pattern.local and not dry:  # the textbook kernel on the same tiles (benchmarks/flash_floor.py)
         from flash_floor import floor_forward
-        for cfg in CONFIG_SPACE[("fwd", bucket)]:
-            try:
-                o = floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
-                err = ((o.float() - out.float()).norm() / out.float().norm()).item()
-                ms = bench_ms(lambda: floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps,
-                                                    cfg.num_stages), dev, dry)
-                floor.append(dict(config=dataclasses.asdict(cfg), ms=ms, rel_diff_vs_ours=err))
-            except Exception as e:
-                floor.append(dict(config=dataclasses.asdict(cfg), ms=math.inf, error=f"{type(e).__name__}: {e}"[:120]))
+        for tma in (False, True):  # pointer tiles (cp.async), then tensor descriptors (TMA)
+            for cfg in CONFIG_SPACE[("fwd", bucket)]:
+                def run():
+                    return floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps,
+                                         cfg.num_stages, tma=tma)
+                try:
+                    o = run()
+                    err = ((o.float() - out.float()).norm() / out.float().norm()).item()
+                    floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ms=bench_ms(run, dev, dry),
+                                      rel_diff_vs_ours=err))
+                except Exception as e:
+                    floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ms=math.inf,
+                                      error=f"{type(e).__name__}: {e}"[:120]))
         progress(f"sweep {case.name} d={d} floor fwd: " + ", ".join(
-            f"{r['config']['block_m']}x{r['config']['block_n']}/{r['config']['num_warps']}w/"
-            f"{r['config']['num_stages']}s {r['ms']:.3f} ms" for r in floor))
+            f"{'tma ' if r['tma'] else ''}{r['config']['block_m']}x{r['config']['block_n']}/"
+            f"{r['config']['num_warps']}w/{r['config']['num_stages']}s {r['ms']:.3f} ms" for r in floor))
     probe = Triton()
     return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
                           for fam, rows in res.items()},
@@ -542,7 +546,9 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
                     impl.backward(call, g, out, lse, False)
             elif fam == "floor":
                 from flash_floor import floor_forward
-                floor_forward(q, kk, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+                for tma in (False, True):
+                    floor_forward(q, kk, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                                  tma=tma)
             else:  # one sweep candidate: that kernel alone, like sweep_case
                 impl = Triton(configs={fam: cfg})
                 out, lse = impl.forward(call)
