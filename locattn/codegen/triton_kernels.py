@@ -22,14 +22,16 @@ prefix/grid_end/sinks
 QADDR/KADDR  how query / key slots map to tokens: 0 = the slot tables; 1 = LINEAR, slot i holds token i
              (tokens >= seq_q / seq_k are padding: dense and plain 1-D plans); otherwise GRID = GRID_BIT | log2
              of the tile side per axis (4 bits each): 2-D/3-D blocks are spatial tiles of the g0 x g1 (x g2)
-             grid, tokens and key u-coordinates computed by index arithmetic. Computed modes read no table
+             grid, tokens and key u-coordinates computed by index arithmetic (block index divided by the
+             tile-grid extents in fp32, ``_divmod``; the host mirror proves it exact for the plan). Computed modes
+             read no table
 RANGES       every query block's key blocks form one contiguous range with its full blocks contiguous inside
              (dense, 1-D windows): ``kv_rng[m] = (lo, full_lo, full_hi, hi)`` is read once per program and the
              loops run ``n = lo ..`` directly, with no index load on the critical path. Likewise ``qb_rng`` per
              key block for dK/dV. Otherwise the CSR below is walked
 IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all, and (full blocks
              have no padding keys) K/V tiles load unmasked unless the head dim is not a power of two
-FOLD         forward without site bias and with scale > 0: scores stay unscaled and ``qk_scale`` is folded
+FOLD         forward without site bias and with scale >= 1e-30: scores stay unscaled and ``qk_scale`` is folded
              into the row max and the exp2 argument (one FMA per score instead of a multiply and a subtract)
 HAS_PARTIAL  the plan has partial blocks; without them (dense, exactly tiled plans) the predicate loop is not
              compiled at all
