@@ -275,12 +275,16 @@ def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_b
 
 
 @triton.jit
-def _load_t(ptrs, dmask, UNMASKED: tl.constexpr):
-    """A K/V tile of a full block: unmasked when the head dim is a power of two, else only its padding."""
-    if UNMASKED:
+def _load_kv(ptrs, kmask, dmask, IS_FULL: tl.constexpr, D_EXACT: tl.constexpr):
+    """A K or V tile (either orientation): ``kmask`` marks the valid keys, ``dmask`` the head-dim columns.
+    A full block has no padding keys, so it is loaded without ``kmask``, and without any mask at all when the
+    head dim is a power of two (``D_EXACT``)."""
+    if IS_FULL and D_EXACT:
         x = tl.load(ptrs)
-    else:
+    elif IS_FULL:
         x = tl.load(ptrs, mask=dmask, other=0.0)
+    else:
+        x = tl.load(ptrs, mask=kmask & dmask, other=0.0)
     return x
 
 
@@ -311,16 +315,13 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM, IS_FULL)
-    if IS_FULL:  # a full block has no padding keys: only the head-dim padding (if any) is masked
-        kv = offs_n >= 0
+    kv = kt >= 0  # all true in a full block (no padding keys): its loads drop this mask
+    if IS_FULL:
         kj = kt.to(tl.int64)
-        kT = _load_t(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd, offs_d[:, None] < D,
-                     D == BLOCK_D)
     else:
-        kv = kt >= 0
         kj = tl.where(kv, kt, 0).to(tl.int64)
-        kT = tl.load(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    kT = _load_kv(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd, kv[None, :], offs_d[:, None] < D,
+                  IS_FULL, D == BLOCK_D)
     s = _mma(q, kT, None, PRECISION, UPCAST)
     if not FOLD:
         s = s * qk_scale
@@ -379,12 +380,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
             p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IS_FULL:
-            v = _load_t(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd, offs_dv[None, :] < DV,
-                        DV == BLOCK_DV)
-        else:
-            v = tl.load(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                        mask=kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_kv(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd, kv[:, None],
+                     offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
         if VISIT:
@@ -499,12 +496,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
-        if IS_FULL:
-            vT = _load_t(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd, offs_dv[:, None] < DV,
-                         DV == BLOCK_DV)
-        else:
-            vT = tl.load(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd,
-                         mask=kv[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        vT = _load_kv(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd, kv[None, :],
+                      offs_dv[:, None] < DV, IS_FULL, DV == BLOCK_DV)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
