@@ -47,7 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from locattn.codegen.registry import AttentionCall  # noqa: E402
-from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, Triton, _key_str, kernel_tables  # noqa: E402
+from locattn.codegen.triton_impl import (CONFIG_SPACE, KernelConfig, Triton, _key_str, head_dim_bucket,  # noqa: E402
+                                        kernel_tables)
 from locattn.patterns import Dense, Layout, Neighborhood, SlidingWindow, Tiled, count_allowed  # noqa: E402
 from locattn.patterns.base import Pattern, allowed, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
 from locattn.patterns.plan import build_plan  # noqa: E402
@@ -425,7 +426,7 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
     out, lse = Triton().forward(call)
     delta = (out.float() * g.float()).sum(-1).contiguous()
     lse = lse.float().contiguous()
-    bucket = min(256, max(64, 1 << (d - 1).bit_length()))
+    bucket = head_dim_bucket(d)
     res, default_ms = {}, {}
     for fam in ("fwd", "dq", "dkdv"):
         rows = []
@@ -526,7 +527,7 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
         cases = [c for c in (dry_cases() if dry else gpu_cases()) if c.name in names]
     items = []
     for d in dims:
-        bucket = min(256, max(64, 1 << (d - 1).bit_length()))
+        bucket = head_dim_bucket(d)
         for case in cases:
             if not args.sweep:
                 items.append((case, d, None, None))
@@ -653,25 +654,32 @@ def main(argv=None) -> int:
         return 0
 
     records, sdpa_cache = [], {}
+
+    def save():
+        out = dict(env=env, cases=records, wall_s=time.time() - T0)
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+
+    def flex_rows(pairs):
+        """FlexAttention for each (record, case) whose own numbers exist; the JSON is rewritten after each."""
+        for rec, case in pairs:
+            if "fwd_ms" not in rec.get("ours", {}):
+                continue
+            try:
+                flex_pass(rec, case, args, dev, dry)
+            except Exception as e:
+                rec["flex"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(fmt(rec), flush=True)
+            save()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
     if args.flex_from:  # FlexAttention only, against our numbers from an earlier run on this GPU
         prev = json.loads(Path(args.flex_from).read_text())
         records = prev["cases"]
         env["ours_from"] = dict(file=args.flex_from, env=prev.get("env"))
         by_name = {c.name: c for c in (dry_cases() if dry else gpu_cases())}
-        for rec in records:
-            if "fwd_ms" in rec.get("ours", {}) and rec["case"] in by_name:
-                try:
-                    flex_pass(rec, by_name[rec["case"]], args, dev, dry)
-                except Exception as e:
-                    rec["flex"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                print(fmt(rec), flush=True)
-                Path(args.json).write_text(json.dumps(dict(env=env, cases=records, wall_s=time.time() - T0),
-                                                      indent=1, default=str))
+        flex_rows([(rec, by_name[rec["case"]]) for rec in records if rec["case"] in by_name])
         return 0
-
-    def save():
-        out = dict(env=env, cases=records, wall_s=time.time() - T0)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 
     # pass 1: our kernels and dense SDPA for every case; pass 2 (GPU): FlexAttention, whose compile per case
     # dominates, while its budget lasts. The JSON is rewritten after every case, so a killed run keeps its rows.
@@ -694,16 +702,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     if not dry:
         print("== FlexAttention pass", flush=True)
-        for rec, case in todo:
-            if "fwd_ms" not in rec.get("ours", {}):
-                continue
-            try:
-                flex_pass(rec, case, args, dev, dry)
-            except Exception as e:
-                rec["flex"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            print(fmt(rec), flush=True)
-            save()
-            torch.cuda.empty_cache()
+        flex_rows(todo)
     save()
     print(f"wrote {args.json} ({len(records)} records, {time.time() - T0:.1f} s)")
     failed = [r for r in records if "error" in r.get("ours", {}) or "error" in r.get("flex", {})

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from locattn.codegen import triton_kernels as K  # noqa: E402
-from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig  # noqa: E402
+from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, _pow2, grid_code, head_dim_bucket  # noqa: E402
 
 KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv}
 # pointer arguments and their element types (the rest are integer sizes/strides, or the fp32 scale)
@@ -37,16 +37,11 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
                 target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
-    from locattn.codegen.triton_impl import GRID_BIT
-    addr = int(linear)
-    if tile:
-        addr = GRID_BIT
-        for a, t in enumerate(tile):
-            addr |= (t.bit_length() - 1) << (4 * a)
+    addr = grid_code(tile) if tile else int(linear)
     fn = KERNELS[family]
     names = list(inspect.signature(fn.fn).parameters)
     sig, const = {}, {}
-    bd = max(16, 1 << (d - 1).bit_length())
+    bd = _pow2(d)
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
@@ -127,7 +122,7 @@ def main() -> int:
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
-            space = CONFIG_SPACE[(fam, max(64, min(256, 1 << (d - 1).bit_length())))]
+            space = CONFIG_SPACE[(fam, head_dim_bucket(d))]
             cfgs = ([KernelConfig(*args.block, args.warps, args.stages)] if args.block
                     else space if args.all else space[:1])
             for cfg in cfgs:

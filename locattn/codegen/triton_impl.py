@@ -204,6 +204,11 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 
 
+def head_dim_bucket(d: int) -> int:
+    """The :data:`CONFIG_SPACE` / tuning-key head-dim bucket of head dim ``d`` (64, 128 or 256)."""
+    return min(_pow2(d, 64), MAX_HEAD_DIM)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Device tables derived from a plan (cached per plan object and device)
 
@@ -236,10 +241,6 @@ class KernelTables:
     prefix: int
     grid_end: int
     sinks: int
-
-    @property
-    def linear(self) -> bool:
-        return self.q_addr == 1 and self.k_addr == 1
 
     @property
     def computed(self) -> bool:
@@ -303,6 +304,11 @@ def _grid_addr(slots: torch.Tensor, block: int, tile: tuple[int, ...] | None, la
         ok = slots >= 0
         if not all(torch.equal(k_u[a][ok], coords[a][ok]) for a in range(len(grid))):
             return 0
+    return grid_code(tile)
+
+
+def grid_code(tile: tuple[int, ...]) -> int:
+    """QADDR / KADDR of GRID addressing with power-of-two spatial tile ``tile`` (see the kernel glossary)."""
     code = GRID_BIT
     for a, t in enumerate(tile):
         code |= (t.bit_length() - 1) << (4 * a)
@@ -488,10 +494,10 @@ class Triton(Implementation):
 
     # -- configs ----------------------------------------------------------------------------------------------
     def _tune_key(self, call: AttentionCall, family: str) -> tuple:
-        d = _pow2(max(call.q.shape[-1], call.v.shape[-1]), 64)
+        d = head_dim_bucket(max(call.q.shape[-1], call.v.shape[-1]))
         s_bucket = _pow2(call.q.shape[-2], 1024)
         dev = call.q.device.index if call.q.device.type == "cuda" else -1
-        return (family, min(d, MAX_HEAD_DIM), s_bucket, call.pattern.name, call.q.dtype, dev)
+        return (family, d, s_bucket, call.pattern.name, call.q.dtype, dev)
 
     def _config(self, call: AttentionCall, family: str, run) -> KernelConfig:
         if family in self.configs:
