@@ -47,8 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from locattn.codegen.registry import AttentionCall  # noqa: E402
-from locattn.codegen.triton_impl import (CONFIG_SPACE, KernelConfig, Triton, _key_str, head_dim_bucket,  # noqa: E402
-                                        kernel_tables)
+from locattn.codegen.triton_impl import (CONFIG_SPACE, TMA_CANDIDATES, KernelConfig, Triton, _key_str,  # noqa: E402
+                                        head_dim_bucket, kernel_tables)
 from locattn.patterns import Dense, Layout, Neighborhood, SlidingWindow, Tiled, count_allowed  # noqa: E402
 from locattn.patterns.base import Pattern, allowed, dense_mask, is_global, key_coords, query_bounds  # noqa: E402
 from locattn.patterns.plan import build_plan  # noqa: E402
@@ -427,7 +427,7 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
     delta = (out.float() * g.float()).sum(-1).contiguous()
     lse = lse.float().contiguous()
     bucket = head_dim_bucket(d)
-    res, default_ms = {}, {}
+    res, default_ms, skipped, launched = {}, {}, [], {}
     for fam in ("fwd", "dq", "dkdv"):
         rows = []
         for cfg in CONFIG_SPACE[(fam, bucket)]:
@@ -440,39 +440,60 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
                 run()
                 _sync(dev)
                 compile_s = time.perf_counter() - t
+                if cfg.tma and impl.launched.get("fwd") == "attn_fwd":  # the plan cannot use TMA: not a candidate
+                    skipped.append(dict(config=dataclasses.asdict(cfg), why=impl.last_tma_unfit))
+                    continue
                 rows.append((cfg, bench_ms(run, dev, dry), compile_s))
+                if cfg.tma:
+                    launched[_cfg_label(cfg)] = impl.launched["fwd"]  # attn_fwd_tma(+ws): ws may be refused
             except Exception as e:  # out of resources for this tile
                 rows.append((cfg, math.inf, f"{type(e).__name__}: {e}"[:120]))
         res[fam] = sorted(rows, key=lambda r: r[1])
         default_ms[fam] = rows[0][1]  # CONFIG_SPACE order: the first is the untuned default
         progress(f"sweep {case.name} d={d} {fam}: " + ", ".join(
-            f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s {ms:.3f} ms" for c, ms, _ in rows)
+            f"{_cfg_label(c)} {ms:.3f} ms" for c, ms, _ in rows)
             + f" | best/default {res[fam][0][1] / default_ms[fam]:.2f}")
     floor = []
     if not case.pattern.local and not dry:  # the textbook kernel on the same tiles (benchmarks/flash_floor.py)
-        from flash_floor import floor_forward
-        for tma in (False, True):  # pointer tiles (cp.async), then tensor descriptors (TMA)
-            for cfg in CONFIG_SPACE[("fwd", bucket)]:
-                def run():
-                    return floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps,
-                                         cfg.num_stages, tma=tma)
-                try:
-                    o = run()
-                    err = ((o.float() - out.float()).norm() / out.float().norm()).item()
-                    floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ms=bench_ms(run, dev, dry),
-                                      rel_diff_vs_ours=err))
-                except Exception as e:
-                    floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ms=math.inf,
-                                      error=f"{type(e).__name__}: {e}"[:120]))
+        for tma, ws, cfg in floor_variants(bucket):
+            def run():
+                return floor_forward(q, k, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps,
+                                     cfg.num_stages, tma=tma, ws=ws)
+            try:
+                o = run()
+                err = ((o.float() - out.float()).norm() / out.float().norm()).item()
+                floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ws=ws, ms=bench_ms(run, dev, dry),
+                                  rel_diff_vs_ours=err))
+            except Exception as e:
+                floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ws=ws, ms=math.inf,
+                                  error=f"{type(e).__name__}: {e}"[:120]))
         progress(f"sweep {case.name} d={d} floor fwd: " + ", ".join(
-            f"{'tma ' if r['tma'] else ''}{r['config']['block_m']}x{r['config']['block_n']}/"
+            f"{'ws ' if r['ws'] else 'tma ' if r['tma'] else ''}{r['config']['block_m']}x{r['config']['block_n']}/"
             f"{r['config']['num_warps']}w/{r['config']['num_stages']}s {r['ms']:.3f} ms" for r in floor))
     probe = Triton()
     return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
                           for fam, rows in res.items()},
-                floor_fwd=floor, default_ms=default_ms,
+                floor_fwd=floor, default_ms=default_ms, tma_skipped=skipped, tma_launched=launched,
                 keys={fam: _key_str(probe._tune_key(call, fam)) for fam in res},
                 default_keys={fam: _key_str(probe._tune_key(call, fam), wildcard=True) for fam in res})
+
+
+def floor_forward(*args, **kwargs):
+    """The calibration kernel (``benchmarks/flash_floor.py``, imported on first use: it needs a Triton build)."""
+    from flash_floor import floor_forward as run
+    return run(*args, **kwargs)
+
+
+def _cfg_label(c: KernelConfig) -> str:
+    return f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" + ("/ws" if c.ws else "/tma" if c.tma else "")
+
+
+def floor_variants(bucket: int) -> list[tuple[bool, bool, KernelConfig]]:
+    """(tma, ws, tile) of the calibration kernel timed by the sweep: the generic forward's pointer tiles, plain
+    and with TMA, and the TMA candidates' tiles with their warp specialization (``TMA_CANDIDATES``)."""
+    plain = [c for c in CONFIG_SPACE[("fwd", bucket)] if not c.tma]
+    return ([(False, False, c) for c in plain] + [(True, False, c) for c in plain]
+            + [(True, True, c) for c in TMA_CANDIDATES.get(bucket, []) if c.ws])
 
 
 def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
@@ -532,8 +553,10 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
             if not args.sweep:
                 items.append((case, d, None, None))
                 continue
-            for fam in ("fwd", "dq", "dkdv") + (("floor",) if not case.pattern.local else ()):
-                items += [(case, d, fam, c) for c in CONFIG_SPACE[("fwd" if fam == "floor" else fam, bucket)]]
+            for fam in ("fwd", "dq", "dkdv"):
+                items += [(case, d, fam, c) for c in CONFIG_SPACE[(fam, bucket)]]
+            if not case.pattern.local:
+                items += [(case, d, "floor", v) for v in floor_variants(bucket)]
     t0, done = time.time(), 0
     for i, (case, d, fam, cfg) in enumerate(items):
         if i % n != k:
@@ -546,10 +569,9 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
                     out, lse = impl.forward(call)
                     impl.backward(call, g, out, lse, False)
             elif fam == "floor":
-                from flash_floor import floor_forward
-                for tma in (False, True):
-                    floor_forward(q, kk, v, call.scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
-                                  tma=tma)
+                tma, ws, c = cfg
+                floor_forward(q, kk, v, call.scale, c.block_m, c.block_n, c.num_warps, c.num_stages, tma=tma,
+                              ws=ws)
             else:  # one sweep candidate: that kernel alone, like sweep_case
                 impl = Triton(configs={fam: cfg})
                 out, lse = impl.forward(call)

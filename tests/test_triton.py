@@ -308,6 +308,118 @@ def test_empty_rows_give_zero_and_neg_inf():
     assert torch.isneginf(lse[:, :, 5:9]).all()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the TMA forward (KernelConfig(tma=True[, ws=True])): all-full plans, computed addressing
+
+TMA_CASES = [
+    Case("tma-dense-64-d40", Dense(), s=64, d=40, block=(16, 16)),
+    Case("tma-dense-64-d32-gqa-dv24-bf16", Dense(), s=64, d=32, dv=24, hk=1, dtype=torch.bfloat16, block=(16, 16)),
+    Case("tma-tiled2d-8x12-d40", Tiled(tile=(4, 4), window=(3, 3)), Layout(grid=(8, 12)), s=96, block=(16, 16)),
+    Case("tma-tiled3d-2x4x12-d72-gqa-fp16", Tiled(tile=(1, 4, 4), window=(1, 1, 3)), Layout(grid=(2, 4, 12)), s=96,
+         d=72, hq=2, hk=1, dtype=torch.float16, block=(16, 16)),
+]
+
+
+@pytest.mark.parametrize("ws", [False, True], ids=["tma", "tma+ws"])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c.id for c in TMA_CASES])
+def test_tma_forward_matches_reference(case: Case, ws: bool):
+    """The TMA forward (descriptor tiles: LINEAR [B, H, S, D], GRID 2-D [B, H, g0, g1, D], GRID 3-D
+    [B * H, g0, g1, g2, D]; out-of-bounds columns of non-power-of-two head dims read as zero) against fp64,
+    visiting exactly the plan's blocks; the backward of the same call runs the usual kernels. The interpreter
+    ignores warp specialization: ``ws`` checks the dispatch, the device run checks the specialized code."""
+    impl = Triton(KernelConfig(*case.block, 1, 1, tma=True, ws=ws), nan_fill=True, record_visits=True)
+    _run_case(case.call(), impl)
+    assert impl.launched["fwd"] == ("attn_fwd_tma+ws" if ws else "attn_fwd_tma")
+
+
+def test_tma_forward_on_strided_inputs():
+    """q/k/v as models hand them over (a [B, S, H, D] projection transposed to [B, H, S, D]): the descriptors take
+    the strides as they are, batch 2, no copy; on a 3-D grid batch and head do not merge: counted, generic kernel."""
+    gen = torch.Generator().manual_seed(3)
+    for pattern, layout, s, d in ((Dense(), Layout(), 32, 24), (Tiled(tile=(2, 8), window=(1, 3)), Layout(grid=(4, 16)), 64, 16),
+                                  (Tiled(tile=(1, 4, 4), window=(1, 1, 3)), Layout(grid=(2, 4, 8)), 64, 16)):
+        q, k, v = (torch.randn(2, s, 2, d, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(3))
+        call = AttentionCall(q, k, v, None, None, d ** -0.5, False, pattern,
+                             layout.resolve(s) if pattern.local else layout)
+        import locattn
+        locattn.reset_counters()
+        impl = Triton(KernelConfig(16, 16, 1, 1, tma=True), nan_fill=True)
+        out, lse = impl.forward(call)
+        gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
+        torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse.double(), gold[1], rtol=1e-4, atol=1e-5)
+        merged = len(layout.grid or ()) != 3
+        assert impl.launched["fwd"] == ("attn_fwd_tma" if merged else "attn_fwd"), pattern
+        assert merged or "do not merge" in next(iter(locattn.counters()["triton_tma_unfit"]))
+
+
+def test_tma_unfit_calls_run_the_generic_kernel_counted():
+    """Calls the TMA forward cannot take run ``attn_fwd`` on the same tile, each counted with its reason."""
+    import locattn
+
+    def ran(call, block=(16, 16), **kw):
+        locattn.reset_counters()
+        impl = Triton(KernelConfig(*block, 1, 1, tma=True), **kw)
+        out, lse = impl.forward(call)
+        gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
+        torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
+        return impl.launched["fwd"], list(locattn.counters().get("triton_tma_unfit", {}))
+
+    base = TMA_CASES[0].call()
+    q, k, v = base.q, base.k, base.v
+    assert ran(base) == ("attn_fwd_tma", [])
+    assert ran(Case("p", Dense(), s=63, block=(16, 16)).call()) == ("attn_fwd", ["the plan has partial blocks"])
+    mask = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE) > 0.2
+    assert ran(AttentionCall(q, k, v, mask, None, base.scale, False, base.pattern, base.layout)) == (
+        "attn_fwd", ["site mask or bias"])
+    assert ran(base, tables_only=True) == ("attn_fwd", ["slot tables (TMA needs computed addressing)"])
+    # a base pointer 4 bytes past a 16-byte boundary
+    q_off = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEVICE)[1:].view(q.shape).copy_(q)
+    got = ran(AttentionCall(q_off, k, v, None, None, base.scale, False, base.pattern, base.layout))
+    assert got[0] == "attn_fwd" and "q is not TMA-aligned" in got[1][0]
+    # a 32-token grid under 64-query blocks: the query tile (the whole 4 x 8 grid, GRID-addressed since the keys
+    # are 4 x 4 tiles) has fewer slots than the block; the plan is all full
+    small = Case("s", Tiled(tile=(4, 4), window=(1, 3)), Layout(grid=(4, 8)), s=32, d=16).call()
+    assert ran(small, (64, 16)) == ("attn_fwd", ["spatial tile smaller than the block (grid smaller than a tile)"])
+
+
+def test_ws_refused_by_the_compiler_runs_tma_without_it(monkeypatch):
+    """Where Triton's warp specialization refuses the loop (it does on some versions), the TMA forward runs
+    without it: counted once, remembered (no second compile attempt), correct result."""
+    import locattn
+    from locattn.codegen import triton_impl, triton_kernels
+
+    real = triton_kernels.attn_fwd_tma
+    tries = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tries.append(kw["WS"])
+                if kw["WS"]:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "attn_fwd_tma", Refusing())
+    monkeypatch.setattr(triton_impl, "_WS_REFUSED", set())
+    locattn.reset_counters()
+    call = TMA_CASES[0].call()
+    impl = Triton(KernelConfig(16, 16, 1, 1, tma=True, ws=True))
+    for _ in range(2):
+        out, _ = impl.forward(call)
+        assert impl.launched["fwd"] == "attn_fwd_tma"
+    assert tries == [True, False, False]
+    assert list(locattn.counters()["triton_ws_failed"].values()) == [1]
+    gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
+    torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_config_ws_needs_tma():
+    with pytest.raises(ValueError, match="tma=True"):
+        KernelConfig(128, 64, 4, 2, ws=True)
+
+
 @pytest.mark.skipif(NATIVE, reason="the CPU / interpreter dispatch reasons")
 def test_can_run_reasons(monkeypatch):
     assert interpreted()
@@ -358,9 +470,13 @@ def test_gpu_default_configs(case: Case):
     _run_case(call, Triton(nan_fill=True, record_visits=True), need_dbias=call.bias is not None)
 
 
+def _plain_space(f: str, d: int) -> list[KernelConfig]:
+    return [c for c in CONFIG_SPACE[(f, d)] if not c.tma]  # the TMA candidates: test_gpu_tma_candidates
+
+
 def _space_variants():
     for d in (64, 128, 256):
-        n = max(len(CONFIG_SPACE[(f, d)]) for f in ("fwd", "dq", "dkdv"))
+        n = max(len(_plain_space(f, d)) for f in ("fwd", "dq", "dkdv"))
         for i in range(n):
             yield d, i
 
@@ -369,10 +485,43 @@ def _space_variants():
 @pytest.mark.parametrize("d,i", list(_space_variants()))
 def test_gpu_every_config_compiles_and_matches(d: int, i: int):
     """Every candidate tile of the autotuning space compiles for this GPU and computes the same attention."""
-    configs = {f: CONFIG_SPACE[(f, d)][i % len(CONFIG_SPACE[(f, d)])] for f in ("fwd", "dq", "dkdv")}
+    configs = {f: _plain_space(f, d)[i % len(_plain_space(f, d))] for f in ("fwd", "dq", "dkdv")}
     case = Case(f"gpu-space-d{d}-{i}", Neighborhood(kernel=(5, 7)), Layout(grid=(24, 40), prefix=3), s=963,
                 d=d - 8 if d > 64 else d, hq=4, hk=2, causal=i % 2 == 1, dtype=torch.bfloat16)
     _run_case(case.call(), Triton(configs=configs, nan_fill=True, record_visits=True))
+
+
+def _tma_variants():
+    from locattn.codegen.triton_impl import TMA_CANDIDATES
+    for d, cands in TMA_CANDIDATES.items():
+        for cfg in cands:
+            yield pytest.param(d, cfg, id=f"d{d}-{cfg.block_m}x{cfg.block_n}-{cfg.num_warps}w{cfg.num_stages}s"
+                               + ("-ws" if cfg.ws else "-tma"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("d,cfg", list(_tma_variants()))
+def test_gpu_tma_candidates(d: int, cfg: KernelConfig):
+    """Every TMA / warp-specialized forward candidate on this GPU, on the plans it serves: dense (LINEAR, GQA),
+    a 2-D and a 3-D tiled grid (GRID descriptors), bf16, against fp64; which kernel ran is reported (warp
+    specialization may be refused by the compiler: counted, then the TMA kernel without it)."""
+    import locattn
+
+    for case in (Case(f"gpu-tma-dense-d{d}", Dense(), s=2048, d=d, hq=4, hk=2, dtype=torch.bfloat16),
+                 Case(f"gpu-tma-tiled2d-d{d}", Tiled(tile=(8, 16), window=(3, 3)), Layout(grid=(32, 64)), s=2048,
+                      d=d, dtype=torch.bfloat16),
+                 Case(f"gpu-tma-tiled3d-d{d}", Tiled(tile=(2, 8, 8), window=(3, 3, 3)), Layout(grid=(4, 16, 32)),
+                      s=2048, d=d, dtype=torch.bfloat16)):
+        call = case.call()
+        locattn.reset_counters()
+        impl = Triton(configs={"fwd": cfg}, nan_fill=True)
+        out, lse = impl.forward(call)
+        print(case.id, cfg, impl.launched["fwd"], dict(locattn.counters()))
+        assert impl.launched["fwd"].startswith("attn_fwd_tma"), (case.id, impl.last_tma_unfit)
+        g = torch.zeros_like(out)
+        gold, eager = _golden(call, g, False), _eager(call, g, False)
+        assert_close_to_golden(out, gold[0], eager[0], factor=FUDGE, name="out")
+        assert_close_to_golden(lse, gold[1], eager[1], factor=FUDGE, name="lse")
 
 
 @needs_cuda
@@ -674,8 +823,12 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert {r["case"] for r in rows} == {"dense", "na2d"}
     for r in rows:
         for fam in ("fwd", "dq", "dkdv"):
-            assert len(r["families"][fam]) == len(CONFIG_SPACE[(fam, 64)])
+            timed = [KernelConfig(**x["config"]) for x in r["families"][fam]]
+            skipped = [KernelConfig(**x["config"]) for x in r["tma_skipped"]] if fam == "fwd" else []
+            assert sorted(map(repr, timed + skipped)) == sorted(map(repr, CONFIG_SPACE[(fam, 64)]))
             assert all(math.isfinite(x["ms"]) for x in r["families"][fam])
+        # the TMA candidates cannot run these tiny plans (padded key blocks: partial): skipped with the reason
+        assert r["tma_skipped"] and all(x["why"] == "the plan has partial blocks" for x in r["tma_skipped"])
     # the emitted tiles load as a shipped tuning file: the fastest per case, one default per kernel
     from locattn.codegen.triton_impl import load_tuned
     entries = load_tuned(tuned)

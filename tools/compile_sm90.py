@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from locattn.codegen import triton_kernels as K  # noqa: E402
 from locattn.codegen.triton_impl import CONFIG_SPACE, KernelConfig, _pow2, grid_code, head_dim_bucket  # noqa: E402
 
-KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv}
+KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv, "fwd_tma": K.attn_fwd_tma}
 # pointer arguments and their element types (the rest are integer sizes/strides, or the fp32 scale)
 PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
@@ -38,6 +38,9 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
     addr = grid_code(tile) if tile else int(linear)
+    if cfg.tma:  # the TMA forward (all-full plans, computed addressing): descriptors instead of q/k/v pointers
+        family = "fwd_tma"
+        assert addr, "the TMA forward needs computed addressing (--linear or --tile)"
     fn = KERNELS[family]
     names = list(inspect.signature(fn.fn).parameters)
     sig, const = {}, {}
@@ -45,9 +48,14 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
-                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True)
+                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws)
+    dt_name = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     for n in names:
-        if n in cvals:
+        if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
+            block = cfg.block_m if n == "desc_q" else cfg.block_n
+            lead = [1, 1, block] if addr == 1 else [1] * (4 - len(tile)) + list(tile)
+            sig[n] = f"tensordesc<{dt_name}[{', '.join(map(str, lead + [bd]))}]>"
+        elif n in cvals:
             sig[n] = "constexpr"
             const[(names.index(n),)] = cvals[n]
         elif n in PTR_INPUT or n in PTR_OUTPUT_SAME:
@@ -93,7 +101,9 @@ def static_stats(ck) -> dict:
     ptx = ck.asm["ptx"]
     out = {name: len(re.findall(pat, ptx)) for name, pat in (
         ("ld.global.b32", r"ld\.global\.b32"), ("cp.async", r"cp\.async\.c[ag]\.shared"),
-        ("wgmma", r"wgmma\.mma_async"), ("setp", r"(?m)^\s*setp\."), ("selp", r"(?m)^\s*selp\."))}
+        ("wgmma", r"wgmma\.mma_async"), ("setp", r"(?m)^\s*setp\."), ("selp", r"(?m)^\s*selp\."),
+        ("tma", r"cp\.async\.bulk\.tensor"), ("setmaxnreg", r"setmaxnreg"))}
+    out["warps"] = ck.metadata.num_warps  # 3 warp groups' worth when warp specialization applied
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
@@ -119,11 +129,14 @@ def main() -> int:
     ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
     ap.add_argument("--tile", type=int, nargs="*", help="GRID addressing with this spatial tile (2-D/3-D)")
     ap.add_argument("--no-partial", action="store_true", help="HAS_PARTIAL off: an all-full plan (dense, exact tiles)")
+    ap.add_argument("--tma", action="store_true", help="the TMA forward (attn_fwd_tma; needs --linear or --tile)")
+    ap.add_argument("--ws", action="store_true", help="the TMA forward with warp specialization")
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
             space = CONFIG_SPACE[(fam, head_dim_bucket(d))]
-            cfgs = ([KernelConfig(*args.block, args.warps, args.stages)] if args.block
+            cfgs = ([KernelConfig(*args.block, args.warps, args.stages, tma=args.tma or args.ws, ws=args.ws)]
+                    if args.block
                     else space if args.all else space[:1])
             for cfg in cfgs:
                 for ndim in args.ndim:

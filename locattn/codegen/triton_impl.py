@@ -43,18 +43,30 @@ MAX_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch parameters of one kernel (forward, dQ or dK/dV)."""
+    """Tile sizes and launch parameters of one kernel (forward, dQ or dK/dV).
+
+    ``tma`` (forward only; the backward kernels ignore it): plans whose blocks are all full, without site
+    mask or bias and with computed addressing, run ``attn_fwd_tma``, which moves every tile with a tensor
+    descriptor (TMA on sm_90); other calls run the generic kernel on the same tile (counted,
+    ``triton_tma_unfit``). ``ws`` (implies ``tma``): that kernel's loop asks Triton for warp specialization
+    (Hopper with Triton 3.6: ``num_warps`` per consumer group, two consumer groups plus a producer group;
+    where the compiler refuses it the same kernel runs without, counted ``triton_ws_failed``).
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False
+    ws: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KernelConfig.{name}={v} must be a power of two >= 16 (tl.dot tile)")
+        if self.ws and not self.tma:
+            raise ValueError("KernelConfig(ws=True) needs tma=True (warp specialization is over TMA copies)")
 
 
 #: the last resort of the untuned default (fits 99 KB of shared memory for every kernel, dtype and head dim)
@@ -89,6 +101,22 @@ CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
                     KernelConfig(64, 64, 8, 2), KernelConfig(32, 128, 4, 3), KernelConfig(32, 32, 4, 2)],
     ("dkdv", 256): [KernelConfig(32, 32, 4, 1), KernelConfig(32, 64, 8, 1), KernelConfig(64, 32, 8, 1)],
 }
+
+#: forward candidates with TMA / warp specialization (``KernelConfig.tma`` / ``ws``), appended to the forward
+#: lists so that autotuning and the sweep try them, never an untuned default (they come last). Unmeasured on a
+#: GPU so far: compiled offline for sm_90 with Triton 3.6 (``tools/compile_sm90.py --tma [--ws]``), where
+#: warp specialization applies to LINEAR plans (dense, 1-D tiled) at 4 warps (12 warps launched, 168
+#: registers at d=128) and the 2-D/3-D spatial tiles get TMA without it.
+TMA_CANDIDATES: dict[int, list[KernelConfig]] = {
+    64: [KernelConfig(128, 128, 8, 3, tma=True), KernelConfig(128, 64, 8, 3, tma=True),
+         KernelConfig(128, 128, 4, 2, tma=True, ws=True), KernelConfig(128, 128, 4, 3, tma=True, ws=True),
+         KernelConfig(128, 64, 4, 3, tma=True, ws=True)],
+    128: [KernelConfig(128, 128, 8, 3, tma=True), KernelConfig(128, 64, 8, 3, tma=True),
+          KernelConfig(128, 128, 4, 2, tma=True, ws=True), KernelConfig(128, 64, 4, 3, tma=True, ws=True),
+          KernelConfig(128, 64, 4, 2, tma=True, ws=True)],
+}
+for _d, _cands in TMA_CANDIDATES.items():
+    CONFIG_SPACE[("fwd", _d)] = CONFIG_SPACE[("fwd", _d)] + _cands
 
 #: autotuning results: (family, head-dim bucket, seq bucket, pattern kind, dtype, device index) -> config
 _TUNED: dict[tuple, KernelConfig] = {}
@@ -436,7 +464,9 @@ class Triton(Implementation):
     ``record_visits`` makes every kernel count the block pairs it visits into ``self.visits`` (keys
     ``"fwd"``, ``"dq"``, ``"dkdv"``: int32 [B * Hq, n_qblocks, n_kblocks], 1 per full visit, 16 per partial
     visit) and keeps the plans used in ``self.plans``. ``self.compiled[family]`` is the last compiled kernel
-    launched per family (Triton's ``CompiledKernel``: ``n_regs``, ``n_spills``, ``metadata.shared``).
+    launched per family (Triton's ``CompiledKernel``: ``n_regs``, ``n_spills``, ``metadata.shared``), and
+    ``self.launched["fwd"]`` which forward ran: ``attn_fwd``, ``attn_fwd_tma`` or ``attn_fwd_tma+ws``
+    (``self.last_tma_unfit``: why the last TMA config ran ``attn_fwd``).
     ``tables_only`` turns off the table-free addressing (LINEAR / RANGES in the kernel glossary) so the two
     can be compared; results are identical.
     """
@@ -454,6 +484,8 @@ class Triton(Implementation):
             raise ValueError(f"Triton(configs=...): unknown kernel families {sorted(unknown)} "
                              "(expected 'fwd', 'dq', 'dkdv')")
         self.compiled: dict[str, object] = {}
+        self.launched: dict[str, str] = {}
+        self.last_tma_unfit: str | None = None
         self.autotune = autotune
         self.nan_fill = nan_fill
         self.record_visits = record_visits
@@ -580,6 +612,13 @@ class Triton(Implementation):
         bias, bs = _site_tensor(call.bias, full, tab.q_slots)
         visits = self._visits("fwd", tab, b * hq, q.device) if record else tab.q_slots
         plan = tab.plan
+        if cfg.tma:
+            unfit = self.last_tma_unfit = self._tma_unfit(call, tab)
+            if unfit is None:
+                self._forward_tma(call, cfg, tab, out, lse, visits, record)
+                return out, lse
+            bump("triton_tma_unfit", unfit)
+        self.launched["fwd"] = "attn_fwd"
         self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
@@ -592,6 +631,61 @@ class Triton(Implementation):
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
             FOLD=_can_fold(call), **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
+
+    def _tma_unfit(self, call: AttentionCall, tab: KernelTables) -> str | None:
+        """Why ``attn_fwd_tma`` cannot run this call (None: it can)."""
+        if tab.has_partial:
+            return "the plan has partial blocks"
+        if call.mask is not None or call.bias is not None:
+            return "site mask or bias"
+        if not _can_fold(call):
+            return f"scale {call.scale} (FOLD needs >= 1e-30)"
+        if self.tables_only or not tab.q_addr or not tab.k_addr:
+            return "slot tables (TMA needs computed addressing)"
+        for addr, block in ((tab.q_addr, tab.plan.block_m), (tab.k_addr, tab.plan.block_n)):
+            if addr != 1 and _tile_size(addr, tab.ndim) != block:
+                return "spatial tile smaller than the block (grid smaller than a tile)"
+        if call.q.device.type == "cuda" and torch.cuda.get_device_capability(call.q.device)[0] < 9:
+            return "no TMA before sm_90"
+        for name, x in (("q", call.q), ("k", call.k), ("v", call.v)):
+            if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]):
+                return f"{name} is not TMA-aligned (last stride 1, other strides and base 16-byte multiples)"
+            if tab.ndim == 3 and x.shape[0] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
+                return f"{name}'s batch and head axes do not merge (a 3-D grid descriptor has 5 axes at most)"
+        return None
+
+    def _forward_tma(self, call: AttentionCall, cfg: KernelConfig, tab: KernelTables, out, lse, visits,
+                     record: bool) -> None:
+        q, k, v = call.q, call.k, call.v
+        b, hq, s_q, d = q.shape
+        hk, dv = k.shape[1], v.shape[-1]
+        plan = tab.plan
+        bd, bdv = _pow2(d), _pow2(dv)
+        descs = (_tma_descriptor(q, tab.q_addr, tab.ndim, tab.grid, cfg.block_m, bd),
+                 _tma_descriptor(k, tab.k_addr, tab.ndim, tab.grid, cfg.block_n, bd),
+                 _tma_descriptor(v, tab.k_addr, tab.ndim, tab.grid, cfg.block_n, bdv))
+        ws_key = (q.dtype, d, dv, tab.q_addr, tab.k_addr, tab.ndim, tab.ranges, cfg, _device_key(q.device))
+
+        def launch(ws: bool):
+            return _kernels().attn_fwd_tma[(plan.n_qblocks, b * hq)](
+                *descs, out, lse, tab.kv_ptr, tab.kv_split, tab.kv_idx, tab.kv_rng, visits,
+                *out.stride(), *lse.stride(), hq, hk, hq // hk, dv, s_q, *tab.grid, plan.n_qblocks,
+                plan.n_kblocks, float(call.scale), NDIM=tab.ndim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_D=bd, BLOCK_DV=bdv, VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+                QADDR=tab.q_addr, KADDR=tab.k_addr, RANGES=tab.ranges, WS=ws, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+
+        if cfg.ws and ws_key not in _WS_REFUSED:
+            try:
+                self.compiled["fwd"] = launch(True)
+                self.launched["fwd"] = "attn_fwd_tma+ws"
+                return
+            except Exception as e:  # the compiler's warp specialization refuses the loop (version-dependent)
+                _WS_REFUSED.add(ws_key)
+                bump("triton_ws_failed", f"{type(e).__name__}: {str(e)[:80]}")
+                log.info("locattn triton: warp specialization refused for %s (%s); running without", cfg, e)
+        self.compiled["fwd"] = launch(False)
+        self.launched["fwd"] = "attn_fwd_tma"
 
     # -- backward ---------------------------------------------------------------------------------------------
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -676,6 +770,38 @@ class Triton(Implementation):
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
+
+
+#: (dtype, head dims, addressing, config, device) whose warp-specialized TMA forward the compiler refused
+_WS_REFUSED: set[tuple] = set()
+
+
+def _device_key(device: torch.device) -> tuple:
+    return ("cuda", torch.cuda.get_device_capability(device)) if device.type == "cuda" else (device.type,)
+
+
+def _tile_size(addr: int, ndim: int) -> int:
+    """Slots of the spatial tile of a GRID addressing code."""
+    return 1 << sum((addr >> (4 * a)) & 15 for a in range(ndim))
+
+
+def _tma_descriptor(x: torch.Tensor, addr: int, ndim: int, grid: tuple[int, int, int], block: int, block_d: int):
+    """Tensor descriptor over ``x`` [B, H, S, D] whose [block, block_d] tiles are the kernel's blocks
+    (``triton_kernels._tma_tile``): LINEAR ``[B, H, S, D]`` in runs of ``block`` tokens; GRID 2-D
+    ``[B, H, g0, g1, D]`` and GRID 3-D ``[B * H, g0, g1, g2, D]`` in spatial tiles (the tile sides are in
+    ``addr``). Out-of-bounds rows and columns read as zero."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bsz, h, s, d = x.shape
+    sb, sh, ss, sd = x.stride()
+    if addr == 1:
+        return TensorDescriptor(x, [bsz, h, s, d], [sb, sh, ss, sd], [1, 1, block, block_d])
+    tile = [1 << ((addr >> (4 * a)) & 15) for a in range(ndim)]
+    g = list(grid[:ndim])
+    gs = [ss * math.prod(g[a + 1:]) for a in range(ndim)]  # row-major token strides of the grid axes
+    if ndim == 2:
+        return TensorDescriptor(x, [bsz, h, *g, d], [sb, sh, *gs, sd], [1, 1, *tile, block_d])
+    return TensorDescriptor(x, [bsz * h, *g, d], [sh, *gs, sd], [1, *tile, block_d])
 
 
 def _can_fold(call: AttentionCall) -> bool:
