@@ -336,7 +336,8 @@ def test_tma_forward_on_strided_inputs():
     """q/k/v as models hand them over (a [B, S, H, D] projection transposed to [B, H, S, D]): the descriptors take
     the strides as they are, batch 2, no copy; on a 3-D grid batch and head do not merge: counted, generic kernel."""
     gen = torch.Generator().manual_seed(3)
-    for pattern, layout, s, d in ((Dense(), Layout(), 32, 24), (Tiled(tile=(2, 8), window=(1, 3)), Layout(grid=(4, 16)), 64, 16),
+    for pattern, layout, s, d in ((Dense(), Layout(), 32, 24),
+                                  (Tiled(tile=(2, 8), window=(1, 3)), Layout(grid=(4, 16)), 64, 16),
                                   (Tiled(tile=(1, 4, 4), window=(1, 1, 3)), Layout(grid=(2, 4, 8)), 64, 16)):
         q, k, v = (torch.randn(2, s, 2, d, generator=gen).to(DEVICE).transpose(1, 2) for _ in range(3))
         call = AttentionCall(q, k, v, None, None, d ** -0.5, False, pattern,
