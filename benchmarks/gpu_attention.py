@@ -526,15 +526,18 @@ def flex_warm(args, dev, cases: list[BenchCase], dims: list[int]) -> int:
     """Compile FlexAttention's block masks and kernels for every case, in the order of the FlexAttention pass,
     untimed: run beside the first pass with Inductor's on-disk caches on (``TORCHINDUCTOR_FX_GRAPH_CACHE=1``,
     ``TORCHINDUCTOR_AUTOGRAD_CACHE=1``, here and in the timed run), so that pass finds its graphs compiled.
-    FlexAttention is torch's own code: the caches' blind spot (locattn's custom ops) does not apply."""
-    for d in dims:
-        for case in cases:
-            q, k, v, g = make_inputs(case, d, dev, torch.bfloat16)
-            res = run_flex(case, case_layout(case), q, k, v, g, 1.0 / math.sqrt(d), None, args, dev, False,
-                           warm_only=True)
-            print(f"flex warm {case.name} d={d}: {json.dumps(res)}", flush=True)
-            del q, k, v, g
-            torch.cuda.empty_cache()
+    FlexAttention is torch's own code: the caches' blind spot (locattn's custom ops) does not apply.
+    ``--shard K/N``: this process compiles every N-th (head dim, case) from the K-th (N processes in parallel:
+    each case is a separate compile of FlexAttention's forward and backward, tens of seconds each)."""
+    k_shard, n_shard = (int(x) for x in args.shard.split("/"))
+    items = [(d, case) for d in dims for case in cases]
+    for d, case in items[k_shard::n_shard]:
+        q, k, v, g = make_inputs(case, d, dev, torch.bfloat16)
+        res = run_flex(case, case_layout(case), q, k, v, g, 1.0 / math.sqrt(d), None, args, dev, False,
+                       warm_only=True)
+        print(f"flex warm {case.name} d={d}: {json.dumps(res)}", flush=True)
+        del q, k, v, g
+        torch.cuda.empty_cache()
     return 0
 
 
@@ -612,7 +615,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-only", action="store_true",
                     help="only compile (into Triton's on-disk cache) what the run would time; with --shard, "
                          "several such processes in parallel warm the cache for the timed run")
-    ap.add_argument("--shard", default="0/1", metavar="K/N", help="with --compile-only: this process's share")
+    ap.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="with --compile-only or --flex-warm: this process's share")
     ap.add_argument("--flex-from", default=None, metavar="JSON",
                     help="FlexAttention pass only, for the cases of an earlier run's JSON (same GPU, e.g. the "
                          "previous device call): its rows get the FlexAttention columns, written to --json")

@@ -6,8 +6,9 @@
 #   SKIP_TESTS=1 BENCH_TIMEOUT=420 tools/gpu_check.sh       # benchmark only
 #   SWEEP_ARGS="--head-dims 128 --budget-s 200" SKIP_BENCH=1 tools/gpu_check.sh   # tests + config sweep
 #   DEMO_ARGS="--device cuda --dtype bfloat16 --size 256" ...                        # + the end-to-end demo
-#   WARM_WORKERS=12 INSTALL_TUNED=1 FLEX_WARM=1 ...  # parallel precompile; benchmark on the tiles the sweep
-#                                                    # just chose; FlexAttention compiled in the background
+#   WARM_WORKERS=12 INSTALL_TUNED=1 FLEX_WARM=4 ...  # parallel precompile; benchmark on the tiles the sweep
+#                                                    # just chose; FlexAttention compiled in the background by
+#                                                    # 4 processes
 #
 # Files written (at most 8, the device tool's limit): gpu.txt, tests.log, sweep.log, sweep.json, tuned.json,
 # bench.log, gpu_attention.json, demo.log or flexwarm.log. Needs torch >= 2.11, triton >= 3.6, pytest and pytest-xdist. locattn is
@@ -34,11 +35,15 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
 # flexwarm.log (in place of demo.log: the device tool returns 8 files).
 # It runs in its own process group, stopped (SIGSTOP) while anything is timed, so the timings do not share the
 # CPU or the GPU with it, and killed at the end.
-flex_signal() { if [ -n "${FLEX_WARM_PID:-}" ]; then kill "-$1" -- "-$FLEX_WARM_PID" 2>/dev/null; fi; return 0; }
+# FLEX_WARM=N (N >= 1): N such processes, each compiling every N-th case (--shard), all logging to flexwarm.log.
+flex_signal() { local p; for p in ${FLEX_WARM_PIDS:-}; do kill "-$1" -- "-$p" 2>/dev/null; done; return 0; }
 if [ -n "${FLEX_WARM:-}" ] && [ -z "${SKIP_BENCH:-}" ]; then
-  setsid env TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1 \
-    python3 benchmarks/gpu_attention.py --flex-warm ${BENCH_ARGS:-} >"$OUT/flexwarm.log" 2>&1 &
-  FLEX_WARM_PID=$!
+  : >"$OUT/flexwarm.log"
+  for i in $(seq 0 $((FLEX_WARM - 1))); do
+    setsid env TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1 \
+      python3 benchmarks/gpu_attention.py --flex-warm --shard "$i/$FLEX_WARM" ${BENCH_ARGS:-} >>"$OUT/flexwarm.log" 2>&1 &
+    FLEX_WARM_PIDS="${FLEX_WARM_PIDS:-} $!"
+  done
   trap 'flex_signal KILL' EXIT
 fi
 
@@ -96,7 +101,7 @@ fi
 warm ${BENCH_ARGS:-}
 echo "== benchmarks/gpu_attention.py ${BENCH_ARGS:-}"
 flex_signal KILL
-if [ -n "${FLEX_WARM_PID:-}" ]; then
+if [ -n "${FLEX_WARM_PIDS:-}" ]; then
   echo "flex warm-up stopped after $(grep -c "flex warm" "$OUT/flexwarm.log") case(s)"
   export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 fi
