@@ -220,6 +220,9 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     rec["ours"] = dict(fwd_ms=fwd, bwd_ms=bwd, plan_ms=plan_ms, first_call_s=first_s,
                        fwd_tflops=flops_fwd / fwd / 1e9, bwd_tflops=flops_bwd / bwd / 1e9,
                        block_density=plan.block_density,
+                       # the fraction of the ideal speedup a kernel computing whole blocks at SDPA's rate reaches
+                       plan_ceiling=density / plan.block_density,
+                       fwd_kernel=impl.launched.get("fwd"),
                        sample_rel_err=sample_error(case, layout, q, k, v, out, scale),
                        tiles={fam: dataclasses.asdict(c) for fam, c in tiles.items()},
                        kernels={fam: kernel_stats(ck) for fam, ck in impl.compiled.items()})
@@ -408,7 +411,8 @@ def fmt(rec: dict) -> str:
             f"{o['fwd_ms']:8.2f} ms {o['fwd_tflops']:6.1f} TF/s  bwd {o['bwd_ms']:8.2f} ms "
             f"{o['bwd_tflops']:6.1f} TF/s  plan {o['plan_ms']:.1f} ms | vs sdpa x{get(rec, 'speedup_vs_sdpa_fwd')}"
             f"/x{get(rec, 'speedup_vs_sdpa_bwd')} (ideal x{rec['ideal_speedup']:.1f}, fraction "
-            f"{get(rec, 'fraction_of_ideal_fwd')}/{get(rec, 'fraction_of_ideal_bwd')}) | vs flex "
+            f"{get(rec, 'fraction_of_ideal_fwd')}/{get(rec, 'fraction_of_ideal_bwd')} of ceiling "
+            f"{get(o, 'plan_ceiling')}) {o.get('fwd_kernel') or ''} | vs flex "
             f"x{get(rec, 'speedup_vs_flex_fwd')}/x{get(rec, 'speedup_vs_flex_bwd')} "
             f"(block mask {get(fl, 'block_mask_ms', '{:.1f}')} ms){' ' + fl['error'] if 'error' in fl else ''}"
             f" | regs/spills {kern}")
@@ -522,6 +526,29 @@ def tuned_entries(sweep: list[dict]) -> dict[str, dict]:
     return entries
 
 
+CEILING_TILES = ((64, 32), (64, 64), (128, 32), (128, 64), (128, 128))
+
+
+def ceilings(cases: list[BenchCase]) -> list[dict]:
+    """Per case and (BLOCK_M, BLOCK_N): the plan's block density, its share of full blocks and its ceiling
+    ``density / block density`` — the fraction of the ideal speedup over SDPA that a kernel computing whole
+    blocks at SDPA's rate would reach. Plans only: no GPU, deterministic."""
+    rows = []
+    for case in cases:
+        layout = case_layout(case)
+        density = count_allowed(case.pattern, layout, case.seq, case.seq) / case.seq ** 2
+        for bm, bn in CEILING_TILES:
+            plan = build_plan(case.pattern, layout, case.seq, case.seq, bm, bn, False)
+            rows.append(dict(case=case.name, block_m=bm, block_n=bn, q_tile=plan.q_tile, k_tile=plan.k_tile,
+                             density=density, block_density=plan.block_density, full_share=plan.n_full / plan.nnz,
+                             blocks_per_row=plan.nnz / plan.n_qblocks, ceiling=density / plan.block_density))
+            r = rows[-1]
+            print(f"{case.name:18s} {bm:3d}x{bn:<3d} tiles {str(plan.q_tile):12s} {str(plan.k_tile):12s} density "
+                  f"{density:.4f} block density {r['block_density']:.4f} full {r['full_share']:.2f} blocks/row "
+                  f"{r['blocks_per_row']:6.1f} ceiling {r['ceiling']:.2f}", flush=True)
+    return rows
+
+
 def flex_warm(args, dev, cases: list[BenchCase], dims: list[int]) -> int:
     """Compile FlexAttention's block masks and kernels for every case, in the order of the FlexAttention pass,
     untimed: run beside the first pass with Inductor's on-disk caches on (``TORCHINDUCTOR_FX_GRAPH_CACHE=1``,
@@ -620,6 +647,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flex-from", default=None, metavar="JSON",
                     help="FlexAttention pass only, for the cases of an earlier run's JSON (same GPU, e.g. the "
                          "previous device call): its rows get the FlexAttention columns, written to --json")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="no timing, no GPU: each case's plan at several tiles, its block density and the ceiling "
+                         "density / block density of the fraction of the ideal speedup")
     ap.add_argument("--flex-warm", action="store_true",
                     help="only compile FlexAttention for every case (beside the timed run, Inductor caches on)")
     args = ap.parse_args(argv)
@@ -632,6 +662,11 @@ def main(argv=None) -> int:
             ap.error("--tuned-from needs --emit-tuned PATH")
         Path(args.emit_tuned).write_text(json.dumps(tuned_entries(sweep), indent=1, sort_keys=True))
         print(f"wrote {len(tuned_entries(sweep))} tuned tiles from {len(sweep)} swept cases to {args.emit_tuned}")
+        return 0
+    if args.ceilings:
+        rows = ceilings([c for c in (dry_cases() if args.dry_run else gpu_cases())
+                         if not args.cases or c.name in args.cases])
+        Path(args.json).write_text(json.dumps(dict(ceilings=rows), indent=1))
         return 0
     dry = args.dry_run
     if dry:

@@ -787,6 +787,27 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
 
 
 @pytest.mark.skipif(NATIVE, reason="plumbing check for machines without a GPU")
+def test_gpu_benchmark_ceilings(tmp_path):
+    """``--ceilings``: per case and tile pair the plan's block density and ceiling = density / block density (no
+    GPU, no timing): at most 1, exactly 1 for dense, and equal to the plan's own numbers."""
+    from locattn.patterns.plan import build_plan
+
+    out = tmp_path / "ceil.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_attention.py"), "--ceilings", "--dry-run",
+                           "--json", str(out)], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["ceilings"]
+    assert len(rows) == 6 * 5
+    for r in rows:
+        assert 0 < r["ceiling"] <= 1 and r["ceiling"] == pytest.approx(r["density"] / r["block_density"])
+        if r["case"] == "dense":
+            assert r["ceiling"] == 1
+    r = next(r for r in rows if r["case"] == "na2d" and (r["block_m"], r["block_n"]) == (64, 32))
+    plan = build_plan(Neighborhood(kernel=(3, 3)), Layout(grid=(8, 8)).resolve(64), 64, 64, 64, 32, False)
+    assert r["block_density"] == plan.block_density and r["full_share"] == plan.n_full / plan.nnz
+
+
 def test_gpu_benchmark_dry_run(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
