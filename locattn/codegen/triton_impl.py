@@ -81,12 +81,18 @@ INTERPRET_CONFIG = KernelConfig(16, 16, 1, 1)
 #: the latest in last place. The order for head dims 64 and 128 is the H200 sweep of 2026-11-28 (bf16;
 #: benchmarks/RESULTS.md, ``gpu_attention.py --sweep``): its per-kernel winners first, so other Hopper GPUs
 #: start from them; an H200 reads its measured tiles from ``tuned/NVIDIA_H200.json`` instead. Head dim 256 is
-#: unmeasured (tiles chosen from the sm_90 compile: no spills, shared memory within limits).
+#: unmeasured (tiles chosen from the sm_90 compile: no spills, shared memory within limits). The 64-row forward
+#: tiles at 4 warps are unmeasured candidates for neighborhoods: smaller query tiles raise the plan's ceiling
+#: (``gpu_attention.py --ceilings``: na2d-128x128 0.40 at 128x64, 0.51 at 64x32); the one 64-row tile swept so
+#: far, 64x64/8w/2s, was the slowest forward in every case (8 warps split a 64-row tile over two warp groups),
+#: 4 warps keep it in one.
 CONFIG_SPACE: dict[tuple[str, int], list[KernelConfig]] = {
     ("fwd", 64): [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 4, 3),
-                  KernelConfig(128, 64, 8, 2), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3)],
+                  KernelConfig(128, 64, 8, 2), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3),
+                  KernelConfig(64, 32, 4, 3)],
     ("fwd", 128): [KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 64, 8, 3),
-                   KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 8, 2)],
+                   KernelConfig(128, 128, 8, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 8, 2),
+                   KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 3)],
     ("fwd", 256): [KernelConfig(64, 32, 8, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
                    KernelConfig(32, 32, 4, 2)],
     ("dq", 64): [KernelConfig(128, 64, 8, 3), KernelConfig(128, 32, 4, 4), KernelConfig(64, 64, 4, 2),
