@@ -213,21 +213,21 @@ def test_kernel_matches_reference(case: Case):
     _run_case(call, _impl(*case.block), need_dbias=call.bias is not None)
 
 
-ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES, HAS_PARTIAL) the tables must give it
-    "dense-63-d40": ("linear", "linear", True, True),                        # padded last key block
-    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True, True),
-    "dense-causal-125-fp16": ("linear", "linear", True, True),
-    "sw1d-200-w7": ("linear", "linear", True, True),
-    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True, True),   # dilation: slots not in order
-    "sw1d-125-globals-sinks-bf16": ("table", "table", False, True),              # global key blocks: no runs
-    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True, True),     # prefix globals: slots shifted
-    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True, True),                   # dilation
-    "strided-9x7": ("grid", "grid", True, True),
-    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True, False),
-    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True, True),
-    "dense-64-d32-allfull": ("linear", "linear", True, False),
-    "sw1d-200-w40-d32-causal": ("linear", "linear", True, True),
-    "tiled-8x12-allfull-d16-bf16": ("grid", "grid", True, False),
+ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES, HAS_PARTIAL, WINDOW_ONLY) the tables give
+    "dense-63-d40": ("linear", "linear", True, True, False),                 # padded last key block
+    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True, True, False),
+    "dense-causal-125-fp16": ("linear", "linear", True, True, False),
+    "sw1d-200-w7": ("linear", "linear", True, True, True),
+    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True, True, True),  # dilation: slots not in order
+    "sw1d-125-globals-sinks-bf16": ("table", "table", False, True, False),       # global key blocks: no runs
+    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True, True, False),  # prefix globals: slots shifted
+    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True, True, True),             # dilation
+    "strided-9x7": ("grid", "grid", True, True, True),
+    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True, False, False),   # 3 tiles of window on a 2-tile axis
+    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True, True, True),
+    "dense-64-d32-allfull": ("linear", "linear", True, False, False),
+    "sw1d-200-w40-d32-causal": ("linear", "linear", True, True, True),
+    "tiled-8x12-allfull-d16-bf16": ("grid", "grid", True, False, False),
 }
 
 
@@ -240,7 +240,9 @@ def _mode(code: int) -> str:
 def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     """Computed addressing (LINEAR / GRID tokens from slot indices, RANGES key-block runs walked without an
     index load) is chosen exactly where it reproduces the tables, and gives bit-identical results; plans
-    without partial blocks are recognised (HAS_PARTIAL off: no predicate loop compiled)."""
+    without partial blocks are recognised (HAS_PARTIAL off: no predicate loop compiled); WINDOW_ONLY (no padding
+    test in the forward / dQ predicate) exactly for local patterns without globals whose windows lie inside the
+    grid, with every padding key's u-coordinate outside all windows."""
     from locattn.codegen.triton_impl import kernel_tables
     from locattn.patterns.plan import build_plan
 
@@ -248,7 +250,11 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     call = case.call()
     plan = build_plan(call.pattern, call.layout, call.q.shape[-2], call.k.shape[-2], *case.block, call.is_causal)
     tab = kernel_tables(plan, call.pattern, call.layout, call.q.device)
-    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges, tab.has_partial) == ADDRESSING[case_id]
+    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges, tab.has_partial, tab.window_only) == \
+        ADDRESSING[case_id]
+    from locattn.codegen.triton_impl import PAD_U
+    pad = plan.k_slots < 0
+    assert bool((tab.k_u[:tab.ndim, pad.to(tab.k_u.device)] == PAD_U).all())
     fast = _run_case(call, _impl(*case.block))
     slow = Triton(KernelConfig(*case.block, 1, 1), tables_only=True).forward(call)
     for a, b in zip(fast, slow):

@@ -34,6 +34,7 @@ PTR_U8 = {"Mask"}
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
                 linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None, partial: bool = True,
+                window_only: bool = False,
                 target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
@@ -48,7 +49,7 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
-                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws)
+                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only)
     dt_name = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     for n in names:
         if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
@@ -116,6 +117,40 @@ def static_stats(ck) -> dict:
     return out
 
 
+def sass_loops(ck) -> list[tuple[int, dict[str, int]]]:
+    """The kernel's loops in its SASS (``nvdisasm``, Triton's bundled copy): for every backward branch, the
+    number of instructions from its target to it and the most frequent opcodes — the static cost of one
+    iteration (a forward kernel has its full-block loop, then its partial-block loop)."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nv
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm"), "-c", f.name],
+                              capture_output=True, text=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1).strip())
+        elif re.match(r"^\.L_x_\d+:", line.strip()):
+            labels[line.strip()[:-1]] = len(ins)
+    loops = []
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), i + 1) < i:  # a backward branch: a loop
+            body = ins[labels[m.group(1)]:i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
+            loops.append((len(body), dict(ops.most_common(10))))
+    return loops
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", nargs="*", default=["fwd", "dq", "dkdv"])
@@ -129,6 +164,9 @@ def main() -> int:
     ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
     ap.add_argument("--tile", type=int, nargs="*", help="GRID addressing with this spatial tile (2-D/3-D)")
     ap.add_argument("--no-partial", action="store_true", help="HAS_PARTIAL off: an all-full plan (dense, exact tiles)")
+    ap.add_argument("--window-only", action="store_true",
+                    help="WINDOW_ONLY partial blocks (forward / dQ: the window test alone, no padding test)")
+    ap.add_argument("--loops", action="store_true", help="also print each SASS loop's size and main opcodes")
     ap.add_argument("--tma", action="store_true", help="the TMA forward (attn_fwd_tma; needs --linear or --tile)")
     ap.add_argument("--ws", action="store_true", help="the TMA forward with warp specialization")
     args = ap.parse_args()
@@ -142,10 +180,13 @@ def main() -> int:
                 for ndim in args.ndim:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
                                          tile=tuple(args.tile) if args.tile else None,
-                                         partial=not args.no_partial)
+                                         partial=not args.no_partial, window_only=args.window_only)
                     st = static_stats(ck)
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "
                           + "  ".join(f"{k} {v}" for k, v in st.items()), flush=True)
+                    if args.loops:
+                        for n, ops in sass_loops(ck):
+                            print(f"    loop of {n} SASS instructions: {ops}", flush=True)
     return 0
 
 

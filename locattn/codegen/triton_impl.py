@@ -271,6 +271,7 @@ class KernelTables:
     ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
     has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
     has_partial: bool     # the plan has partial blocks (HAS_PARTIAL: else the partial-block loops are not compiled)
+    window_only: bool     # forward / dQ partial blocks test the window alone (WINDOW_ONLY, kernel glossary)
     ndim: int
     prefix: int
     grid_end: int
@@ -294,6 +295,10 @@ def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: b
 
 #: marks a GRID addressing code (QADDR / KADDR): bits 4a..4a+3 hold log2 of the tile side on axis a
 GRID_BIT = 1 << 12
+
+#: u-coordinate of padding key slots in ``k_u``: past every window (windows lie in [0, grid extent) or are
+#: empty, stored as lo = 2**30), so the window test alone excludes padding keys (WINDOW_ONLY)
+PAD_U = 1 << 29
 
 
 def grid_slot_tokens(n_slots: int, block: int, tile: tuple[int, ...], grid: tuple[int, ...]
@@ -420,7 +425,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
             q_lo[a] = torch.where(empty, 1 << 30, lo)
             q_w[a] = torch.where(empty, 0, hi - lo)
         for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
-            k_u[a] = u
+            k_u[a] = torch.where(plan.k_slots >= 0, u, PAD_U)  # padding keys: outside every window
         prefix, grid_end, sinks = layout.prefix, layout.prefix + layout.n_grid, layout.sinks
         if not linear:
             q_addr = _grid_addr(plan.q_slots, plan.block_m, plan.q_tile, layout)
@@ -428,14 +433,32 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
             g = tuple(layout.grid) + (1,) * (3 - ndim)
     has_globals = bool(pattern.local and (layout.prefix or layout.suffix or layout.sinks))
     has_partial = bool((~plan.kv_full).any())
+    window_only = (pattern.local and not has_globals
+                   and _windows_exclude_padding(plan, layout.grid, q_lo[:ndim], q_w[:ndim], k_addr))
 
     def dev(t):
         return t.to(device=device, dtype=torch.int32).contiguous()
 
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_w), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
-                        dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, ndim, prefix,
-                        grid_end, sinks)
+                        dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
+                        ndim, prefix, grid_end, sinks)
+
+
+def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch.Tensor, q_w: torch.Tensor,
+                             k_addr: int) -> bool:
+    """Whether the window test alone excludes every padding key (WINDOW_ONLY): each real query's window is empty
+    or inside the grid on every axis; table keys carry ``PAD_U``, and GRID keys have no padding inside a tile
+    (the tile fills the block), so a padding GRID key lies past the grid on some axis."""
+    if k_addr > 1 and _tile_size(k_addr, len(grid)) != plan.block_n:
+        return False
+    real = plan.q_slots >= 0
+    for a in range(len(grid)):
+        lo, w = q_lo[a][real], q_w[a][real]
+        empty = (w == 0) & (lo == 1 << 30)
+        if not bool((empty | ((lo >= 0) & (lo + w <= grid[a] - 1))).all()):
+            return False
+    return True
 
 
 def _site_tensor(t: torch.Tensor | None, shape, dummy: torch.Tensor):
@@ -635,7 +658,8 @@ class Triton(Implementation):
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            FOLD=_can_fold(call), **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            FOLD=_can_fold(call), WINDOW_ONLY=tab.window_only, **self._addressing(tab), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return out, lse
 
     def _tma_unfit(self, call: AttentionCall, tab: KernelTables) -> str | None:
@@ -748,7 +772,7 @@ class Triton(Implementation):
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            **self._bwd_common(call, tab, cfg, record))
+            WINDOW_ONLY=tab.window_only, **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):

@@ -37,6 +37,11 @@ HAS_PARTIAL  the plan has partial blocks; without them (dense, exactly tiled pla
              compiled at all
 HAS_GLOBALS  the layout has global tokens or sinks (prefix > 0, grid_end < S or sinks > 0): without them the
              partial-block predicate skips the global tests
+WINDOW_ONLY  forward and dQ, partial blocks of a local pattern without globals whose query windows lie inside
+             the grid: the window test alone, no padding test. A padding key's u-coordinate lies outside every
+             window (``k_u`` holds ``PAD_U`` for padding slots; GRID keys past the grid are past every window)
+             and padding query rows are never stored. Each term of a conjunction costs one select per score
+             (sm_90 SASS), so dropping the two padding terms halves the partial loop's selects
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
 HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
@@ -199,12 +204,20 @@ def _outer(qx, kx, TRANS: tl.constexpr):
 
 @triton.jit
 def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-          NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False):
+          NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False,
+          WINDOW_ONLY: tl.constexpr = False):
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
-    transpose [BLOCK_N, BLOCK_M] when ``TRANS``."""
+    transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (see the glossary): the window test alone."""
     q2, k2 = _outer(qt, kt, TRANS)
-    keep = (q2 >= 0) & (k2 >= 0)
-    if NDIM > 0:
+    if WINDOW_ONLY:  # padding keys lie outside every window; padding query rows are never stored
+        keep = _inside(ku0, qlo0, qw0, TRANS)
+        if NDIM > 1:
+            keep = keep & _inside(ku1, qlo1, qw1, TRANS)
+        if NDIM > 2:
+            keep = keep & _inside(ku2, qlo2, qw2, TRANS)
+    else:
+        keep = (q2 >= 0) & (k2 >= 0)
+    if NDIM > 0 and not WINDOW_ONLY:
         win = _inside(ku0, qlo0, qw0, TRANS)
         if NDIM > 1:
             win = win & _inside(ku1, qlo1, qw1, TRANS)
@@ -309,7 +322,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
-                  FOLD: tl.constexpr = False):
+                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
     the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate. ``FOLD``
     (no bias, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2 argument.
@@ -332,7 +345,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     if not IS_FULL:
         ku0, ku1, ku2 = _key_u(k_u, n_k_slots, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                     NDIM, CAUSAL, HAS_GLOBALS)
+                     NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY)
         s = tl.where(keep, s, float("-inf"))
     return s, kT, kj, kv
 
@@ -359,7 +372,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                HAS_BIAS: tl.constexpr,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr):
+               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr,
+               WINDOW_ONLY: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -367,7 +381,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD)
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD,
+                                      WINDOW_ONLY)
         if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
@@ -408,7 +423,8 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
-             RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr):
+             RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr,
+             WINDOW_ONLY: tl.constexpr = False):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -440,14 +456,14 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                k_u, kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd,
                                stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
                                qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
-                               BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD)
+                               BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
                                    k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
                                    stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
-                                   FOLD)
+                                   FOLD, WINDOW_ONLY)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -565,7 +581,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-              UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr):
+              UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -573,7 +589,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR)
+                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
+                                      False, WINDOW_ONLY)
         vT = _load_kv(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd, kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL, DV == BLOCK_DV)
         p = tl.math.exp2(s - lse2[:, None])
@@ -602,7 +619,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
-                RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr):
+                RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
@@ -640,13 +657,13 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES)
+                   PRECISION, UPCAST, KADDR, RANGES, False)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
