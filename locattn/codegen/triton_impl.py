@@ -271,7 +271,7 @@ class KernelTables:
     ranges: bool          # every row of the plan and of its transpose is one contiguous run (see glossary)
     has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
     has_partial: bool     # the plan has partial blocks (HAS_PARTIAL: else the partial-block loops are not compiled)
-    window_only: bool     # forward / dQ partial blocks test the window alone (WINDOW_ONLY, kernel glossary)
+    window_only: bool     # partial blocks test the window alone (WINDOW_ONLY, kernel glossary)
     ndim: int
     prefix: int
     grid_end: int
@@ -798,7 +798,7 @@ class Triton(Implementation):
             *dbias.stride(),
             hq, hk, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
+            NEED_DBIAS=want_dbias, WINDOW_ONLY=tab.window_only, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
 
 

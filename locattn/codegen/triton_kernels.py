@@ -37,11 +37,12 @@ HAS_PARTIAL  the plan has partial blocks; without them (dense, exactly tiled pla
              compiled at all
 HAS_GLOBALS  the layout has global tokens or sinks (prefix > 0, grid_end < S or sinks > 0): without them the
              partial-block predicate skips the global tests
-WINDOW_ONLY  forward and dQ, partial blocks of a local pattern without globals whose query windows lie inside
-             the grid: the window test alone, no padding test. A padding key's u-coordinate lies outside every
-             window (``k_u`` holds ``PAD_U`` for padding slots; GRID keys past the grid are past every window)
-             and padding query rows are never stored. Each term of a conjunction costs one select per score
-             (sm_90 SASS), so dropping the two padding terms halves the partial loop's selects
+WINDOW_ONLY  partial blocks of a local pattern without globals whose query windows lie inside the grid: the
+             window test alone, no padding test. A padding key's u-coordinate lies outside every window (``k_u``
+             holds ``PAD_U`` for padding slots; GRID keys past the grid are past every window); padding query
+             rows are never stored (forward, dQ) and contribute nothing to dK/dV (their lse loads as +inf: p = 0).
+             Each term of a conjunction costs one select per score (sm_90 SASS), so dropping the two padding
+             terms halves the partial loop's selects
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
 HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
@@ -209,7 +210,7 @@ def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_e
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
     transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (see the glossary): the window test alone."""
     q2, k2 = _outer(qt, kt, TRANS)
-    if WINDOW_ONLY:  # padding keys lie outside every window; padding query rows are never stored
+    if WINDOW_ONLY:  # padding keys lie outside every window; padding query rows are inert (glossary)
         keep = _inside(ku0, qlo0, qw0, TRANS)
         if NDIM > 1:
             keep = keep & _inside(ku1, qlo1, qw1, TRANS)
@@ -677,7 +678,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, 
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr,
                 BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr):
+                UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -703,7 +704,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, 
         if not IS_FULL:
             qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL, HAS_GLOBALS, True)
+                         NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY)
             sT = tl.where(keep, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])                     # [BLOCK_N, BLOCK_M]
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
@@ -739,7 +740,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
-                  HAS_PARTIAL: tl.constexpr):
+                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -783,14 +784,15 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
                              stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq, stride_dbk,
                              n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
                              HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV, VISIT,
-                             PRECISION, UPCAST, QADDR, RANGES)
+                             PRECISION, UPCAST, QADDR, RANGES, False)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
                                  q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
-                                 BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES)
+                                 BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES,
+                                 WINDOW_ONLY)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
