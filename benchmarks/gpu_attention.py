@@ -418,7 +418,8 @@ def fmt(rec: dict) -> str:
             f" | regs/spills {kern}")
 
 
-SWEEP_CASES = ("dense-16k", "sw1d-16k", "na2d-128x128", "na3d-30x48x80", "tiled3d-30x48x80", "na2d-64x64")
+SWEEP_CASES = ("dense-16k", "sw1d-16k", "na2d-128x128", "tiled2d-128x128", "na3d-30x48x80", "tiled3d-30x48x80",
+               "na2d-64x64")
 
 
 def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
