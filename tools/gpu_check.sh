@@ -36,8 +36,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
 # It runs in its own process group, stopped (SIGSTOP) while anything is timed, so the timings do not share the
 # CPU or the GPU with it, and killed at the end.
 # FLEX_WARM=N (N >= 1): N such processes, each compiling every N-th case (--shard), all logging to flexwarm.log.
+# With SKIP_BENCH, FLEX_WAIT=S lets them run until S seconds after the start (a call that only compiles
+# FlexAttention beside the tests; a later call on the same machine reads the caches with FLEX_CACHE=1).
 flex_signal() { local p; for p in ${FLEX_WARM_PIDS:-}; do kill "-$1" -- "-$p" 2>/dev/null; done; return 0; }
-if [ -n "${FLEX_WARM:-}" ] && [ -z "${SKIP_BENCH:-}" ]; then
+if [ -n "${FLEX_WARM:-}" ]; then
   : >"$OUT/flexwarm.log"
   for i in $(seq 0 $((FLEX_WARM - 1))); do
     setsid env TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1 \
@@ -96,13 +98,21 @@ if [ -n "${DEMO_ARGS:-}" ]; then
   echo "demo exit $? after $(( $(date +%s) - t0 )) s"
   grep -v Warning "$OUT/demo.log" | tail -n 12
 fi
-[ -n "${SKIP_BENCH:-}" ] && exit 0
+if [ -n "${SKIP_BENCH:-}" ]; then
+  if [ -n "${FLEX_WARM_PIDS:-}" ]; then
+    while [ $(( $(date +%s) - t0 )) -lt "${FLEX_WAIT:-0}" ] && kill -0 ${FLEX_WARM_PIDS} 2>/dev/null; do sleep 5; done
+    echo "flex warm-up: $(grep -c "flex warm" "$OUT/flexwarm.log") case(s) compiled after $(( $(date +%s) - t0 )) s"
+  fi
+  exit 0
+fi
 
 warm ${BENCH_ARGS:-}
 echo "== benchmarks/gpu_attention.py ${BENCH_ARGS:-}"
 flex_signal KILL
 if [ -n "${FLEX_WARM_PIDS:-}" ]; then
   echo "flex warm-up stopped after $(grep -c "flex warm" "$OUT/flexwarm.log") case(s)"
+fi
+if [ -n "${FLEX_WARM_PIDS:-}" ] || [ -n "${FLEX_CACHE:-}" ]; then  # FlexAttention reads what the warm-up compiled
   export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 fi
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_attention.py --json "$OUT/gpu_attention.json" ${BENCH_ARGS:-} \
