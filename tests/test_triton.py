@@ -264,7 +264,7 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
 def test_grid_slot_tokens_match_the_plans():
     """The host mirror of the kernels' GRID arithmetic reproduces build_plan's spatial-tile slot tables (odd
     grids, padded tiles, tiles wider than an axis)."""
-    from locattn.codegen.triton_impl import grid_slot_tokens
+    from locattn.codegen.triton_impl import grid_code, grid_slot_tokens, grid_tile
     from locattn.patterns.plan import build_plan
 
     for pattern, grid, bm, bn in [(Neighborhood(kernel=(3, 5)), (9, 13), 16, 32),
@@ -275,6 +275,7 @@ def test_grid_slot_tokens_match_the_plans():
         for slots, block, tile in ((plan.q_slots, bm, plan.q_tile), (plan.k_slots, bn, plan.k_tile)):
             tok, _ = grid_slot_tokens(slots.numel(), block, tile, grid)
             assert torch.equal(tok, slots), (grid, tile)
+            assert grid_tile(grid_code(tile), len(tile)) == tuple(tile)
 
 
 def test_fp32_divmod_of_grid_addressing_is_exact_below_2_pow_20():

@@ -810,9 +810,14 @@ def _device_key(device: torch.device) -> tuple:
     return ("cuda", torch.cuda.get_device_capability(device)) if device.type == "cuda" else (device.type,)
 
 
+def grid_tile(addr: int, ndim: int) -> tuple[int, ...]:
+    """The spatial tile of a GRID addressing code (the inverse of :func:`grid_code`)."""
+    return tuple(1 << ((addr >> (4 * a)) & 15) for a in range(ndim))
+
+
 def _tile_size(addr: int, ndim: int) -> int:
     """Slots of the spatial tile of a GRID addressing code."""
-    return 1 << sum((addr >> (4 * a)) & 15 for a in range(ndim))
+    return math.prod(grid_tile(addr, ndim))
 
 
 def _tma_descriptor(x: torch.Tensor, addr: int, ndim: int, grid: tuple[int, int, int], block: int, block_d: int):
@@ -826,7 +831,7 @@ def _tma_descriptor(x: torch.Tensor, addr: int, ndim: int, grid: tuple[int, int,
     sb, sh, ss, sd = x.stride()
     if addr == 1:
         return TensorDescriptor(x, [bsz, h, s, d], [sb, sh, ss, sd], [1, 1, block, block_d])
-    tile = [1 << ((addr >> (4 * a)) & 15) for a in range(ndim)]
+    tile = list(grid_tile(addr, ndim))
     g = list(grid[:ndim])
     gs = [ss * math.prod(g[a + 1:]) for a in range(ndim)]  # row-major token strides of the grid axes
     if ndim == 2:
