@@ -208,17 +208,10 @@ def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_e
           NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False,
           WINDOW_ONLY: tl.constexpr = False):
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
-    transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (see the glossary): the window test alone."""
+    transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (NDIM > 0, no globals; see the glossary): the
+    window test alone excludes padding."""
     q2, k2 = _outer(qt, kt, TRANS)
-    if WINDOW_ONLY:  # padding keys lie outside every window; padding query rows are inert (glossary)
-        keep = _inside(ku0, qlo0, qw0, TRANS)
-        if NDIM > 1:
-            keep = keep & _inside(ku1, qlo1, qw1, TRANS)
-        if NDIM > 2:
-            keep = keep & _inside(ku2, qlo2, qw2, TRANS)
-    else:
-        keep = (q2 >= 0) & (k2 >= 0)
-    if NDIM > 0 and not WINDOW_ONLY:
+    if NDIM > 0:
         win = _inside(ku0, qlo0, qw0, TRANS)
         if NDIM > 1:
             win = win & _inside(ku1, qlo1, qw1, TRANS)
@@ -228,7 +221,12 @@ def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_e
             q_glob, k_glob = _outer((qt < prefix) | (qt >= grid_end), (kt < prefix) | (kt >= grid_end) | (kt < sinks),
                                     TRANS)
             win = win | q_glob | k_glob
-        keep = keep & win
+        if WINDOW_ONLY:
+            keep = win
+        else:
+            keep = (q2 >= 0) & (k2 >= 0) & win
+    else:
+        keep = (q2 >= 0) & (k2 >= 0)
     if CAUSAL:
         keep = keep & (k2 <= q2)
     return keep
