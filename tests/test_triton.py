@@ -794,6 +794,26 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
 
 
 @pytest.mark.skipif(NATIVE, reason="plumbing check for machines without a GPU")
+@pytest.mark.skipif(NATIVE, reason="the GPU run compiles the kernels natively")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter is lenient (tile shapes, descriptor ranks, layouts): every kernel family also compiles for
+    sm_90 offline (Triton's bundled ptxas, ``tools/compile_sm90.py``, fresh cache): the generic forward / dQ /
+    dK/dV with GRID addressing, RANGES and WINDOW_ONLY at a padded head dim, and the TMA forward on LINEAR and
+    3-D GRID descriptors."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    runs = [("--family fwd dq dkdv --d 72 --ndim 2 --block 64 64 --warps 4 --stages 2 --tile 8 8 --ranges "
+             "--window-only", 3),
+            ("--family fwd --tma --d 40 --ndim 0 --block 64 64 --warps 4 --stages 2 --linear --ranges --no-partial", 1),
+            ("--family fwd --tma --d 64 --ndim 3 --block 64 64 --warps 4 --stages 2 --tile 2 4 8 --no-partial", 1)]
+    for args, n in runs:
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "compile_sm90.py"), *args.split()], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, args + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("fwd", "dq", "dkdv"))]
+        assert len(lines) == n and all("reg " in ln for ln in lines), proc.stdout
+
+
 def test_gpu_benchmark_ceilings(tmp_path):
     """``--ceilings``: per case and tile pair the plan's block density and ceiling = density / block density (no
     GPU, no timing): at most 1, exactly 1 for dense, and equal to the plan's own numbers."""
