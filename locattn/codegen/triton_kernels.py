@@ -405,6 +405,20 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_store(acc, l_i, m_i, Out_bh, LSE_bh, qi, qv, stride_os, stride_od, stride_ls, DV: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """Normalise and store the forward's rows ``qi`` (valid where ``qv``) of one (batch, head): ``out`` and the
+    natural-log ``lse``; a row that saw no allowed key (``l == 0``) stores 0 and -inf."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(Out_bh + qi[:, None] * stride_os + offs_dv[None, :] * stride_od, out.to(Out_bh.dtype.element_ty),
+             mask=qv[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE_bh + qi * stride_ls, lse, mask=qv)
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
@@ -432,7 +446,6 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     hk = h // GROUP
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
     qt = _tokens(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     qv = qt >= 0
@@ -463,12 +476,8 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
                                    FOLD, WINDOW_ONLY)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(Out + b * stride_ob + h * stride_oh + qi[:, None] * stride_os + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=qv[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + b * stride_lb + h * stride_lh + qi * stride_ls, lse, mask=qv)
+    _fwd_store(acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, LSE + b * stride_lb + h * stride_lh, qi, qv,
+               stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
 
 @triton.jit
@@ -533,18 +542,13 @@ def attn_fwd_tma(desc_q, desc_k, desc_v, Out, LSE, kv_ptr, kv_split, kv_idx, kv_
         if VISIT:
             _record_visit(Visit_row + n, True)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
     qt = _tokens(Out, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)  # computed (Out: unused table)
     qv = qt >= 0
     qi = tl.where(qv, qt, 0).to(tl.int64)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    tl.store(Out + b64 * stride_ob + h64 * stride_oh + qi[:, None] * stride_os + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=qv[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + qi * stride_ls, lse, mask=qv)
+    _fwd_store(acc, l_i, m_i, Out + b64 * stride_ob + h64 * stride_oh, LSE + b64 * stride_lb + h64 * stride_lh, qi, qv,
+               stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
 
 # ----------------------------------------------------------------------------------------------------------
