@@ -497,16 +497,18 @@ class Triton(Implementation):
     ``self.launched["fwd"]`` which forward ran: ``attn_fwd``, ``attn_fwd_tma`` or ``attn_fwd_tma+ws``
     (``self.last_tma_unfit``: why the last TMA config ran ``attn_fwd``).
     ``tables_only`` turns off the table-free addressing (LINEAR / RANGES in the kernel glossary) so the two
-    can be compared; results are identical.
+    can be compared; results are identical. ``window_only=False`` turns off WINDOW_ONLY (partial blocks then
+    test padding too; results are identical), for the same kind of A/B.
     """
 
     name = "triton"
 
     def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
                  autotune: bool | None = None, nan_fill: bool = False, record_visits: bool = False,
-                 tables_only: bool = False):
+                 tables_only: bool = False, window_only: bool = True):
         self.config = config
         self.tables_only = tables_only
+        self.window_only = window_only
         self.configs = dict(configs or {})
         unknown = set(self.configs) - {"fwd", "dq", "dkdv"}
         if unknown:
@@ -658,8 +660,7 @@ class Triton(Implementation):
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            FOLD=_can_fold(call), WINDOW_ONLY=tab.window_only, **self._addressing(tab), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            FOLD=_can_fold(call), **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out, lse
 
     def _tma_unfit(self, call: AttentionCall, tab: KernelTables) -> str | None:
@@ -744,7 +745,8 @@ class Triton(Implementation):
     def _addressing(self, tab: KernelTables) -> dict:
         off = self.tables_only
         return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
-                    RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial)
+                    RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial,
+                    WINDOW_ONLY=tab.window_only and self.window_only)
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -772,7 +774,7 @@ class Triton(Implementation):
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            WINDOW_ONLY=tab.window_only, **self._bwd_common(call, tab, cfg, record))
+            **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
@@ -798,7 +800,7 @@ class Triton(Implementation):
             *dbias.stride(),
             hq, hk, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            NEED_DBIAS=want_dbias, WINDOW_ONLY=tab.window_only, **self._bwd_common(call, tab, cfg, record))
+            NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
 
 
