@@ -34,11 +34,14 @@ PTR_U8 = {"Mask"}
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
                 linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None, partial: bool = True,
-                window_only: bool = False,
+                window_only: bool = False, ktile: tuple[int, ...] | None = None,
                 target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
-    queries and keys) / ``ranges`` select the table-free addressing modes (see triton_kernels' glossary)."""
+    queries, and for keys unless ``ktile`` gives theirs) / ``ranges`` select the table-free addressing modes
+    (see triton_kernels' glossary)."""
     addr = grid_code(tile) if tile else int(linear)
+    ktile = ktile or tile
+    kaddr = grid_code(ktile) if ktile else addr
     if cfg.tma:  # the TMA forward (all-full plans, computed addressing): descriptors instead of q/k/v pointers
         family = "fwd_tma"
         assert addr, "the TMA forward needs computed addressing (--linear or --tile)"
@@ -48,13 +51,13 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     bd = _pow2(d)
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
-                 PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=addr, RANGES=ranges,
+                 PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=kaddr, RANGES=ranges,
                  HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only)
     dt_name = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     for n in names:
         if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
-            block = cfg.block_m if n == "desc_q" else cfg.block_n
-            lead = [1, 1, block] if addr == 1 else [1] * (4 - len(tile)) + list(tile)
+            block, t = (cfg.block_m, tile) if n == "desc_q" else (cfg.block_n, ktile)
+            lead = [1, 1, block] if addr == 1 else [1] * (4 - len(t)) + list(t)
             sig[n] = f"tensordesc<{dt_name}[{', '.join(map(str, lead + [bd]))}]>"
         elif n in cvals:
             sig[n] = "constexpr"
@@ -163,6 +166,7 @@ def main() -> int:
     ap.add_argument("--linear", action="store_true", help="LINEAR slots (dense / plain 1-D plans)")
     ap.add_argument("--ranges", action="store_true", help="RANGES loops (run-structured plans)")
     ap.add_argument("--tile", type=int, nargs="*", help="GRID addressing with this spatial tile (2-D/3-D)")
+    ap.add_argument("--ktile", type=int, nargs="*", help="the keys' spatial tile when it differs from --tile")
     ap.add_argument("--no-partial", action="store_true", help="HAS_PARTIAL off: an all-full plan (dense, exact tiles)")
     ap.add_argument("--window-only", action="store_true",
                     help="WINDOW_ONLY partial blocks (forward / dQ: the window test alone, no padding test)")
@@ -180,6 +184,7 @@ def main() -> int:
                 for ndim in args.ndim:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
                                          tile=tuple(args.tile) if args.tile else None,
+                                         ktile=tuple(args.ktile) if args.ktile else None,
                                          partial=not args.no_partial, window_only=args.window_only)
                     st = static_stats(ck)
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "

@@ -141,6 +141,25 @@ def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.con
 
 
 @triton.jit
+def _row_index(t, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """int64 row index for the addresses of a gathered tile whose padding rows are masked off: the token for
+    real slots. Computed modes (LINEAR, GRID) keep it affine in the block index — per-thread offsets the
+    compiler hoists out of the loop plus one scalar per block — by not zeroing the padding rows (their
+    out-of-range addresses are never read under the mask); table slots zero them (``t = -1``)."""
+    if ADDR == 1:
+        i = blk * BLOCK + offs
+    elif ADDR != 0:
+        c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
+        if NDIM == 2:
+            i = c0 * g1 + c1
+        else:
+            i = (c0 * g1 + c1) * g2 + c2
+    else:
+        i = tl.where(t >= 0, t, 0)
+    return i.to(tl.int64)
+
+
+@triton.jit
 def _key_u(k_u, n_k_slots, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr,
            NDIM: tl.constexpr):
     """u-space coordinates of key slots: the grid coordinates for GRID plans (dilation 1), else the table."""
@@ -333,7 +352,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     if IS_FULL:
         kj = kt.to(tl.int64)
     else:
-        kj = tl.where(kv, kt, 0).to(tl.int64)
+        kj = _row_index(kt, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     kT = _load_kv(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd, kv[None, :], offs_d[:, None] < D,
                   IS_FULL, D == BLOCK_D)
     s = _mma(q, kT, None, PRECISION, UPCAST)
@@ -689,7 +708,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, 
         qslot = m * BLOCK_M + offs_m
         qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         qv = qt >= 0
-        qi = tl.where(qv, qt, 0).to(tl.int64)
+        qi = _row_index(qt, m, offs_m, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         # transposed tiles [BLOCK_N, BLOCK_M]: the key block is the MMA's M dimension (64-128 rows, wgmma
         # on Hopper) whatever BLOCK_M is; qᵀ comes straight from memory, q / dOᵀ as register transposes
         qT = tl.load(Q_bh + qi[None, :] * stride_qs + offs_d[:, None] * stride_qd,
