@@ -721,19 +721,10 @@ class Triton(Implementation):
     # -- backward ---------------------------------------------------------------------------------------------
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  need_dbias: bool):
-        q, v = call.q, call.v
-        b, hq, s_q, d = q.shape
-        dv = v.shape[-1]
-        dev = q.device
-        grad_out = grad_out.to(q.dtype)
-        lse = lse.float().contiguous()
-        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=dev)
-        pre_m = 32 if interpreted() else 64
-        _kernels().attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, s_q, dv,
-            BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
+        grad_out = grad_out.to(call.q.dtype)
+        delta, lse2 = self.backward_inputs(call, grad_out, out, lse)
         want_dbias = need_dbias and call.bias is not None
-        args = (call, grad_out, lse, delta)
+        args = (call, grad_out, lse2, delta)
         # dQ and dK/dV are independent kernels over their own plans: each gets its own tiles
         cfg = self._config(call, "dq", lambda c: self._dq(*args, c, False))
         dq = self._dq(*args, cfg, self.record_visits)
@@ -741,6 +732,22 @@ class Triton(Implementation):
         dk, dvv, dbias = self._dkdv(*args, want_dbias, cfg, self.record_visits)
         db = reduce_to(dbias, call.bias.shape).to(call.bias.dtype) if want_dbias else None
         return dq, dk, dvv, db
+
+    def backward_inputs(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the dQ and dK/dV kernels read besides q/k/v/dO: ``delta = rowsum(dO * O)`` and ``lse2``, the
+        forward's lse in log2 units with empty rows at +inf (fp32 [B, H, S_q] each; ``attn_bwd_preprocess``).
+        ``grad_out`` in the inputs' dtype."""
+        b, hq, s_q, _ = call.q.shape
+        dv = call.v.shape[-1]
+        lse = lse.float().contiguous()
+        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=lse.device)
+        lse2 = self._empty(b, hq, s_q, dtype=torch.float32, device=lse.device)
+        pre_m = 32 if interpreted() else 64
+        _kernels().attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
+            out, grad_out, delta, lse, lse2, *out.stride(), *grad_out.stride(), hq, s_q, dv,
+            BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
+        return delta, lse2
 
     def _addressing(self, tab: KernelTables) -> dict:
         off = self.tables_only
@@ -756,7 +763,7 @@ class Triton(Implementation):
                     UPCAST=_upcast(call.q.dtype), **self._addressing(tab), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
 
-    def _dq(self, call, grad_out, lse, delta, cfg: KernelConfig, record: bool) -> torch.Tensor:
+    def _dq(self, call, grad_out, lse2, delta, cfg: KernelConfig, record: bool) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -768,7 +775,7 @@ class Triton(Implementation):
         dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=q.device)
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
-            q, k, v, grad_out, lse, delta, dq, mask, bias,
+            q, k, v, grad_out, lse2, delta, dq, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
@@ -777,7 +784,7 @@ class Triton(Implementation):
             **self._bwd_common(call, tab, cfg, record))
         return dq
 
-    def _dkdv(self, call, grad_out, lse, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
+    def _dkdv(self, call, grad_out, lse2, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
         q, k, v = call.q, call.k, call.v
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -793,7 +800,7 @@ class Triton(Implementation):
         dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
-            q, k, v, grad_out, lse, delta, dk, dvv, dbias, mask, bias,
+            q, k, v, grad_out, lse2, delta, dk, dvv, dbias, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
             tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),

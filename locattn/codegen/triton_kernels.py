@@ -575,10 +575,13 @@ def attn_fwd_tma(desc_q, desc_k, desc_v, Out, LSE, kv_ptr, kv_split, kv_idx, kv_
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_od,
+def attn_bwd_preprocess(Out, dO, Delta, LSE, LSE2, stride_ob, stride_oh, stride_os, stride_od,
                         stride_gb, stride_gh, stride_gs, stride_gd, H, S, DV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """``Delta[b, h, s] = sum_d dO * O`` (fp32, contiguous [B, H, S]); rows in token order."""
+    """``Delta[b, h, s] = sum_d dO * O`` and ``LSE2`` = the forward's lse in log2 units, +inf for an empty row
+    (so that its p = exp2(s - lse2) is 0), both fp32 contiguous [B, H, S] like ``LSE``; rows in token order.
+    The backward kernels read ``LSE2`` as is: the dK/dV loop holds each query block's lse replicated across
+    its threads, where a per-element conversion cost ~4 instructions per replica every iteration."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -591,7 +594,10 @@ def attn_bwd_preprocess(Out, dO, Delta, stride_ob, stride_oh, stride_os, stride_
                 mask=io, other=0.0).to(tl.float32)
     do = tl.load(dO + b * stride_gb + h * stride_gh + r[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                  mask=io, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * S + r, tl.sum(o * do, 1), mask=rows < S)
+    row = pid_bh.to(tl.int64) * S + r
+    tl.store(Delta + row, tl.sum(o * do, 1), mask=rows < S)
+    lse = tl.load(LSE + row, mask=rows < S, other=0.0)
+    tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=rows < S)
 
 
 @triton.jit
@@ -625,7 +631,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
+def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
                 q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
@@ -642,7 +648,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False):
-    """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE/Delta are [B*H, S_q]
+    """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE2/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -661,9 +667,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
     do = tl.load(dO + b * stride_gb + h * stride_gh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                  mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row = pid_bh.to(tl.int64) * S_q + qi
-    lse = tl.load(LSE + row, mask=qv, other=float("inf"))
-    # empty rows (lse = -inf) and padding rows: +inf makes every p = exp2(s - inf) = 0
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    # LSE2: log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
+    lse2 = tl.load(LSE2 + row, mask=qv, other=float("inf"))
     delta = tl.load(Delta + row, mask=qv, other=0.0)
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
@@ -691,7 +696,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE, Delta, dQ, Mask, Bias,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
+def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale,
@@ -715,8 +720,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, 
                      mask=qv[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                      mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE_bh + qi, mask=qv, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        lse2 = tl.load(LSE2_bh + qi, mask=qv, other=float("inf"))  # log2 units, +inf: empty / padding rows
         delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
         sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or HAS_BIAS:
@@ -743,7 +747,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, 
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
+def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
                   q_slots, k_slots, q_lo, q_w, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd,
@@ -794,20 +798,20 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE, Delta, dK, dV, dBias, Mask, Bias,
         h = hk * GROUP + g
         Q_bh = Q + b * stride_qb + h * stride_qh
         dO_bh = dO + b * stride_gb + h * stride_gh
-        LSE_bh = LSE + (b * H + h) * S_q
+        LSE2_bh = LSE2 + (b * H + h) * S_q
         Delta_bh = Delta + (b * H + h) * S_q
         M_bh = Mask + b * stride_mb + h * stride_mh
         B_bh = Bias + b * stride_bb + h * stride_bh
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
-        dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh, q_slots,
-                             q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs, stride_qd,
-                             stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq, stride_dbk,
-                             n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL,
-                             HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV, VISIT,
-                             PRECISION, UPCAST, QADDR, RANGES, False)
+        dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
+                             q_slots, q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs,
+                             stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
+                             stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
+                             CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
+                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
-            dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE_bh, Delta_bh, M_bh, B_bh, dB_bh,
+            dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
                                  q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
