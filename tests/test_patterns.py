@@ -48,7 +48,7 @@ def _brute_plan(plan, mask, causal):
             if causal:
                 sub = sub & (k[None, :] <= q[:, None])
             if sub.any():
-                out.add((m, n, bool(sub.all()) and len(k) == plan.block_n))
+                out.add((m, n, bool(sub.all()) and len(k) == plan.block_n and len(q) == plan.block_m))
     return out
 
 

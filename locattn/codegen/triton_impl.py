@@ -665,7 +665,7 @@ class Triton(Implementation):
 
     def _tma_unfit(self, call: AttentionCall, tab: KernelTables) -> str | None:
         """Why ``attn_fwd_tma`` cannot run this call (None: it can)."""
-        if tab.has_partial:
+        if tab.has_partial:  # all full: no padding in any block, so every spatial tile fills its block
             return "the plan has partial blocks"
         if call.mask is not None or call.bias is not None:
             return "site mask or bias"
@@ -673,9 +673,6 @@ class Triton(Implementation):
             return f"scale {call.scale} (FOLD needs >= 1e-30)"
         if self.tables_only or not tab.q_addr or not tab.k_addr:
             return "slot tables (TMA needs computed addressing)"
-        for addr, block in ((tab.q_addr, tab.plan.block_m), (tab.k_addr, tab.plan.block_n)):
-            if addr != 1 and _tile_size(addr, tab.ndim) != block:
-                return "spatial tile smaller than the block (grid smaller than a tile)"
         if call.q.device.type == "cuda" and torch.cuda.get_device_capability(call.q.device)[0] < 9:
             return "no TMA before sm_90"
         for name, x in (("q", call.q), ("k", call.k), ("v", call.v)):

@@ -309,9 +309,10 @@ def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_b
 
 @triton.jit
 def _load_kv(ptrs, kmask, dmask, IS_FULL: tl.constexpr, D_EXACT: tl.constexpr):
-    """A K or V tile (either orientation): ``kmask`` marks the valid keys, ``dmask`` the head-dim columns.
-    A full block has no padding keys, so it is loaded without ``kmask``, and without any mask at all when the
-    head dim is a power of two (``D_EXACT``)."""
+    """A gathered tile of the block a loop walks — K or V in the forward and dQ, Q or dO in dK/dV — in either
+    orientation: ``kmask`` marks the valid rows, ``dmask`` the head-dim columns. A full block has no padding
+    rows, so it is loaded without ``kmask``, and without any mask at all when the head dim is a power of two
+    (``D_EXACT``)."""
     if IS_FULL and D_EXACT:
         x = tl.load(ptrs)
     elif IS_FULL:
@@ -716,12 +717,16 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
         qi = _row_index(qt, m, offs_m, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         # transposed tiles [BLOCK_N, BLOCK_M]: the key block is the MMA's M dimension (64-128 rows, wgmma
         # on Hopper) whatever BLOCK_M is; qᵀ comes straight from memory, q / dOᵀ as register transposes
-        qT = tl.load(Q_bh + qi[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                     mask=qv[None, :] & (offs_d[:, None] < D), other=0.0)
-        do = tl.load(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
-                     mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = tl.load(LSE2_bh + qi, mask=qv, other=float("inf"))  # log2 units, +inf: empty / padding rows
-        delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
+        qT = _load_kv(Q_bh + qi[None, :] * stride_qs + offs_d[:, None] * stride_qd, qv[None, :],
+                      offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
+        do = _load_kv(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd, qv[:, None],
+                      offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
+        if IS_FULL:  # a full block has no padding query: no masked loads (the loop's largest saving)
+            lse2 = tl.load(LSE2_bh + qi)  # log2 units, +inf for empty rows
+            delta = tl.load(Delta_bh + qi)
+        else:
+            lse2 = tl.load(LSE2_bh + qi, mask=qv, other=float("inf"))  # +inf: padding rows get p = 0
+            delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
         sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or HAS_BIAS:
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,

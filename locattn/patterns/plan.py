@@ -6,8 +6,8 @@ slot        position in the kernel's blocked token order; ``slots[s]`` is a toke
 BLOCK_M/N   query / key slots per block
 tile        the spatial shape (in u-space, see :mod:`locattn.patterns.base`) of one grid block;
             ``prod(tile) <= BLOCK``. 1-D grids use ``tile = (BLOCK,)``: slots are the model's token order.
-full block  every (query, key) pair of the block pair is allowed by the pattern and the key block has no
-            padding: no per-element mask needed
+full block  every (query, key) pair of the block pair is allowed by the pattern and neither block has
+            padding: no per-element mask and no masked load needed (the dK/dV kernel walks query blocks)
 partial     some pairs are allowed, some not (or padding): the kernel evaluates the predicate
 
 Layout of slots: ``[prefix globals][grid tiles, row-major over the tile grid][suffix globals]``, each part
@@ -151,13 +151,16 @@ def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: i
     first = torch.div(lo_min.clamp(0, n - 1), tk, rounding_mode="floor")
     last = torch.div(hi_max.clamp(0, n - 1), tk, rounding_mode="floor")
     touched = torch.where((hi_max >= 0) & (lo_min <= n - 1) & (hi_max >= lo_min), last - first + 1, 0)
-    # full: key tiles [ks, ks + tk) with ks >= max lo and ks + tk - 1 <= min hi, inside the axis (no padding)
+    # full: key tiles [ks, ks + tk) with ks >= max lo and ks + tk - 1 <= min hi, inside the axis (no padding),
+    # for query tiles inside the axis (no padding either)
     lo_max = torch.cat([lo, torch.full((pad,), -big)]).view(nq, tq).max(1).values
     hi_min = torch.cat([hi, torch.full((pad,), big)]).view(nq, tq).min(1).values
     f_first = torch.div(lo_max.clamp_min(0) + tk - 1, tk, rounding_mode="floor")
     f_last = torch.minimum(torch.div(hi_min + 1, tk, rounding_mode="floor") - 1,
                            torch.tensor(n // tk - 1))
     full = (f_last - f_first + 1).clamp_min(0)
+    if pad:
+        full[-1] = 0
     return int(touched.sum()), int(full.sum())
 
 
@@ -267,7 +270,7 @@ def _axis_pairs(pattern: Pattern, grid, a: int, tq: int, tk: int):
     hit = (lo_t[:, None, :] <= ke[:, :, None]) & (hi_t[:, None, :] >= ks[:, :, None])  # [nq, m, tq]
     touched = hit.any(2) & in_range
     cover = (lo_t[:, None, :] <= ks[:, :, None]) & (hi_t[:, None, :] >= ke[:, :, None])
-    full = (cover | ~valid_q[:, None, :]).all(2) & touched & ((cand + 1) * tk <= n)
+    full = cover.all(2) & valid_q.all(1)[:, None] & touched & ((cand + 1) * tk <= n)
     return cand, touched, full
 
 
@@ -369,6 +372,7 @@ def _dense_plan(s_q, s_k, block_m, block_n, causal) -> BlockPlan:
 
 def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causal) -> BlockPlan:
     nq, nk = q_slots.numel() // block_m, k_slots.numel() // block_n
+    fulls = fulls & ~(q_slots.view(nq, block_m) < 0).any(1)[rows]  # a full block has no padding query either
     if causal:
         big = torch.iinfo(torch.long).max
         qs, ks = q_slots.view(nq, block_m), k_slots.view(nk, block_n)
