@@ -308,6 +308,42 @@ def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_b
 
 
 @triton.jit
+def _tile_ptrs(base, idx, blk, offs, offs_c, stride_s, stride_c, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr,
+               NDIM: tl.constexpr, TRANS: tl.constexpr):
+    """Pointers of the gathered [rows, cols] tile of block ``blk`` ([cols, rows] when ``TRANS``): rows ``idx``
+    (int64: ``_row_index``, used for table slots), columns ``offs_c``. Computed rows (LINEAR, GRID) are split
+    into the block's first token (one scalar per iteration) plus the slot's offset from it (per thread,
+    loop-invariant: the compiler hoists it instead of recomputing a 64-bit address per element and iteration);
+    the same tokens ``_row_index`` gives, padding rows included (masked by the caller)."""
+    if ADDR != 0:
+        if ADDR == 1:
+            first, rel = blk * BLOCK, offs
+        else:  # GRID: token = (the tile's corner token: one scalar) + (the slot's offset in the tile: per thread)
+            L0 = ADDR & 15
+            L1 = (ADDR >> 4) & 15
+            L2 = (ADDR >> 8) & 15
+            if NDIM == 2:
+                b0, b1 = _divmod(blk, (g1 + (1 << L1) - 1) >> L1)
+                first = (b0 << L0) * g1 + (b1 << L1)
+                rel = (offs >> L1) * g1 + (offs & ((1 << L1) - 1))
+            else:
+                q2, b2 = _divmod(blk, (g2 + (1 << L2) - 1) >> L2)
+                b0, b1 = _divmod(q2, (g1 + (1 << L1) - 1) >> L1)
+                first = ((b0 << L0) * g1 + (b1 << L1)) * g2 + (b2 << L2)
+                rel = ((offs >> (L1 + L2)) * g1 + ((offs >> L2) & ((1 << L1) - 1))) * g2 + (offs & ((1 << L2) - 1))
+        start = base + first.to(tl.int64) * stride_s
+        if TRANS:
+            p = start + (rel[None, :] * stride_s + offs_c[:, None] * stride_c)
+        else:
+            p = start + (rel[:, None] * stride_s + offs_c[None, :] * stride_c)
+    elif TRANS:
+        p = base + idx[None, :] * stride_s + offs_c[:, None] * stride_c
+    else:
+        p = base + idx[:, None] * stride_s + offs_c[None, :] * stride_c
+    return p
+
+
+@triton.jit
 def _load_kv(ptrs, kmask, dmask, IS_FULL: tl.constexpr, D_EXACT: tl.constexpr):
     """A gathered tile of the block a loop walks — K or V in the forward and dQ, Q or dO in dK/dV — in either
     orientation: ``kmask`` marks the valid rows, ``dmask`` the head-dim columns. A full block has no padding
@@ -354,8 +390,8 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
         kj = kt.to(tl.int64)
     else:
         kj = _row_index(kt, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
-    kT = _load_kv(K_bh + kj[None, :] * stride_ks + offs_d[:, None] * stride_kd, kv[None, :], offs_d[:, None] < D,
-                  IS_FULL, D == BLOCK_D)
+    k_ptrs = _tile_ptrs(K_bh, kj, n, offs_n, offs_d, stride_ks, stride_kd, g1, g2, BLOCK_N, KADDR, NDIM, True)
+    kT = _load_kv(k_ptrs, kv[None, :], offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
     s = _mma(q, kT, None, PRECISION, UPCAST)
     if not FOLD:
         s = s * qk_scale
@@ -416,7 +452,8 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
             p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(V_bh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd, kv[:, None],
+        v = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
+                                KADDR, NDIM, False), kv[:, None],
                      offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
@@ -620,7 +657,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
                                       False, WINDOW_ONLY)
-        vT = _load_kv(V_bh + kj[None, :] * stride_vs + offs_dv[:, None] * stride_vd, kv[None, :],
+        vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
+                                 KADDR, NDIM, True), kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL, DV == BLOCK_DV)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
@@ -717,10 +755,10 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
         qi = _row_index(qt, m, offs_m, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         # transposed tiles [BLOCK_N, BLOCK_M]: the key block is the MMA's M dimension (64-128 rows, wgmma
         # on Hopper) whatever BLOCK_M is; qᵀ comes straight from memory, q / dOᵀ as register transposes
-        qT = _load_kv(Q_bh + qi[None, :] * stride_qs + offs_d[:, None] * stride_qd, qv[None, :],
-                      offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
-        do = _load_kv(dO_bh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd, qv[:, None],
-                      offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
+        q_ptrs = _tile_ptrs(Q_bh, qi, m, offs_m, offs_d, stride_qs, stride_qd, g1, g2, BLOCK_M, QADDR, NDIM, True)
+        qT = _load_kv(q_ptrs, qv[None, :], offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
+        do_ptrs = _tile_ptrs(dO_bh, qi, m, offs_m, offs_dv, stride_gs, stride_gd, g1, g2, BLOCK_M, QADDR, NDIM, False)
+        do = _load_kv(do_ptrs, qv[:, None], offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
         if IS_FULL:  # a full block has no padding query: no masked loads (the loop's largest saving)
             lse2 = tl.load(LSE2_bh + qi)  # log2 units, +inf for empty rows
             delta = tl.load(Delta_bh + qi)
