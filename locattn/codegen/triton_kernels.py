@@ -128,16 +128,24 @@ def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.con
         else:
             t = tl.where(slot < seq, slot, -1)
     elif ADDR != 0:
-        c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
-        if NDIM == 2:
-            t = c0 * g1 + c1
-        else:
-            t = (c0 * g1 + c1) * g2 + c2
+        t, valid = _grid_token(blk, offs, g0, g1, g2, ADDR, NDIM)
         if not ALL_VALID:
             t = tl.where(valid, t, -1)
     else:
         t = tl.load(slots + slot)
     return t
+
+
+@triton.jit
+def _grid_token(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """(row-major token of each GRID slot, whether the slot is inside its tile and the grid); padding slots get
+    the token their coordinates would have (past the grid, never a real token's)."""
+    c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
+    if NDIM == 2:
+        t = c0 * g1 + c1
+    else:
+        t = (c0 * g1 + c1) * g2 + c2
+    return t, valid
 
 
 @triton.jit
@@ -149,11 +157,7 @@ def _row_index(t, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr
     if ADDR == 1:
         i = blk * BLOCK + offs
     elif ADDR != 0:
-        c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
-        if NDIM == 2:
-            i = c0 * g1 + c1
-        else:
-            i = (c0 * g1 + c1) * g2 + c2
+        i, valid = _grid_token(blk, offs, g0, g1, g2, ADDR, NDIM)
     else:
         i = tl.where(t >= 0, t, 0)
     return i.to(tl.int64)
