@@ -84,10 +84,58 @@ def _divmod(x, n):
 
 
 @triton.jit
+def _tile_corner(blk, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """Grid coordinates of the first slot of block ``blk`` when blocks are spatial tiles (``ADDR`` =
+    GRID_BIT | log2 tile sides, 4 bits per axis): the tiles are row-major over the tile grid. Returns (c0, c1,
+    c2); c2 = 0 for 2-D grids."""
+    L0 = ADDR & 15  # constexpr arithmetic: folded at compile time
+    L1 = (ADDR >> 4) & 15
+    L2 = (ADDR >> 8) & 15
+    nt1 = (g1 + (1 << L1) - 1) >> L1  # tiles along axis 1
+    if NDIM == 2:
+        b0, b1 = _divmod(blk, nt1)
+        c2 = blk * 0
+    else:
+        q2, b2 = _divmod(blk, (g2 + (1 << L2) - 1) >> L2)
+        b0, b1 = _divmod(q2, nt1)
+        c2 = b2 << L2
+    return b0 << L0, b1 << L1, c2
+
+
+@triton.jit
+def _tile_offsets(offs, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """Per-axis offsets of slots ``offs`` inside their spatial tile (row-major in the tile; o0 reaches past the
+    tile for slots past its size). Returns (o0, o1, o2); o2 = 0 for 2-D grids."""
+    L1 = (ADDR >> 4) & 15
+    L2 = (ADDR >> 8) & 15
+    if NDIM == 2:
+        o1 = offs & ((1 << L1) - 1)
+        o0 = offs >> L1
+        o2 = offs * 0
+    else:
+        o0 = offs >> (L1 + L2)
+        o1 = (offs >> L2) & ((1 << L1) - 1)
+        o2 = offs & ((1 << L2) - 1)
+    return o0, o1, o2
+
+
+@triton.jit
+def _row_major(c0, c1, c2, g1, g2, NDIM: tl.constexpr):
+    """Row-major token of grid coordinates (or token offset of coordinate offsets)."""
+    if NDIM == 2:
+        t = c0 * g1 + c1
+    else:
+        t = (c0 * g1 + c1) * g2 + c2
+    return t
+
+
+@triton.jit
 def _grid_coords(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
     """Grid coordinates of the slots ``offs`` of block ``blk`` when blocks are spatial tiles (``ADDR`` =
     GRID_BIT | log2 tile sides, 4 bits per axis): the block's tile is row-major over the tile grid, the slot
-    row-major inside the tile, slots past the tile or the grid are padding. Returns (c0, c1, c2, valid)."""
+    row-major inside the tile, slots past the tile or the grid are padding. Returns (c0, c1, c2, valid).
+    Spelled out rather than ``_tile_corner`` + ``_tile_offsets``: that composition is one SASS instruction longer
+    in the 2-D partial-block loops (sm_90, triton 3.6; ``tools/compile_sm90.py --loops``)."""
     L0 = ADDR & 15  # constexpr arithmetic: folded at compile time
     L1 = (ADDR >> 4) & 15
     L2 = (ADDR >> 8) & 15
@@ -141,11 +189,7 @@ def _grid_token(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
     """(row-major token of each GRID slot, whether the slot is inside its tile and the grid); padding slots get
     the token their coordinates would have (past the grid, never a real token's)."""
     c0, c1, c2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
-    if NDIM == 2:
-        t = c0 * g1 + c1
-    else:
-        t = (c0 * g1 + c1) * g2 + c2
-    return t, valid
+    return _row_major(c0, c1, c2, g1, g2, NDIM), valid
 
 
 @triton.jit
@@ -323,18 +367,10 @@ def _tile_ptrs(base, idx, blk, offs, offs_c, stride_s, stride_c, g1, g2, BLOCK: 
         if ADDR == 1:
             first, rel = blk * BLOCK, offs
         else:  # GRID: token = (the tile's corner token: one scalar) + (the slot's offset in the tile: per thread)
-            L0 = ADDR & 15
-            L1 = (ADDR >> 4) & 15
-            L2 = (ADDR >> 8) & 15
-            if NDIM == 2:
-                b0, b1 = _divmod(blk, (g1 + (1 << L1) - 1) >> L1)
-                first = (b0 << L0) * g1 + (b1 << L1)
-                rel = (offs >> L1) * g1 + (offs & ((1 << L1) - 1))
-            else:
-                q2, b2 = _divmod(blk, (g2 + (1 << L2) - 1) >> L2)
-                b0, b1 = _divmod(q2, (g1 + (1 << L1) - 1) >> L1)
-                first = ((b0 << L0) * g1 + (b1 << L1)) * g2 + (b2 << L2)
-                rel = ((offs >> (L1 + L2)) * g1 + ((offs >> L2) & ((1 << L1) - 1))) * g2 + (offs & ((1 << L2) - 1))
+            k0, k1, k2 = _tile_corner(blk, g1, g2, ADDR, NDIM)
+            o0, o1, o2 = _tile_offsets(offs, ADDR, NDIM)
+            first = _row_major(k0, k1, k2, g1, g2, NDIM)
+            rel = _row_major(o0, o1, o2, g1, g2, NDIM)
         start = base + first.to(tl.int64) * stride_s
         if TRANS:
             p = start + (rel[None, :] * stride_s + offs_c[:, None] * stride_c)
@@ -551,16 +587,11 @@ def _tma_tile(desc, b, h, nh, blk, g1, g2, BLOCK: tl.constexpr, BLOCK_D: tl.cons
     if ADDR == 1:
         x = desc.load([b, h, blk * BLOCK, 0])
     else:
-        L0 = ADDR & 15
-        L1 = (ADDR >> 4) & 15
-        L2 = (ADDR >> 8) & 15
+        c0, c1, c2 = _tile_corner(blk, g1, g2, ADDR, NDIM)
         if NDIM == 2:
-            b0, b1 = _divmod(blk, (g1 + (1 << L1) - 1) >> L1)
-            x = desc.load([b, h, b0 << L0, b1 << L1, 0])
+            x = desc.load([b, h, c0, c1, 0])
         else:
-            q2, b2 = _divmod(blk, (g2 + (1 << L2) - 1) >> L2)
-            b0, b1 = _divmod(q2, (g1 + (1 << L1) - 1) >> L1)
-            x = desc.load([b * nh + h, b0 << L0, b1 << L1, b2 << L2, 0])
+            x = desc.load([b * nh + h, c0, c1, c2, 0])
     return x.reshape(BLOCK, BLOCK_D)
 
 
