@@ -406,8 +406,7 @@ def fmt(rec: dict) -> str:
 
     fl = rec.get("flex", {})
     kern = " ".join(f"{f}:{k.get('n_regs', '?')}/{k.get('n_spills', '?')}" for f, k in o.get("kernels", {}).items())
-    tiles = " ".join(f"{f}:{t['block_m']}x{t['block_n']}/{t['num_warps']}w/{t['num_stages']}s"
-                     for f, t in o.get("tiles", {}).items() if t)
+    tiles = " ".join(f"{f}:{_cfg_label(KernelConfig(**t))}" for f, t in o.get("tiles", {}).items() if t)
     kern += f" | tiles {tiles} | sampled rel err {o.get('sample_rel_err', float('nan')):.1e}"
     if "ours_tables" in rec:
         t = rec["ours_tables"]
