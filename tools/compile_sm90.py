@@ -53,12 +53,11 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=kaddr, RANGES=ranges,
                  HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only)
-    dt_name = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
     for n in names:
         if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
             block, t = (cfg.block_m, tile) if n == "desc_q" else (cfg.block_n, ktile)
             lead = [1, 1, block] if addr == 1 else [1] * (4 - len(t)) + list(t)
-            sig[n] = f"tensordesc<{dt_name}[{', '.join(map(str, lead + [bd]))}]>"
+            sig[n] = f"tensordesc<{dtype}[{', '.join(map(str, lead + [bd]))}]>"
         elif n in cvals:
             sig[n] = "constexpr"
             const[(names.index(n),)] = cvals[n]
@@ -91,16 +90,26 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     return dt, ck
 
 
-def static_stats(ck) -> dict:
-    """What the compiled kernel says without a GPU: registers and local (spill) memory per thread from
-    ``cuobjdump --dump-resource-usage`` (Triton's bundled copy), and PTX instruction counts: 32-bit global loads
-    (index / table loads), 16-byte async copies (K/V tiles), wgmma, and the predicate's setp / selp."""
+def _cubin_tool(ck, tool: str, *args: str) -> str:
+    """stdout of one of Triton's bundled CUDA tools (``cuobjdump``, ``nvdisasm``) run on the kernel's cubin."""
     import os
-    import re
     import subprocess
     import tempfile
 
     import triton.backends.nvidia as nv
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        return subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", tool), *args, f.name],
+                              capture_output=True, text=True).stdout
+
+
+def static_stats(ck) -> dict:
+    """What the compiled kernel says without a GPU: registers and local (spill) memory per thread from
+    ``cuobjdump --dump-resource-usage`` (Triton's bundled copy), and PTX instruction counts: 32-bit global loads
+    (index / table loads), 16-byte async copies (K/V tiles), wgmma, and the predicate's setp / selp."""
+    import re
 
     ptx = ck.asm["ptx"]
     out = {name: len(re.findall(pat, ptx)) for name, pat in (
@@ -108,11 +117,7 @@ def static_stats(ck) -> dict:
         ("wgmma", r"wgmma\.mma_async"), ("setp", r"(?m)^\s*setp\."), ("selp", r"(?m)^\s*selp\."),
         ("tma", r"cp\.async\.bulk\.tensor"), ("setmaxnreg", r"setmaxnreg"))}
     out["warps"] = ck.metadata.num_warps  # 3 warp groups' worth when warp specialization applied
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        res = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump"),
-                              "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    res = _cubin_tool(ck, "cuobjdump", "--dump-resource-usage")
     for name in ("REG", "LOCAL"):
         m = re.search(rf"{name}:(\d+)", res)
         if m:
@@ -125,18 +130,9 @@ def sass_loops(ck) -> list[tuple[int, dict[str, int]]]:
     number of instructions from its target to it and the most frequent opcodes — the static cost of one
     iteration (a forward kernel has its full-block loop, then its partial-block loop)."""
     import collections
-    import os
     import re
-    import subprocess
-    import tempfile
 
-    import triton.backends.nvidia as nv
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm"), "-c", f.name],
-                              capture_output=True, text=True).stdout
+    sass = _cubin_tool(ck, "nvdisasm", "-c")
     ins, labels = [], {}
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
