@@ -96,10 +96,22 @@ def _eager(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
     return (out.detach(), lse.detach().float(), *grads)
 
 
+def _call64(call: AttentionCall) -> AttentionCall:
+    return AttentionCall(call.q.double(), call.k.double(), call.v.double(), call.mask,
+                         call.bias.double() if call.bias is not None else None, call.scale, call.is_causal,
+                         call.pattern, call.layout)
+
+
+def _assert_fp32_forward(call: AttentionCall, out: torch.Tensor, lse: torch.Tensor | None = None):
+    """An fp32 forward (and its lse) against the fp64 reference forward."""
+    gold_out, gold_lse = Reference().forward(_call64(call))
+    torch.testing.assert_close(out.double(), gold_out, rtol=1e-4, atol=1e-5)
+    if lse is not None:
+        torch.testing.assert_close(lse.double(), gold_lse, rtol=1e-4, atol=1e-5)
+
+
 def _golden(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
-    c64 = AttentionCall(call.q.double(), call.k.double(), call.v.double(), call.mask,
-                        call.bias.double() if call.bias is not None else None, call.scale, call.is_causal,
-                        call.pattern, call.layout)
+    c64 = _call64(call)
     ref = Reference()
     out, lse = ref.forward(c64)
     dq, dk, dv, db = ref.backward(c64, grad_out.double(), out, lse, need_dbias)
@@ -357,9 +369,7 @@ def test_tma_forward_on_strided_inputs():
         locattn.reset_counters()
         impl = Triton(KernelConfig(16, 16, 1, 1, tma=True), nan_fill=True)
         out, lse = impl.forward(call)
-        gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
-        torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(lse.double(), gold[1], rtol=1e-4, atol=1e-5)
+        _assert_fp32_forward(call, out, lse)
         merged = len(layout.grid or ()) != 3
         assert impl.launched["fwd"] == ("attn_fwd_tma" if merged else "attn_fwd"), pattern
         assert merged or "do not merge" in next(iter(locattn.counters()["triton_tma_unfit"]))
@@ -373,8 +383,7 @@ def test_tma_unfit_calls_run_the_generic_kernel_counted():
         locattn.reset_counters()
         impl = Triton(KernelConfig(*block, 1, 1, tma=True), **kw)
         out, lse = impl.forward(call)
-        gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
-        torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
+        _assert_fp32_forward(call, out)
         return impl.launched["fwd"], list(locattn.counters().get("triton_tma_unfit", {}))
 
     base = TMA_CASES[0].call()
@@ -423,8 +432,7 @@ def test_ws_refused_by_the_compiler_runs_tma_without_it(monkeypatch):
         assert impl.launched["fwd"] == "attn_fwd_tma"
     assert tries == [True, False, False]
     assert list(locattn.counters()["triton_ws_failed"].values()) == [1]
-    gold = _golden(call, torch.zeros(out.shape, dtype=out.dtype, device=out.device), False)
-    torch.testing.assert_close(out.double(), gold[0], rtol=1e-4, atol=1e-5)
+    _assert_fp32_forward(call, out)
 
 
 def test_kernel_config_ws_needs_tma():
