@@ -67,8 +67,8 @@ REPO = Path(__file__).resolve().parents[1]
 FUDGE = 3.0
 
 
-def _impl(bm=32, bn=32) -> Triton:
-    return Triton(KernelConfig(bm, bn, 1, 1), nan_fill=True, record_visits=True)
+def _impl(bm=32, bn=32, **kw) -> Triton:
+    return Triton(KernelConfig(bm, bn, 1, 1), nan_fill=True, record_visits=True, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,7 +125,9 @@ def _expected_visits(plan, bh: int) -> torch.Tensor:
     return exp.expand(bh, -1, -1)
 
 
-def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False):
+def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False) -> tuple[torch.Tensor, ...]:
+    """Forward and backward of ``impl`` against the fp64 golden and its block visits against the plan; returns
+    (out, lse, dq, dk, dv[, dbias])."""
     out, lse = impl.forward(call)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     dq, dk, dv, db = impl.backward(call, g, out, lse, need_dbias)
@@ -145,7 +147,7 @@ def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False):
     for kind in ("fwd", "dq", "dkdv"):
         torch.testing.assert_close(impl.visits[kind].cpu(), _expected_visits(impl.plans[kind], bh), rtol=0, atol=0,
                                    msg=lambda m, kind=kind: f"{kind} kernel block visits differ from the plan: {m}")
-    return out, lse
+    return got
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,6 +218,14 @@ CASES = [
     Case("sw1d-200-w40-d32-causal", SlidingWindow(window=40), s=200, d=32, causal=True, block=(16, 16)),
     Case("tiled-8x12-allfull-d16-bf16", Tiled(tile=(4, 4), window=(3, 3)), Layout(grid=(8, 12)), s=96, d=16,
          dtype=torch.bfloat16, block=(16, 16)),
+    # no padding slot on one or both sides (NOPAD): partial blocks load their rows unmasked
+    Case("sw1d-192-w40-nopad", SlidingWindow(window=40), s=192),
+    Case("na2d-8x12-nopad-gqa-fp16", Neighborhood(kernel=(3, 5)), Layout(grid=(8, 12)), s=96, hk=1,
+         dtype=torch.float16, block=(16, 16)),
+    Case("sw1d-128-dil2-nopad-bf16", SlidingWindow(window=12, dilation=2), s=128, d=72, dtype=torch.bfloat16),
+    Case("dense-causal-64-d72-nopad", Dense(), s=64, d=72, causal=True),
+    Case("dense-cross-63x64-mask-keys-nopad", Dense(), s=63, s_k=64, mask="rand"),
+    Case("dense-cross-64x40-bias-queries-nopad", Dense(), s=64, s_k=40, bias="full"),
 ]
 
 
@@ -225,21 +235,27 @@ def test_kernel_matches_reference(case: Case):
     _run_case(call, _impl(*case.block), need_dbias=call.bias is not None)
 
 
-ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES, HAS_PARTIAL, WINDOW_ONLY) the tables give
-    "dense-63-d40": ("linear", "linear", True, True, False),                 # padded last key block
-    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True, True, False),
-    "dense-causal-125-fp16": ("linear", "linear", True, True, False),
-    "sw1d-200-w7": ("linear", "linear", True, True, True),
-    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True, True, True),  # dilation: slots not in order
-    "sw1d-125-globals-sinks-bf16": ("table", "table", False, True, False),       # global key blocks: no runs
-    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True, True, False),  # prefix globals: slots shifted
-    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True, True, True),             # dilation
-    "strided-9x7": ("grid", "grid", True, True, True),
-    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True, False, False),   # 3 tiles of window on a 2-tile axis
-    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True, True, True),
-    "dense-64-d32-allfull": ("linear", "linear", True, False, False),
-    "sw1d-200-w40-d32-causal": ("linear", "linear", True, True, True),
-    "tiled-8x12-allfull-d16-bf16": ("grid", "grid", True, False, False),
+ADDRESSING = {  # case id -> (query addressing, key addressing, RANGES, HAS_PARTIAL, WINDOW_ONLY, NOPAD) of the tables
+    "dense-63-d40": ("linear", "linear", True, True, False, 0),                 # padded last key block
+    "dense-cross-63x125-d72-dv40-gqa-mask-bias": ("linear", "linear", True, True, False, 0),
+    "dense-causal-125-fp16": ("linear", "linear", True, True, False, 0),
+    "sw1d-200-w7": ("linear", "linear", True, True, True, 0),
+    "sw1d-200-dil3-axiscausal-sitecausal-d72": ("table", "table", True, True, True, 0),  # dilation: slots not in order
+    "sw1d-125-globals-sinks-bf16": ("table", "table", False, True, False, 0),       # global key blocks: no runs
+    "na2d-5x7-dil-globals-sinks-causal-d72": ("table", "table", True, True, False, 0),  # prefix globals: slots shifted
+    "na3d-3x5x6-dil-bf16-gqa": ("table", "table", True, True, True, 0),             # dilation
+    "strided-9x7": ("grid", "grid", True, True, True, 0),
+    "tiled-8x12-allfull-bias-gqa-dv24": ("grid", "grid", True, False, False, 3),   # 3 tiles of window on a 2-tile axis
+    "shifted-9x7-mask-emptyrows-fp16": ("grid", "grid", True, True, True, 0),
+    "dense-64-d32-allfull": ("linear", "linear", True, False, False, 3),
+    "sw1d-200-w40-d32-causal": ("linear", "linear", True, True, True, 0),
+    "tiled-8x12-allfull-d16-bf16": ("grid", "grid", True, False, False, 3),
+    "sw1d-192-w40-nopad": ("linear", "linear", True, True, True, 3),
+    "na2d-8x12-nopad-gqa-fp16": ("grid", "grid", True, True, True, 3),
+    "sw1d-128-dil2-nopad-bf16": ("table", "table", True, True, True, 3),
+    "dense-causal-64-d72-nopad": ("linear", "linear", True, True, False, 3),
+    "dense-cross-63x64-mask-keys-nopad": ("linear", "linear", True, True, False, 2),   # partial: padding queries
+    "dense-cross-64x40-bias-queries-nopad": ("linear", "linear", True, True, False, 1),  # partial: padding keys
 }
 
 
@@ -254,7 +270,8 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     index load) is chosen exactly where it reproduces the tables, and gives bit-identical results; plans
     without partial blocks are recognised (HAS_PARTIAL off: no predicate loop compiled); WINDOW_ONLY (no padding
     test in the forward / dQ predicate) exactly for local patterns without globals whose windows lie inside the
-    grid, with every padding key's u-coordinate outside all windows."""
+    grid, with every padding key's u-coordinate outside all windows; NOPAD exactly for the plan sides without
+    padding slots, its unmasked partial-block loads giving the bits of the masked ones."""
     from locattn.codegen.triton_impl import kernel_tables
     from locattn.patterns.plan import build_plan
 
@@ -262,8 +279,9 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     call = case.call()
     plan = build_plan(call.pattern, call.layout, call.q.shape[-2], call.k.shape[-2], *case.block, call.is_causal)
     tab = kernel_tables(plan, call.pattern, call.layout, call.q.device)
-    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges, tab.has_partial, tab.window_only) == \
+    assert (_mode(tab.q_addr), _mode(tab.k_addr), tab.ranges, tab.has_partial, tab.window_only, tab.nopad) == \
         ADDRESSING[case_id]
+    assert tab.nopad == int(bool((plan.q_slots >= 0).all())) | 2 * int(bool((plan.k_slots >= 0).all()))
     from locattn.codegen.triton_impl import PAD_U
     pad = plan.k_slots < 0
     assert bool((tab.k_u[:tab.ndim, pad.to(tab.k_u.device)] == PAD_U).all())
@@ -274,6 +292,10 @@ def test_table_free_addressing_is_chosen_and_equal(case_id: str):
     if tab.window_only:  # the benchmark's A/B: the padding test back in, the same bits out
         padded = Triton(KernelConfig(*case.block, 1, 1), window_only=False).forward(call)
         for a, b in zip(fast, padded):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if tab.nopad and tab.has_partial:  # NOPAD's A/B: row masks and padding tests back in, forward and backward
+        masked = _impl(*case.block, nopad=False)
+        for a, b in zip(fast, _run_case(call, masked)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -810,12 +832,15 @@ def test_end_to_end_torch_compile(triton_registered, monkeypatch):
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter is lenient (tile shapes, descriptor ranks, layouts): every kernel family also compiles for
     sm_90 offline (Triton's bundled ptxas, ``tools/compile_sm90.py``, fresh cache): the generic forward / dQ /
-    dK/dV with GRID addressing, RANGES and WINDOW_ONLY at a padded head dim, and the TMA forward on LINEAR and
-    3-D GRID descriptors."""
+    dK/dV with GRID addressing, RANGES and WINDOW_ONLY at a padded head dim, and on a LINEAR plan without padding
+    slots (NOPAD: unmasked row loads in the partial loops), and the TMA forward on LINEAR and 3-D GRID
+    descriptors."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_CACHE_DIR=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)
     runs = [("--family fwd dq dkdv --d 72 --ndim 2 --block 64 64 --warps 4 --stages 2 --tile 8 8 --ranges "
              "--window-only", 3),
+            ("--family fwd dq dkdv --d 64 --ndim 1 --block 64 32 --warps 4 --stages 2 --linear --ranges --window-only "
+             "--nopad 3", 3),
             ("--family fwd --tma --d 40 --ndim 0 --block 64 64 --warps 4 --stages 2 --linear --ranges --no-partial", 1),
             ("--family fwd --tma --d 64 --ndim 3 --block 64 64 --warps 4 --stages 2 --tile 2 4 8 --no-partial", 1)]
     for args, n in runs:

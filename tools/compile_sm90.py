@@ -27,14 +27,15 @@ KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv, "fwd
 PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
 PTR_F32 = {"LSE", "LSE2", "Delta", "dBias", "Bias"}
-PTR_I32 = {"q_slots", "k_slots", "q_lo", "q_w", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
+PTR_I32 = {"q_slots", "k_slots", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
            "qb_idx", "kv_rng", "qb_rng", "Visits"}
+PTR_I64 = {"q_iv"}
 PTR_U8 = {"Mask"}
 
 
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
                 linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None, partial: bool = True,
-                window_only: bool = False, ktile: tuple[int, ...] | None = None,
+                window_only: bool = False, ktile: tuple[int, ...] | None = None, nopad: int = 0,
                 target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries, and for keys unless ``ktile`` gives theirs) / ``ranges`` select the table-free addressing modes
@@ -52,7 +53,8 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
     cvals = dict(D=d, DV=d, NDIM=ndim, CAUSAL=causal, HAS_MASK=False, HAS_BIAS=False, NEED_DBIAS=False,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=kaddr, RANGES=ranges,
-                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only)
+                 HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only,
+                 NOPAD=nopad)
     for n in names:
         if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
             block, t = (cfg.block_m, tile) if n == "desc_q" else (cfg.block_n, ktile)
@@ -67,6 +69,8 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
             sig[n] = "*fp32"
         elif n in PTR_I32:
             sig[n] = "*i32"
+        elif n in PTR_I64:
+            sig[n] = "*i64"
         elif n in PTR_U8:
             sig[n] = "*u8"
         elif n == "sm_scale":
@@ -166,6 +170,8 @@ def main() -> int:
     ap.add_argument("--no-partial", action="store_true", help="HAS_PARTIAL off: an all-full plan (dense, exact tiles)")
     ap.add_argument("--window-only", action="store_true",
                     help="WINDOW_ONLY partial blocks (forward / dQ: the window test alone, no padding test)")
+    ap.add_argument("--nopad", type=int, default=0, choices=range(4),
+                    help="NOPAD bits: 1 no padding query slot, 2 no padding key slot (3: neither side has padding)")
     ap.add_argument("--loops", action="store_true", help="also print each SASS loop's size and main opcodes")
     ap.add_argument("--tma", action="store_true", help="the TMA forward (attn_fwd_tma; needs --linear or --tile)")
     ap.add_argument("--ws", action="store_true", help="the TMA forward with warp specialization")
@@ -181,7 +187,8 @@ def main() -> int:
                     dt, ck = compile_one(fam, d, ndim, cfg, linear=args.linear, ranges=args.ranges,
                                          tile=tuple(args.tile) if args.tile else None,
                                          ktile=tuple(args.ktile) if args.ktile else None,
-                                         partial=not args.no_partial, window_only=args.window_only)
+                                         partial=not args.no_partial, window_only=args.window_only,
+                                         nopad=args.nopad)
                     st = static_stats(ck)
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "
                           + "  ".join(f"{k} {v}" for k, v in st.items()), flush=True)

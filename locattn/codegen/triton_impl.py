@@ -254,8 +254,8 @@ class KernelTables:
     plan: BlockPlan
     q_slots: torch.Tensor
     k_slots: torch.Tensor
-    q_lo: torch.Tensor    # [3, n_q_slots]
-    q_w: torch.Tensor     # [3, n_q_slots] interval widths (hi - lo); empty intervals are (2**30, 0)
+    q_iv: torch.Tensor    # int64 [3, n_q_slots]: u-space key interval (lo, w = hi - lo) packed ``lo | w << 32``;
+                          # empty intervals are (2**30, 0)
     k_u: torch.Tensor     # [3, n_k_slots]
     kv_ptr: torch.Tensor
     kv_split: torch.Tensor
@@ -272,6 +272,7 @@ class KernelTables:
     has_globals: bool     # global tokens or sinks exist (HAS_GLOBALS)
     has_partial: bool     # the plan has partial blocks (HAS_PARTIAL: else the partial-block loops are not compiled)
     window_only: bool     # partial blocks test the window alone (WINDOW_ONLY, kernel glossary)
+    nopad: int            # NOPAD bits (kernel glossary): 1 no padding query slot, 2 no padding key slot
     ndim: int
     prefix: int
     grid_end: int
@@ -439,10 +440,12 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     def dev(t):
         return t.to(device=device, dtype=torch.int32).contiguous()
 
-    return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), dev(q_lo), dev(q_w), dev(k_u),
+    nopad = int(bool((plan.q_slots >= 0).all())) | 2 * int(bool((plan.k_slots >= 0).all()))
+    q_iv = (q_w << 32) | (q_lo & 0xFFFFFFFF)  # lo >= -2**31, 0 <= w < 2**31 (tested as int32 in the kernels)
+    return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), q_iv.to(device).contiguous(), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
-                        ndim, prefix, grid_end, sinks)
+                        nopad, ndim, prefix, grid_end, sinks)
 
 
 def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch.Tensor, q_w: torch.Tensor,
@@ -498,17 +501,20 @@ class Triton(Implementation):
     (``self.last_tma_unfit``: why the last TMA config ran ``attn_fwd``).
     ``tables_only`` turns off the table-free addressing (LINEAR / RANGES in the kernel glossary) so the two
     can be compared; results are identical. ``window_only=False`` turns off WINDOW_ONLY (partial blocks then
-    test padding too; results are identical), for the same kind of A/B.
+    test padding too; results are identical), and ``nopad=False`` NOPAD (partial blocks of a plan without
+    padding slots then mask their row loads and test padding anyway; results are identical), for the same kind
+    of A/B.
     """
 
     name = "triton"
 
     def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
                  autotune: bool | None = None, nan_fill: bool = False, record_visits: bool = False,
-                 tables_only: bool = False, window_only: bool = True):
+                 tables_only: bool = False, window_only: bool = True, nopad: bool = True):
         self.config = config
         self.tables_only = tables_only
         self.window_only = window_only
+        self.nopad = nopad
         self.configs = dict(configs or {})
         unknown = set(self.configs) - {"fwd", "dq", "dkdv"}
         if unknown:
@@ -652,7 +658,7 @@ class Triton(Implementation):
         self.launched["fwd"] = "attn_fwd"
         self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
             hq, hq // hk, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
@@ -750,7 +756,7 @@ class Triton(Implementation):
         off = self.tables_only
         return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
                     RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial,
-                    WINDOW_ONLY=tab.window_only and self.window_only)
+                    WINDOW_ONLY=tab.window_only and self.window_only, NOPAD=tab.nopad if self.nopad else 0)
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -773,7 +779,7 @@ class Triton(Implementation):
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
             q, k, v, grad_out, lse2, delta, dq, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
+            tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
@@ -798,7 +804,7 @@ class Triton(Implementation):
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, lse2, delta, dk, dvv, dbias, mask, bias,
-            tab.q_slots, tab.k_slots, tab.q_lo, tab.q_w, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
+            tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
             tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),
             *dbias.stride(),

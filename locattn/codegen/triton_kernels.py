@@ -13,8 +13,9 @@ kv_ptr/kv_split/kv_idx
              ``kv_idx[kv_ptr[m]:kv_split[m]]`` are full, ``kv_idx[kv_split[m]:kv_ptr[m+1]]`` partial.
 qb_ptr/qb_split/qb_idx
              the transposed CSR (query blocks of each key block, full first) for the dK/dV kernel.
-q_lo/q_w     int32 [3, n_q_slots]: per query slot and axis, the u-space key interval [q_lo, q_lo + q_w]
-             (empty intervals are stored as (2**30, 0)), tested as one unsigned compare ``u - lo <= w``
+q_iv         int64 [3, n_q_slots]: per query slot and axis, the u-space key interval [lo, lo + w] packed as
+             ``lo | w << 32`` (one load per axis; empty intervals are (2**30, 0)), tested as one unsigned compare
+             ``u - lo <= w``
 k_u          int32 [3, n_k_slots]: per key slot and axis, the key's u-space coordinate
 NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
 prefix/grid_end/sinks
@@ -43,6 +44,11 @@ WINDOW_ONLY  partial blocks of a local pattern without globals whose query windo
              rows are never stored (forward, dQ) and contribute nothing to dK/dV (their lse loads as +inf: p = 0).
              Each term of a conjunction costs one select per score (sm_90 SASS), so dropping the two padding
              terms halves the partial loop's selects
+NOPAD        bit 0 (1): no query slot of the plan is padding; bit 1 (2): no key slot is
+             (LINEAR: the sequence is a multiple of the block; GRID: the tiles divide the grid and fill their
+             blocks). Partial blocks then load their gathered rows — K/V in the forward and dQ, q / dO / lse /
+             delta in dK/dV — without a row mask, and the predicate drops that side's padding test; the row
+             masks' validity arithmetic is gone from the loop (sm_90: the dK/dV partial loop's largest cost)
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
 HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
@@ -273,10 +279,10 @@ def _outer(qx, kx, TRANS: tl.constexpr):
 @triton.jit
 def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
           NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False,
-          WINDOW_ONLY: tl.constexpr = False):
+          WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
     transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (NDIM > 0, no globals; see the glossary): the
-    window test alone excludes padding."""
+    window test alone excludes padding; ``NOPAD``: the side(s) without padding slots skip their padding test."""
     q2, k2 = _outer(qt, kt, TRANS)
     if NDIM > 0:
         win = _inside(ku0, qlo0, qw0, TRANS)
@@ -288,20 +294,32 @@ def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_e
             q_glob, k_glob = _outer((qt < prefix) | (qt >= grid_end), (kt < prefix) | (kt >= grid_end) | (kt < sinks),
                                     TRANS)
             win = win | q_glob | k_glob
-        if WINDOW_ONLY:
-            keep = win
-        else:
-            keep = (q2 >= 0) & (k2 >= 0) & win
-    else:
+        keep = win
+        if not WINDOW_ONLY:
+            keep = _real(keep, q2, k2, NOPAD)
+        if CAUSAL:
+            keep = keep & (k2 <= q2)
+    elif CAUSAL:
+        keep = _real(k2 <= q2, q2, k2, NOPAD)
+    else:  # padding alone (a plan without padding has no partial block here)
         keep = (q2 >= 0) & (k2 >= 0)
-    if CAUSAL:
-        keep = keep & (k2 <= q2)
     return keep
 
 
 @triton.jit
-def _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM: tl.constexpr):
-    """Per query slot u-space intervals of up to three axes (unused axes give dummies)."""
+def _real(keep, q2, k2, NOPAD: tl.constexpr):
+    """``keep`` and the query and key are real tokens, testing only a side that has padding slots."""
+    if (NOPAD & 1) == 0:
+        keep = keep & (q2 >= 0)
+    if (NOPAD & 2) == 0:
+        keep = keep & (k2 >= 0)
+    return keep
+
+
+@triton.jit
+def _load_bounds(q_iv, n_q_slots, qslot, NDIM: tl.constexpr):
+    """Per query slot u-space intervals ``(lo, w)`` of up to three axes (unused axes give dummies): one 8-byte
+    load per axis (``q_iv``: lo in the low, w in the high 32 bits; the halves are register halves, free)."""
     zero = qslot * 0
     qlo0 = zero
     qw0 = zero
@@ -310,15 +328,18 @@ def _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM: tl.constexpr):
     qlo2 = zero
     qw2 = zero
     if NDIM > 0:
-        qlo0 = tl.load(q_lo + qslot)
-        qw0 = tl.load(q_w + qslot)
+        qlo0, qw0 = _split_iv(tl.load(q_iv + qslot))
     if NDIM > 1:
-        qlo1 = tl.load(q_lo + n_q_slots + qslot)
-        qw1 = tl.load(q_w + n_q_slots + qslot)
+        qlo1, qw1 = _split_iv(tl.load(q_iv + n_q_slots + qslot))
     if NDIM > 2:
-        qlo2 = tl.load(q_lo + 2 * n_q_slots + qslot)
-        qw2 = tl.load(q_w + 2 * n_q_slots + qslot)
+        qlo2, qw2 = _split_iv(tl.load(q_iv + 2 * n_q_slots + qslot))
     return qlo0, qw0, qlo1, qw1, qlo2, qw2
+
+
+@triton.jit
+def _split_iv(x):
+    """(lo, w) int32 of packed int64 intervals."""
+    return x.to(tl.int32), (x >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -417,21 +438,23 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
-                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False):
+                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
-    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate. ``FOLD``
+    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate; the key tile
+    of a block without padding keys (full, or NOPAD bit 1) loads without a row mask. ``FOLD``
     (no bias, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2 argument.
     Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM, IS_FULL)
-    kv = kt >= 0  # all true in a full block (no padding keys): its loads drop this mask
-    if IS_FULL:
+    real = IS_FULL or (NOPAD & 2) != 0  # no padding key in this block
+    kt = _tokens(k_slots, n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM, real)
+    kv = kt >= 0  # all true without padding keys: the loads drop this mask
+    if real:
         kj = kt.to(tl.int64)
     else:
         kj = _row_index(kt, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     k_ptrs = _tile_ptrs(K_bh, kj, n, offs_n, offs_d, stride_ks, stride_kd, g1, g2, BLOCK_N, KADDR, NDIM, True)
-    kT = _load_kv(k_ptrs, kv[None, :], offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
+    kT = _load_kv(k_ptrs, kv[None, :], offs_d[:, None] < D, real, D == BLOCK_D)
     s = _mma(q, kT, None, PRECISION, UPCAST)
     if not FOLD:
         s = s * qk_scale
@@ -440,7 +463,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     if not IS_FULL:
         ku0, ku1, ku2 = _key_u(k_u, n_k_slots, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                     NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY)
+                     NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY, NOPAD)
         s = tl.where(keep, s, float("-inf"))
     return s, kT, kj, kv
 
@@ -468,7 +491,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr,
-               WINDOW_ONLY: tl.constexpr):
+               WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -477,7 +500,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD,
-                                      WINDOW_ONLY)
+                                      WINDOW_ONLY, NOPAD)
         if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
@@ -494,7 +517,7 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                 KADDR, NDIM, False), kv[:, None],
-                     offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
+                     offs_dv[None, :] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
         if VISIT:
@@ -518,7 +541,7 @@ def _fwd_store(acc, l_i, m_i, Out_bh, LSE_bh, qi, qv, stride_os, stride_od, stri
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
-             q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
+             q_slots, k_slots, q_iv, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
              stride_qb, stride_qh, stride_qs, stride_qd,
              stride_kb, stride_kh, stride_ks, stride_kd,
              stride_vb, stride_vh, stride_vs, stride_vd,
@@ -534,7 +557,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
              RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr,
-             WINDOW_ONLY: tl.constexpr = False):
+             WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -549,7 +572,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     qi = tl.where(qv, qt, 0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
-    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
+    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
     M_bh = Mask + b * stride_mb + h * stride_mh
@@ -565,14 +588,15 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                k_u, kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd,
                                stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
                                qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
-                               BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False)
+                               BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False,
+                               NOPAD)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
                                    k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
                                    stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
-                                   FOLD, WINDOW_ONLY)
+                                   FOLD, WINDOW_ONLY, NOPAD)
     _fwd_store(acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, LSE + b * stride_lb + h * stride_lh, qi, qv,
                stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
@@ -682,7 +706,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               HAS_BIAS: tl.constexpr,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-              UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr):
+              UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
+              NOPAD: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -691,10 +716,10 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
-                                      False, WINDOW_ONLY)
+                                      False, WINDOW_ONLY, NOPAD)
         vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                  KADDR, NDIM, True), kv[None, :],
-                      offs_dv[:, None] < DV, IS_FULL, DV == BLOCK_DV)
+                      offs_dv[:, None] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -706,7 +731,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
-                q_slots, k_slots, q_lo, q_w, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
+                q_slots, k_slots, q_iv, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
                 stride_vb, stride_vh, stride_vs, stride_vd,
@@ -721,7 +746,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
-                RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False):
+                RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
+                NOPAD: tl.constexpr = 0):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE2/Delta are [B*H, S_q]
     contiguous fp32."""
     pid_m = tl.program_id(0)
@@ -744,7 +770,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
     # LSE2: log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
     lse2 = tl.load(LSE2 + row, mask=qv, other=float("inf"))
     delta = tl.load(Delta + row, mask=qv, other=0.0)
-    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
+    qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
     M_bh = Mask + b * stride_mb + h * stride_mh
@@ -758,43 +784,45 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES, False)
+                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
-                q_slots, q_lo, q_w, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
+                q_slots, q_iv, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale,
                 prefix, grid_end, sinks, NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr,
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr, IS_FULL: tl.constexpr,
                 BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr):
+                UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
+                NOPAD: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
+    real = IS_FULL or (NOPAD & 1) != 0  # no padding query in a visited block
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         m = _block_id(qb_idx, i, jump, gap, DIRECT)
         qslot = m * BLOCK_M + offs_m
-        qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
+        qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM, real)
         qv = qt >= 0
         qi = _row_index(qt, m, offs_m, g0, g1, g2, BLOCK_M, QADDR, NDIM)
         # transposed tiles [BLOCK_N, BLOCK_M]: the key block is the MMA's M dimension (64-128 rows, wgmma
         # on Hopper) whatever BLOCK_M is; qᵀ comes straight from memory, q / dOᵀ as register transposes
         q_ptrs = _tile_ptrs(Q_bh, qi, m, offs_m, offs_d, stride_qs, stride_qd, g1, g2, BLOCK_M, QADDR, NDIM, True)
-        qT = _load_kv(q_ptrs, qv[None, :], offs_d[:, None] < D, IS_FULL, D == BLOCK_D)
+        qT = _load_kv(q_ptrs, qv[None, :], offs_d[:, None] < D, real, D == BLOCK_D)
         do_ptrs = _tile_ptrs(dO_bh, qi, m, offs_m, offs_dv, stride_gs, stride_gd, g1, g2, BLOCK_M, QADDR, NDIM, False)
-        do = _load_kv(do_ptrs, qv[:, None], offs_dv[None, :] < DV, IS_FULL, DV == BLOCK_DV)
-        if IS_FULL:  # a full block has no padding query: no masked loads (the loop's largest saving)
+        do = _load_kv(do_ptrs, qv[:, None], offs_dv[None, :] < DV, real, DV == BLOCK_DV)
+        if real:  # no padding query: no masked loads (the loop's largest saving)
             lse2 = tl.load(LSE2_bh + qi)  # log2 units, +inf for empty rows
             delta = tl.load(Delta_bh + qi)
         else:
@@ -805,9 +833,9 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
                              True)
         if not IS_FULL:
-            qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_lo, q_w, n_q_slots, qslot, NDIM)
+            qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY)
+                         NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY, NOPAD)
             sT = tl.where(keep, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])                     # [BLOCK_N, BLOCK_M]
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
@@ -826,7 +854,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
 
 @triton.jit(do_not_specialize=_SIZES)
 def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
-                  q_slots, k_slots, q_lo, q_w, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
+                  q_slots, k_slots, q_iv, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd,
                   stride_vb, stride_vh, stride_vs, stride_vd,
@@ -843,7 +871,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
-                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False):
+                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -883,19 +911,19 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
         dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
-                             q_slots, q_lo, q_w, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs,
+                             q_slots, q_iv, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False)
+                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
-                                 q_slots, q_lo, q_w, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
+                                 q_slots, q_iv, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
                                  BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES,
-                                 WINDOW_ONLY)
+                                 WINDOW_ONLY, NOPAD)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))
