@@ -230,12 +230,19 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     tab = kernel_tables(build_plan(case.pattern, layout, s, s, cfg.block_m, cfg.block_n, False), case.pattern,
                         layout, dev)
     rec["ours"]["addressing"] = dict(q_addr=tab.q_addr, k_addr=tab.k_addr, ranges=tab.ranges,
-                                     window_only=tab.window_only)
+                                     window_only=tab.window_only, nopad=tab.nopad)
     if tab.window_only and tab.has_partial:  # A/B: the partial blocks with their padding test back
         slow = Triton(impl.config, window_only=False)
         res3 = {}
         t_fwd = bench_ms(lambda: res3.update(o=slow.forward(call)), dev, dry)
         rec["ours_padding_test"] = dict(fwd_ms=t_fwd, same_output=bool(torch.equal(res3["o"][0], out)))
+    if tab.nopad and tab.has_partial:  # A/B: the partial blocks with their row masks back (NOPAD off)
+        slow = Triton(impl.config, nopad=False)
+        res4 = {}
+        t_fwd = bench_ms(lambda: res4.update(o=slow.forward(call)), dev, dry)
+        o4, l4 = res4["o"]
+        t_bwd = bench_ms(lambda: slow.backward(call, g, o4, l4, False), dev, dry)
+        rec["ours_row_masks"] = dict(fwd_ms=t_fwd, bwd_ms=t_bwd, same_output=bool(torch.equal(o4, out)))
     if tab.computed:
         slow = Triton(impl.config, tables_only=True)
         res2 = {}
@@ -415,6 +422,10 @@ def fmt(rec: dict) -> str:
     if "ours_padding_test" in rec:
         t = rec["ours_padding_test"]
         kern += f" | padding test fwd {t['fwd_ms']:.2f} ms{'' if t['same_output'] else ' OUTPUT DIFFERS'}"
+    if "ours_row_masks" in rec:
+        t = rec["ours_row_masks"]
+        kern += (f" | row masks fwd {t['fwd_ms']:.2f} bwd {t['bwd_ms']:.2f} ms"
+                 f"{'' if t['same_output'] else ' OUTPUT DIFFERS'}")
     return (f"{rec['case']:18s} d={rec['head_dim']:<3d} density={rec['density']:.4f} | ours fwd "
             f"{o['fwd_ms']:8.2f} ms {o['fwd_tflops']:6.1f} TF/s  bwd {o['bwd_ms']:8.2f} ms "
             f"{o['bwd_tflops']:6.1f} TF/s  plan {o['plan_ms']:.1f} ms | vs sdpa x{get(rec, 'speedup_vs_sdpa_fwd')}"
@@ -606,7 +617,10 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
                 for impl in (Triton(KernelConfig(32, 32, 1, 1) if dry else None), Triton(tables_only=True)):
                     out, lse = impl.forward(call)
                     impl.backward(call, g, out, lse, False)
-                Triton(KernelConfig(32, 32, 1, 1) if dry else None, window_only=False).forward(call)  # its A/B
+                Triton(KernelConfig(32, 32, 1, 1) if dry else None, window_only=False).forward(call)  # its A/Bs
+                masked = Triton(KernelConfig(32, 32, 1, 1) if dry else None, nopad=False)
+                out, lse = masked.forward(call)
+                masked.backward(call, g, out, lse, False)
             elif fam == "floor":
                 tma, ws, c = cfg
                 floor_forward(q, kk, v, call.scale, c.block_m, c.block_n, c.num_warps, c.num_stages, tma=tma,

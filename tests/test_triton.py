@@ -884,6 +884,11 @@ def test_gpu_benchmark_dry_run(tmp_path):
     for c in cases:  # each case checks our output against the predicate on sampled rows (fp32 here)
         assert c["ours"]["sample_rel_err"] < 1e-5, c["case"]
         assert set(c["ours"]["tiles"]) == {"fwd", "dq", "dkdv"}
+        for ab in ("ours_tables", "ours_padding_test", "ours_row_masks"):  # the A/Bs give the same bits
+            assert c.get(ab, {}).get("same_output", True), (c["case"], ab)
+    # NOPAD's A/B where the plan has partial blocks and no padding slot: the 64-token 1-D window, the 8x8 grid, the
+    # 3-D tiles of 16 tokens in 32-token blocks (na3d's 72 tokens leave a padded block; tiled2d is all full)
+    assert {c["case"] for c in cases if "ours_row_masks" in c} == {"sw1d", "na2d", "tiled3d"}
     # FlexAttention alone against an earlier run's rows (a later device call): the dry run checks its mask and
     # output against ours
     flex = tmp_path / "flex.json"
