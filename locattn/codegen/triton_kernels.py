@@ -324,9 +324,11 @@ def _real(keep, q2, k2, NOPAD: tl.constexpr):
 
 
 @triton.jit
-def _load_bounds(q_iv, n_q_slots, qslot, NDIM: tl.constexpr):
-    """Per query slot u-space intervals ``(lo, w)`` of up to three axes (unused axes give dummies): one 8-byte
-    load per axis (``q_iv``: lo in the low, w in the high 32 bits; the halves are register halves, free)."""
+def _load_bounds(q_iv, n_q_slots, qslot, NDIM: tl.constexpr, WIDE: tl.constexpr = False):
+    """Per query slot u-space intervals ``(lo, w)`` of up to three axes (unused axes give dummies) from ``q_iv``
+    (lo in the low, w in the high 32 bits). ``WIDE``: one 8-byte load per axis, halves split in registers (the
+    dK/dV loop, which loads them every iteration: fewer loads); else two 4-byte loads (the forward / dQ
+    prologues: an int64 vector kept there costs the 1-D forward loop ~60 SASS instructions, sm_90)."""
     zero = qslot * 0
     qlo0 = zero
     qw0 = zero
@@ -335,18 +337,24 @@ def _load_bounds(q_iv, n_q_slots, qslot, NDIM: tl.constexpr):
     qlo2 = zero
     qw2 = zero
     if NDIM > 0:
-        qlo0, qw0 = _split_iv(tl.load(q_iv + qslot))
+        qlo0, qw0 = _interval(q_iv, qslot, WIDE)
     if NDIM > 1:
-        qlo1, qw1 = _split_iv(tl.load(q_iv + n_q_slots + qslot))
+        qlo1, qw1 = _interval(q_iv + n_q_slots, qslot, WIDE)
     if NDIM > 2:
-        qlo2, qw2 = _split_iv(tl.load(q_iv + 2 * n_q_slots + qslot))
+        qlo2, qw2 = _interval(q_iv + 2 * n_q_slots, qslot, WIDE)
     return qlo0, qw0, qlo1, qw1, qlo2, qw2
 
 
 @triton.jit
-def _split_iv(x):
-    """(lo, w) int32 of packed int64 intervals."""
-    return x.to(tl.int32), (x >> 32).to(tl.int32)
+def _interval(iv, slot, WIDE: tl.constexpr):
+    """(lo, w) int32 of the packed intervals ``iv[slot]`` (little-endian: lo is the first word)."""
+    if WIDE:
+        x = tl.load(iv + slot)
+        lo, w = x.to(tl.int32), (x >> 32).to(tl.int32)
+    else:
+        words = iv.to(tl.pointer_type(tl.int32))
+        lo, w = tl.load(words + 2 * slot), tl.load(words + 2 * slot + 1)
+    return lo, w
 
 
 @triton.jit
@@ -840,7 +848,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
                              True)
         if not IS_FULL:
-            qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
+            qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM, True)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
                          NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY, NOPAD)
             sT = tl.where(keep, sT, float("-inf"))
