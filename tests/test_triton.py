@@ -939,20 +939,3 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert load_tuned(again) == entries
     assert time.time() - t0 < 90
-
-
-def test_linear_keys_keep_the_table_u_when_it_is_not_the_slot(monkeypatch):
-    """LINEAR 1-D keys take u = slot in the kernels (``_key_u``): kernel_tables grants key LINEAR addressing only
-    where the table's u is the slot and padding slots lie past the grid; a u that differs keeps the key table."""
-    import locattn.codegen.triton_impl as ti
-    from locattn.patterns.plan import build_plan
-
-    pattern, layout = SlidingWindow(window=7), Layout().resolve(63)
-    plan = build_plan(pattern, layout, 63, 63, 16, 16, False)
-    assert ti.kernel_tables.__wrapped__(plan, pattern, layout, torch.device("cpu")).k_addr == 1
-    real = ti._slot_coords
-    monkeypatch.setattr(ti, "_slot_coords", lambda p, lay, slots, query: real(p, lay, slots, query) if query
-                        else [u + 1 for u in real(p, lay, slots, query)])
-    tab = ti.kernel_tables.__wrapped__(plan, pattern, layout, torch.device("cpu"))
-    assert (tab.q_addr, tab.k_addr) == (1, 0)
-    assert not ti._linear_u(plan.k_slots, torch.arange(plan.k_slots.numel()), 64)  # padding slot 63 inside the grid

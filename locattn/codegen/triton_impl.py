@@ -428,8 +428,6 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
             k_u[a] = torch.where(plan.k_slots >= 0, u, PAD_U)  # padding keys: outside every window
         prefix, grid_end, sinks = layout.prefix, layout.prefix + layout.n_grid, layout.sinks
-        if linear and ndim == 1 and not _linear_u(plan.k_slots, k_u[0], layout.grid[0]):
-            k_addr = 0  # the kernels' LINEAR keys take u = slot (_key_u): only where that is the table's u
         if not linear:
             q_addr = _grid_addr(plan.q_slots, plan.block_m, plan.q_tile, layout)
             k_addr = _grid_addr(plan.k_slots, plan.block_n, plan.k_tile, layout, k_u[:ndim])
@@ -448,14 +446,6 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
                         nopad, ndim, prefix, grid_end, sinks)
-
-
-def _linear_u(k_slots: torch.Tensor, k_u: torch.Tensor, extent: int) -> bool:
-    """Whether a 1-D plan's LINEAR keys may take their slot index as u-coordinate: it is the real keys' u, and
-    padding slots lie past the grid (``extent``), outside every window like ``PAD_U``."""
-    slot = torch.arange(k_slots.numel())
-    real = k_slots >= 0
-    return torch.equal(k_u[real], slot[real]) and bool((slot[~real] >= extent).all())
 
 
 def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch.Tensor, q_w: torch.Tensor,

@@ -21,8 +21,7 @@ NDIM         grid rank of the pattern (0 = dense: no interval test), at most 3
 prefix/grid_end/sinks
              global tokens are ``t < prefix`` or ``t >= grid_end``; keys ``t < sinks`` are sinks
 QADDR/KADDR  how query / key slots map to tokens: 0 = the slot tables; 1 = LINEAR, slot i holds token i
-             (tokens >= seq_q / seq_k are padding: dense and plain 1-D plans; a 1-D key's u-coordinate is its
-             slot); otherwise GRID = GRID_BIT | log2
+             (tokens >= seq_q / seq_k are padding: dense and plain 1-D plans); otherwise GRID = GRID_BIT | log2
              of the tile side per axis (4 bits each): 2-D/3-D blocks are spatial tiles of the g0 x g1 (x g2)
              grid, tokens and key u-coordinates computed by index arithmetic (block index divided by the
              tile-grid extents in fp32, ``_divmod``; the host mirror proves it exact for the plan). Computed modes
@@ -217,15 +216,9 @@ def _row_index(t, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr
 @triton.jit
 def _key_u(k_u, n_k_slots, blk, offs, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr,
            NDIM: tl.constexpr):
-    """u-space coordinates of key slots: the grid coordinates for GRID plans (dilation 1), the slot for LINEAR
-    1-D plans (the host checks it is the table's u and that padding slots lie past the grid), else the
-    table."""
+    """u-space coordinates of key slots: the grid coordinates for GRID plans (dilation 1), else the table."""
     if ADDR > 1:
         ku0, ku1, ku2, valid = _grid_coords(blk, offs, g0, g1, g2, ADDR, NDIM)
-    elif ADDR == 1 and NDIM == 1:
-        ku0 = blk * BLOCK + offs
-        ku1 = ku0 * 0
-        ku2 = ku1
     else:
         ku0, ku1, ku2 = _load_ku(k_u, n_k_slots, blk * BLOCK + offs, NDIM)
     return ku0, ku1, ku2
