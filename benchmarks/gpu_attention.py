@@ -448,7 +448,7 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
     q, k, v, g = make_inputs(case, d, dev, torch.float32 if dry else torch.bfloat16)
     call = AttentionCall(q, k, v, None, None, 1.0 / math.sqrt(d), False, case.pattern, layout)
     out, lse = Triton().forward(call)
-    delta, lse2 = Triton().backward_inputs(call, g, out, lse)
+    ld = Triton().backward_inputs(call, g, out, lse)
     bucket = head_dim_bucket(d)
     res, default_ms, skipped, launched = {}, {}, [], {}
     for fam in ("fwd", "dq", "dkdv"):
@@ -456,8 +456,8 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
         for cfg in CONFIG_SPACE[(fam, bucket)]:
             impl = Triton(configs={fam: cfg})
             run = {"fwd": lambda: impl.forward(call),
-                   "dq": lambda: impl._dq(call, g, lse2, delta, cfg, False),
-                   "dkdv": lambda: impl._dkdv(call, g, lse2, delta, False, cfg, False)}[fam]
+                   "dq": lambda: impl._dq(call, g, ld, cfg, False),
+                   "dkdv": lambda: impl._dkdv(call, g, ld, False, cfg, False)}[fam]
             try:
                 t = time.perf_counter()
                 run()
@@ -628,11 +628,11 @@ def warm(args, dev, cases: list[BenchCase], dims: list[int], dry: bool) -> int:
             else:  # one sweep candidate: that kernel alone, like sweep_case
                 impl = Triton(configs={fam: cfg})
                 out, lse = impl.forward(call)
-                delta, lse2 = impl.backward_inputs(call, g, out, lse)
+                ld = impl.backward_inputs(call, g, out, lse)
                 if fam == "dq":
-                    impl._dq(call, g, lse2, delta, cfg, False)
+                    impl._dq(call, g, ld, cfg, False)
                 elif fam == "dkdv":
-                    impl._dkdv(call, g, lse2, delta, False, cfg, False)
+                    impl._dkdv(call, g, ld, False, cfg, False)
         except Exception as e:  # a tile that does not fit: the timed run reports it
             print(f"shard {k}/{n}: {case.name} d={d} {fam} {cfg}: {type(e).__name__}", flush=True)
         done += 1

@@ -26,7 +26,7 @@ KERNELS = {"fwd": K.attn_fwd, "dq": K.attn_bwd_dq, "dkdv": K.attn_bwd_dkdv, "fwd
 # pointer arguments and their element types (the rest are integer sizes/strides, or the fp32 scale)
 PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
-PTR_F32 = {"LSE", "LSE2", "Delta", "dBias", "Bias"}
+PTR_F32 = {"LSE", "LD", "dBias", "Bias"}
 PTR_I32 = {"q_slots", "k_slots", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
            "qb_idx", "kv_rng", "qb_rng", "Visits"}
 PTR_I64 = {"q_iv"}

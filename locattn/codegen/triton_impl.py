@@ -2,7 +2,8 @@
 
 Forward: one program per (query block, batch x head) runs an online softmax over exactly the plan's key
 blocks — full blocks first (no mask arithmetic), then partial ones (pattern / causal / padding evaluated
-in-kernel from per-slot u-space intervals). Backward: ``Delta = rowsum(dO * O)``, a dQ kernel over its plan,
+in-kernel from per-slot u-space intervals). Backward: per query row lse in log2 units and
+``delta = rowsum(dO * O)``, interleaved (``attn_bwd_preprocess``), a dQ kernel over its plan,
 and a dK/dV kernel over the transposed CSR of its own plan (dQ and dK/dV tile differently) that also sums
 the GQA group in registers: the backward is deterministic, no atomics. dBias is stored pair by pair into a
 zeroed fp32 [B, H, Sq, Sk] buffer, then reduced to the bias's shape. Glossary:
@@ -725,9 +726,9 @@ class Triton(Implementation):
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  need_dbias: bool):
         grad_out = grad_out.to(call.q.dtype)
-        delta, lse2 = self.backward_inputs(call, grad_out, out, lse)
+        ld = self.backward_inputs(call, grad_out, out, lse)
         want_dbias = need_dbias and call.bias is not None
-        args = (call, grad_out, lse2, delta)
+        args = (call, grad_out, ld)
         # dQ and dK/dV are independent kernels over their own plans: each gets its own tiles
         cfg = self._config(call, "dq", lambda c: self._dq(*args, c, False))
         dq = self._dq(*args, cfg, self.record_visits)
@@ -737,20 +738,19 @@ class Triton(Implementation):
         return dq, dk, dvv, db
 
     def backward_inputs(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the dQ and dK/dV kernels read besides q/k/v/dO: ``delta = rowsum(dO * O)`` and ``lse2``, the
-        forward's lse in log2 units with empty rows at +inf (fp32 [B, H, S_q] each; ``attn_bwd_preprocess``).
-        ``grad_out`` in the inputs' dtype."""
+                        ) -> torch.Tensor:
+        """What the dQ and dK/dV kernels read besides q/k/v/dO: ``ld`` fp32 [B, H, S_q, 2], per query row
+        ``ld[..., 0]`` = lse2, the forward's lse in log2 units with empty rows at +inf, and ``ld[..., 1]`` =
+        delta = rowsum(dO * O) (``attn_bwd_preprocess``). ``grad_out`` in the inputs' dtype."""
         b, hq, s_q, _ = call.q.shape
         dv = call.v.shape[-1]
         lse = lse.float().contiguous()
-        delta = self._empty(b, hq, s_q, dtype=torch.float32, device=lse.device)
-        lse2 = self._empty(b, hq, s_q, dtype=torch.float32, device=lse.device)
+        ld = self._empty(b, hq, s_q, 2, dtype=torch.float32, device=lse.device)
         pre_m = 32 if interpreted() else 64
         _kernels().attn_bwd_preprocess[(triton_cdiv(s_q, pre_m), b * hq)](
-            out, grad_out, delta, lse, lse2, *out.stride(), *grad_out.stride(), hq, s_q, dv,
+            out, grad_out, ld, lse, *out.stride(), *grad_out.stride(), hq, s_q, dv,
             BLOCK_M=pre_m, BLOCK_DV=_pow2(dv))
-        return delta, lse2
+        return ld
 
     def _addressing(self, tab: KernelTables) -> dict:
         off = self.tables_only
@@ -766,7 +766,7 @@ class Triton(Implementation):
                     UPCAST=_upcast(call.q.dtype), **self._addressing(tab), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
 
-    def _dq(self, call, grad_out, lse2, delta, cfg: KernelConfig, record: bool) -> torch.Tensor:
+    def _dq(self, call, grad_out, ld, cfg: KernelConfig, record: bool) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -778,7 +778,7 @@ class Triton(Implementation):
         dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=q.device)
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
-            q, k, v, grad_out, lse2, delta, dq, mask, bias,
+            q, k, v, grad_out, ld, dq, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
@@ -787,7 +787,7 @@ class Triton(Implementation):
             **self._bwd_common(call, tab, cfg, record))
         return dq
 
-    def _dkdv(self, call, grad_out, lse2, delta, want_dbias: bool, cfg: KernelConfig, record: bool):
+    def _dkdv(self, call, grad_out, ld, want_dbias: bool, cfg: KernelConfig, record: bool):
         q, k, v = call.q, call.k, call.v
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -803,7 +803,7 @@ class Triton(Implementation):
         dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
-            q, k, v, grad_out, lse2, delta, dk, dvv, dbias, mask, bias,
+            q, k, v, grad_out, ld, dk, dvv, dbias, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
             tab.qb_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *ms, *bs, *dk.stride(), *dvv.stride(),

@@ -49,6 +49,8 @@ NOPAD        bit 0 (1): no query slot of the plan is padding; bit 1 (2): no key 
              blocks). Partial blocks then load their gathered rows — K/V in the forward and dQ, q / dO / lse /
              delta in dK/dV — without a row mask, and the predicate drops that side's padding test; the row
              masks' validity arithmetic is gone from the loop (sm_90: the dK/dV partial loop's largest cost)
+LD           the backward's per query row inputs, fp32 [B, H, S_q, 2]: (lse2 = lse in log2 units with empty rows
+             at +inf, delta = rowsum(dO * O)), read as one int64 word per row (``_row_stats``)
 CAUSAL       the site's ``is_causal``: key token <= query token (partial blocks only; the plan drops
              blocks entirely above the diagonal and marks straddling blocks partial)
 HAS_MASK     site bool mask (uint8 view), applied on every visited block; strides 0 on broadcast dims
@@ -680,13 +682,14 @@ def attn_fwd_tma(desc_q, desc_k, desc_v, Out, LSE, kv_ptr, kv_split, kv_idx, kv_
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_preprocess(Out, dO, Delta, LSE, LSE2, stride_ob, stride_oh, stride_os, stride_od,
+def attn_bwd_preprocess(Out, dO, LD, LSE, stride_ob, stride_oh, stride_os, stride_od,
                         stride_gb, stride_gh, stride_gs, stride_gd, H, S, DV: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """``Delta[b, h, s] = sum_d dO * O`` and ``LSE2`` = the forward's lse in log2 units, +inf for an empty row
-    (so that its p = exp2(s - lse2) is 0), both fp32 contiguous [B, H, S] like ``LSE``; rows in token order.
-    The backward kernels read ``LSE2`` as is: the dK/dV loop holds each query block's lse replicated across
-    its threads, where a per-element conversion cost ~4 instructions per replica every iteration."""
+    """The backward's per-row inputs ``LD`` (fp32 contiguous [B, H, S, 2], rows in token order): ``LD[..., 0]``
+    = lse2, the forward's lse in log2 units, +inf for an empty row (so that its p = exp2(s - lse2) is 0);
+    ``LD[..., 1]`` = delta = sum_d dO * O. The dK/dV loop holds each query block's pair replicated across its
+    threads: interleaved, it is one 8-byte load per replica (``_row_stats``), and in log2 units it needs no
+    per-element conversion (that had cost ~4 instructions per replica every iteration)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -700,9 +703,24 @@ def attn_bwd_preprocess(Out, dO, Delta, LSE, LSE2, stride_ob, stride_oh, stride_
     do = tl.load(dO + b * stride_gb + h * stride_gh + r[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                  mask=io, other=0.0).to(tl.float32)
     row = pid_bh.to(tl.int64) * S + r
-    tl.store(Delta + row, tl.sum(o * do, 1), mask=rows < S)
     lse = tl.load(LSE + row, mask=rows < S, other=0.0)
-    tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=rows < S)
+    tl.store(LD + 2 * row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=rows < S)
+    tl.store(LD + 2 * row + 1, tl.sum(o * do, 1), mask=rows < S)
+
+
+#: ``_row_stats`` of a padding row: lse2 = +inf (its p = 0; the fp32 bits 0x7F800000 in the low word), delta = 0
+LD_PAD: tl.constexpr = tl.constexpr(0x7F800000)
+
+
+@triton.jit
+def _row_stats(ld, rows, valid, MASKED: tl.constexpr):
+    """(lse2, delta) of query ``rows`` from ``ld``, the (batch, head)'s ``LD`` rows as int64 words (lse2 the low,
+    delta the high 32 bits: one 8-byte load per row); ``MASKED``: rows not ``valid`` read as (+inf, 0)."""
+    if MASKED:
+        x = tl.load(ld + rows, mask=valid, other=LD_PAD)
+    else:
+        x = tl.load(ld + rows)
+    return x.to(tl.int32).to(tl.float32, bitcast=True), (x >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -738,7 +756,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
+def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 q_slots, k_slots, q_iv, k_u, kv_ptr, kv_split, kv_idx, kv_rng, Visits,
                 stride_qb, stride_qh, stride_qs, stride_qd,
                 stride_kb, stride_kh, stride_ks, stride_kd,
@@ -756,8 +774,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
                 NOPAD: tl.constexpr = 0):
-    """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; LSE2/Delta are [B*H, S_q]
-    contiguous fp32."""
+    """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; ``LD`` holds (lse2, delta) per
+    query row (``attn_bwd_preprocess``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -775,9 +793,8 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
     do = tl.load(dO + b * stride_gb + h * stride_gh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
                  mask=qv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row = pid_bh.to(tl.int64) * S_q + qi
-    # LSE2: log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
-    lse2 = tl.load(LSE2 + row, mask=qv, other=float("inf"))
-    delta = tl.load(Delta + row, mask=qv, other=0.0)
+    # lse2 in log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
+    lse2, delta = _row_stats(LD.to(tl.pointer_type(tl.int64)), row, qv, True)
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
@@ -804,7 +821,7 @@ def attn_bwd_dq(Q, K, V, dO, LSE2, Delta, dQ, Mask, Bias,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
+def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
                 q_slots, q_iv, qb_idx, start, end, jump, gap, Visits_h, n_kblocks, pid_n,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                 stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D: tl.constexpr, DV: tl.constexpr, qk_scale,
@@ -830,12 +847,8 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
         qT = _load_kv(q_ptrs, qv[None, :], offs_d[:, None] < D, real, D == BLOCK_D)
         do_ptrs = _tile_ptrs(dO_bh, qi, m, offs_m, offs_dv, stride_gs, stride_gd, g1, g2, BLOCK_M, QADDR, NDIM, False)
         do = _load_kv(do_ptrs, qv[:, None], offs_dv[None, :] < DV, real, DV == BLOCK_DV)
-        if real:  # no padding query: no masked loads (the loop's largest saving)
-            lse2 = tl.load(LSE2_bh + qi)  # log2 units, +inf for empty rows
-            delta = tl.load(Delta_bh + qi)
-        else:
-            lse2 = tl.load(LSE2_bh + qi, mask=qv, other=float("inf"))  # +inf: padding rows get p = 0
-            delta = tl.load(Delta_bh + qi, mask=qv, other=0.0)
+        # no padding query (real): no masked loads (the loop's largest saving); else padding rows get p = 0
+        lse2, delta = _row_stats(LD_bh, qi, qv, not real)
         sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
         if HAS_MASK or HAS_BIAS:
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
@@ -861,7 +874,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh,
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
+def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                   q_slots, k_slots, q_iv, k_u, qb_ptr, qb_split, qb_idx, qb_rng, Visits,
                   stride_qb, stride_qh, stride_qs, stride_qd,
                   stride_kb, stride_kh, stride_ks, stride_kd,
@@ -912,20 +925,19 @@ def attn_bwd_dkdv(Q, K, V, dO, LSE2, Delta, dK, dV, dBias, Mask, Bias,
         h = hk * GROUP + g
         Q_bh = Q + b * stride_qb + h * stride_qh
         dO_bh = dO + b * stride_gb + h * stride_gh
-        LSE2_bh = LSE2 + (b * H + h) * S_q
-        Delta_bh = Delta + (b * H + h) * S_q
+        LD_bh = LD.to(tl.pointer_type(tl.int64)) + (b * H + h) * S_q
         M_bh = Mask + b * stride_mb + h * stride_mh
         B_bh = Bias + b * stride_bb + h * stride_bh
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
-        dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
+        dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
                              q_slots, q_iv, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
                              VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
-            dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LSE2_bh, Delta_bh, M_bh, B_bh, dB_bh,
+            dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
                                  q_slots, q_iv, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
