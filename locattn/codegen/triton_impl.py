@@ -784,7 +784,7 @@ class Triton(Implementation):
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            **self._bwd_common(call, tab, cfg, record))
+            FOLD=_can_fold(call), **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, ld, want_dbias: bool, cfg: KernelConfig, record: bool):

@@ -32,8 +32,10 @@ RANGES       every query block's key blocks form one contiguous range with its f
              key block for dK/dV. Otherwise the CSR below is walked
 IS_FULL      the loop walks full blocks: no pattern / causal / padding arithmetic at all, and (full blocks
              have no padding keys) K/V tiles load unmasked unless the head dim is not a power of two
-FOLD         forward without site bias and with scale >= 1e-30: scores stay unscaled and ``qk_scale`` is folded
-             into the row max and the exp2 argument (one FMA per score instead of a multiply and a subtract)
+FOLD         forward and dQ without site bias and with scale >= 1e-30: scores stay unscaled (the predicate masks
+             them unscaled) and ``qk_scale`` is folded into the forward's row max and the exp2 argument (one FMA
+             per score instead of a multiply and a subtract; on partial blocks the select sat between the two).
+             dK/dV gets the same FMA by masking the exp2 argument instead of the score
 HAS_PARTIAL  the plan has partial blocks; without them (dense, exactly tiled plans) the predicate loop is not
              compiled at all
 HAS_GLOBALS  the layout has global tokens or sinks (prefix > 0, grid_end < S or sinks > 0): without them the
@@ -733,7 +735,7 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-              NOPAD: tl.constexpr):
+              NOPAD: tl.constexpr, FOLD: tl.constexpr):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
@@ -742,11 +744,14 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
-                                      False, WINDOW_ONLY, NOPAD)
+                                      FOLD, WINDOW_ONLY, NOPAD)
         vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                  KADDR, NDIM, True), kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
-        p = tl.math.exp2(s - lse2[:, None])
+        if FOLD:  # unscaled scores, masked: the exp2 argument is one FMA per score
+            p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION, UPCAST)
@@ -773,7 +778,7 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
-                NOPAD: tl.constexpr = 0):
+                NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; ``LD`` holds (lse2, delta) per
     query row (``attn_bwd_preprocess``)."""
     pid_m = tl.program_id(0)
@@ -809,13 +814,13 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD)
+                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -853,12 +858,13 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         if HAS_MASK or HAS_BIAS:
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
                              True)
+        xT = sT - lse2[None, :]  # the exp2 argument: one FMA with the scale (the predicate masks it, not sT)
         if not IS_FULL:
             qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM, True)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
                          NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY, NOPAD)
-            sT = tl.where(keep, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])                     # [BLOCK_N, BLOCK_M]
+            xT = tl.where(keep, xT, float("-inf"))
+        pT = tl.math.exp2(xT)                                     # [BLOCK_N, BLOCK_M]
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpT = _mma(v, tl.trans(do), None, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
