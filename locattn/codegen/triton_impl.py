@@ -442,7 +442,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         return t.to(device=device, dtype=torch.int32).contiguous()
 
     nopad = int(bool((plan.q_slots >= 0).all())) | 2 * int(bool((plan.k_slots >= 0).all()))
-    q_iv = (q_w << 32) | (q_lo & 0xFFFFFFFF)  # lo >= -2**31, 0 <= w < 2**31 (tested as int32 in the kernels)
+    q_iv = (q_w << 32) | (q_lo & 0xFFFFFFFF)  # int32 halves: grid coordinates, or 2**30 for empty intervals
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), q_iv.to(device).contiguous(), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,

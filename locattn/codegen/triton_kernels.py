@@ -325,7 +325,7 @@ def _load_bounds(q_iv, n_q_slots, qslot, NDIM: tl.constexpr, WIDE: tl.constexpr 
     """Per query slot u-space intervals ``(lo, w)`` of up to three axes (unused axes give dummies) from ``q_iv``
     (lo in the low, w in the high 32 bits). ``WIDE``: one 8-byte load per axis, halves split in registers (the
     dK/dV loop, which loads them every iteration: fewer loads); else two 4-byte loads (the forward / dQ
-    prologues: an int64 vector kept there costs the 1-D forward loop ~60 SASS instructions, sm_90)."""
+    prologues: an int64 vector kept there cost the 1-D forward's partial loop 66 SASS instructions, sm_90)."""
     zero = qslot * 0
     qlo0 = zero
     qw0 = zero
