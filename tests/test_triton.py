@@ -939,3 +939,23 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert load_tuned(again) == entries
     assert time.time() - t0 < 90
+
+
+@pytest.mark.parametrize("nopad", [True, False])
+def test_nan_key_outside_the_window_stays_out(nopad: bool):
+    """A non-finite key reaches only the forward rows whose window holds it, like the reference (which masks the
+    scores it computed): partial blocks select masked scores to -inf (an additive 0 / -inf bias would turn the
+    NaN score of a key outside the window into a NaN row). Output and lse: NaN exactly in the reference's NaN
+    rows, equal to it elsewhere; with and without NOPAD (the 64-token sequence has no padding). (The backward is
+    not compared: the dense reference's gradients are NaN everywhere, 0 * NaN in its matmuls.)"""
+    from locattn.patterns.base import dense_mask
+
+    case = Case("sw1d-64-w7-nan-key", SlidingWindow(window=7), s=64, d=16, block=(16, 16))
+    call = case.call()
+    call.k[0, :, 40] = float("nan")
+    out, lse = Triton(KernelConfig(16, 16, 1, 1), nopad=nopad).forward(call)
+    gold_out, gold_lse = Reference().forward(_call64(call))
+    near = dense_mask(call.pattern, call.layout, 64, 64)[:, 40]  # the query rows whose window holds key 40
+    assert 0 < int(near.sum()) < 32 and torch.equal(torch.isnan(gold_out[0, 0]).any(dim=-1), near)
+    torch.testing.assert_close(out.double().cpu(), gold_out.cpu(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(lse.double().cpu(), gold_lse.cpu(), rtol=1e-4, atol=1e-5, equal_nan=True)
