@@ -125,6 +125,19 @@ def bench_ms(fn, dev, dry: bool, target_ms: float = 200.0, max_reps: int = 20) -
     return statistics.median(times)
 
 
+def time_variant(impl, call: AttentionCall, g: torch.Tensor, out: torch.Tensor, dev, dry: bool,
+                 backward: bool = True) -> dict:
+    """One A/B variant of our kernels on the benchmark's call: its forward (and backward) ms and whether its
+    output equals ``out`` bit for bit."""
+    res = {}
+    rec = dict(fwd_ms=bench_ms(lambda: res.update(o=impl.forward(call)), dev, dry))
+    o, lse = res["o"]
+    if backward:
+        rec["bwd_ms"] = bench_ms(lambda: impl.backward(call, g, o, lse, False), dev, dry)
+    rec["same_output"] = bool(torch.equal(o, out))
+    return rec
+
+
 def over_budget(args, flex: bool = False) -> bool:
     return time.time() - T0 > (args.flex_budget_s if flex else args.budget_s)
 
@@ -232,24 +245,12 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
     rec["ours"]["addressing"] = dict(q_addr=tab.q_addr, k_addr=tab.k_addr, ranges=tab.ranges,
                                      window_only=tab.window_only, nopad=tab.nopad)
     if tab.window_only and tab.has_partial:  # A/B: the partial blocks with their padding test back
-        slow = Triton(impl.config, window_only=False)
-        res3 = {}
-        t_fwd = bench_ms(lambda: res3.update(o=slow.forward(call)), dev, dry)
-        rec["ours_padding_test"] = dict(fwd_ms=t_fwd, same_output=bool(torch.equal(res3["o"][0], out)))
+        rec["ours_padding_test"] = time_variant(Triton(impl.config, window_only=False), call, g, out, dev, dry,
+                                                backward=False)
     if tab.nopad and tab.has_partial:  # A/B: the partial blocks with their row masks back (NOPAD off)
-        slow = Triton(impl.config, nopad=False)
-        res4 = {}
-        t_fwd = bench_ms(lambda: res4.update(o=slow.forward(call)), dev, dry)
-        o4, l4 = res4["o"]
-        t_bwd = bench_ms(lambda: slow.backward(call, g, o4, l4, False), dev, dry)
-        rec["ours_row_masks"] = dict(fwd_ms=t_fwd, bwd_ms=t_bwd, same_output=bool(torch.equal(o4, out)))
+        rec["ours_row_masks"] = time_variant(Triton(impl.config, nopad=False), call, g, out, dev, dry)
     if tab.computed:
-        slow = Triton(impl.config, tables_only=True)
-        res2 = {}
-        t_fwd = bench_ms(lambda: res2.update(o=slow.forward(call)), dev, dry)
-        o2, l2 = res2["o"]
-        t_bwd = bench_ms(lambda: slow.backward(call, g, o2, l2, False), dev, dry)
-        rec["ours_tables"] = dict(fwd_ms=t_fwd, bwd_ms=t_bwd, same_output=bool(torch.equal(o2, out)))
+        rec["ours_tables"] = time_variant(Triton(impl.config, tables_only=True), call, g, out, dev, dry)
 
     # --- dense SDPA (same sequence length, no mask): the baseline of the ideal speedup
     key = (s, h, d)
