@@ -195,6 +195,15 @@ def _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.con
 
 
 @triton.jit
+def _block_rows(slots, blk, offs, seq, g0, g1, g2, BLOCK: tl.constexpr, ADDR: tl.constexpr, NDIM: tl.constexpr):
+    """The rows of a program's own block (the forward / dQ query block, the dK/dV key block): each slot's token
+    (-1 = padding), whether it is real, and the int64 row it loads and stores (0 for padding, masked off)."""
+    t = _tokens(slots, blk, offs, seq, g0, g1, g2, BLOCK, ADDR, NDIM)
+    valid = t >= 0
+    return t, valid, tl.where(valid, t, 0).to(tl.int64)
+
+
+@triton.jit
 def _grid_token(blk, offs, g0, g1, g2, ADDR: tl.constexpr, NDIM: tl.constexpr):
     """(row-major token of each GRID slot, whether the slot is inside its tile and the grid); padding slots get
     the token their coordinates would have (past the grid, never a real token's)."""
@@ -579,9 +588,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = _tokens(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
-    qv = qt >= 0
-    qi = tl.where(qv, qt, 0).to(tl.int64)
+    qt, qv, qi = _block_rows(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
@@ -670,9 +677,7 @@ def attn_fwd_tma(desc_q, desc_k, desc_v, Out, LSE, kv_ptr, kv_split, kv_idx, kv_
         if VISIT:
             _record_visit(Visit_row + n, True)
     offs_m = tl.arange(0, BLOCK_M)
-    qt = _tokens(Out, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)  # computed (Out: unused table)
-    qv = qt >= 0
-    qi = tl.where(qv, qt, 0).to(tl.int64)
+    qt, qv, qi = _block_rows(Out, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)  # computed: Out unused
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     _fwd_store(acc, l_i, m_i, Out + b64 * stride_ob + h64 * stride_oh, LSE + b64 * stride_lb + h64 * stride_lh, qi, qv,
@@ -790,9 +795,7 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qslot = pid_m * BLOCK_M + offs_m
-    qt = _tokens(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
-    qv = qt >= 0
-    qi = tl.where(qv, qt, 0).to(tl.int64)
+    qt, qv, qi = _block_rows(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(dO + b * stride_gb + h * stride_gh + qi[:, None] * stride_gs + offs_dv[None, :] * stride_gd,
@@ -914,9 +917,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kt = _tokens(k_slots, pid_n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
-    kv = kt >= 0
-    kj = tl.where(kv, kt, 0).to(tl.int64)
+    kt, kv, kj = _block_rows(k_slots, pid_n, offs_n, seq_k, g0, g1, g2, BLOCK_N, KADDR, NDIM)
     k = tl.load(K + b * stride_kb + hk * stride_kh + kj[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=kv[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + kj[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
