@@ -547,6 +547,13 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
 
 
 @triton.jit
+def _softmax_start(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The online softmax's state before any key block: row max -inf, row sum 0, accumulator 0 (fp32)."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, BLOCK_DV], tl.float32))
+
+
+@triton.jit
 def _fwd_store(acc, l_i, m_i, Out_bh, LSE_bh, qi, qv, stride_os, stride_od, stride_ls, DV: tl.constexpr,
                BLOCK_DV: tl.constexpr):
     """Normalise and store the forward's rows ``qi`` (valid where ``qv``) of one (batch, head): ``out`` and the
@@ -599,9 +606,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
     qk_scale = sm_scale * LOG2E
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = _softmax_start(BLOCK_M, BLOCK_DV)
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                                k_u, kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd,
@@ -659,9 +664,7 @@ def attn_fwd_tma(desc_q, desc_k, desc_v, Out, LSE, kv_ptr, kv_split, kv_idx, kv_
     q = _tma_tile(desc_q, b, h, H, pid_m, g1, g2, BLOCK_M, BLOCK_D, QADDR, NDIM)
     Visit_row = Visits + (pid_bh * n_qblocks + pid_m).to(tl.int64) * n_kblocks
     qk_scale = sm_scale * LOG2E
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = _softmax_start(BLOCK_M, BLOCK_DV)
     start, end, jump, gap, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     for i in tl.range(start, end, warp_specialize=WS):
         n = _block_id(kv_idx, i, jump, gap, RANGES)
