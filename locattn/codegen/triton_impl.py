@@ -256,7 +256,7 @@ class KernelTables:
     q_slots: torch.Tensor
     k_slots: torch.Tensor
     q_iv: torch.Tensor    # int64 [3, n_q_slots]: u-space key interval (lo, w = hi - lo) packed ``lo | w << 32``;
-                          # empty intervals are (2**30, 0)
+                          # empty intervals are (EMPTY_LO, 0)
     k_u: torch.Tensor     # [3, n_k_slots]
     kv_ptr: torch.Tensor
     kv_split: torch.Tensor
@@ -298,8 +298,11 @@ def _slot_coords(pattern: Pattern, layout: Layout, slots: torch.Tensor, query: b
 #: marks a GRID addressing code (QADDR / KADDR): bits 4a..4a+3 hold log2 of the tile side on axis a
 GRID_BIT = 1 << 12
 
+#: ``lo`` of an empty query interval (its width is 0): past every key's u-coordinate, ``PAD_U`` included
+EMPTY_LO = 1 << 30
+
 #: u-coordinate of padding key slots in ``k_u``: past every window (windows lie in [0, grid extent) or are
-#: empty, stored as lo = 2**30), so the window test alone excludes padding keys (WINDOW_ONLY)
+#: empty, stored as lo = EMPTY_LO), so the window test alone excludes padding keys (WINDOW_ONLY)
 PAD_U = 1 << 29
 
 
@@ -424,7 +427,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
             raise ValueError(f"the Triton kernels support grids of up to 3 axes, got {ndim}")
         for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, plan.q_slots, True)):
             empty = hi < lo
-            q_lo[a] = torch.where(empty, 1 << 30, lo)
+            q_lo[a] = torch.where(empty, EMPTY_LO, lo)
             q_w[a] = torch.where(empty, 0, hi - lo)
         for a, u in enumerate(_slot_coords(pattern, layout, plan.k_slots, False)):
             k_u[a] = torch.where(plan.k_slots >= 0, u, PAD_U)  # padding keys: outside every window
@@ -442,7 +445,7 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         return t.to(device=device, dtype=torch.int32).contiguous()
 
     nopad = int(bool((plan.q_slots >= 0).all())) | 2 * int(bool((plan.k_slots >= 0).all()))
-    q_iv = (q_w << 32) | (q_lo & 0xFFFFFFFF)  # int32 halves: grid coordinates, or 2**30 for empty intervals
+    q_iv = (q_w << 32) | (q_lo & 0xFFFFFFFF)  # int32 halves: grid coordinates, or EMPTY_LO for empty intervals
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), q_iv.to(device).contiguous(), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
@@ -459,7 +462,7 @@ def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch
     real = plan.q_slots >= 0
     for a in range(len(grid)):
         lo, w = q_lo[a][real], q_w[a][real]
-        empty = (w == 0) & (lo == 1 << 30)
+        empty = (w == 0) & (lo == EMPTY_LO)
         if not bool((empty | ((lo >= 0) & (lo + w <= grid[a] - 1))).all()):
             return False
     return True
