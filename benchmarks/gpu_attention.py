@@ -492,8 +492,8 @@ def sweep_case(case: BenchCase, d: int, dev, dry: bool = False) -> dict:
                 floor.append(dict(config=dataclasses.asdict(cfg), tma=tma, ws=ws, ms=math.inf,
                                   error=f"{type(e).__name__}: {e}"[:120]))
         progress(f"sweep {case.name} d={d} floor fwd: " + ", ".join(
-            f"{'ws ' if r['ws'] else 'tma ' if r['tma'] else ''}{r['config']['block_m']}x{r['config']['block_n']}/"
-            f"{r['config']['num_warps']}w/{r['config']['num_stages']}s {r['ms']:.3f} ms" for r in floor))
+            f"{_cfg_label(KernelConfig(**{**r['config'], 'tma': r['tma'], 'ws': r['ws']}))} {r['ms']:.3f} ms"
+            for r in floor))
     probe = Triton()
     return dict(families={fam: [dict(config=dataclasses.asdict(c), ms=ms, first_call=x) for c, ms, x in rows]
                           for fam, rows in res.items()},
