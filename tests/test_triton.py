@@ -165,9 +165,11 @@ class Case:
     dv: int | None = None
     hq: int = 2
     hk: int = 2
+    b: int = 1
     causal: bool = False
     dtype: torch.dtype = torch.float32
     mask: str = ""      # "" | "rand" ([1, 1, Sq, Sk]) | "rows" (per head, with whole rows blanked: empty rows)
+    #                     | "keys" (per batch element [B, 1, 1, Sk]: a key-padding mask, its last keys off)
     bias: str = ""      # "" | "full" | "bcast" ([Sq, Sk], broadcast over B and H)
     block: tuple = (32, 32)
 
@@ -179,15 +181,19 @@ class Case:
         def rnd(*shape):
             return torch.randn(*shape, generator=gen).to(DEVICE, self.dtype)
 
-        q, k, v = rnd(1, self.hq, self.s, self.d), rnd(1, self.hk, s_k, self.d), rnd(1, self.hk, s_k, dv)
+        b = self.b
+        q, k, v = rnd(b, self.hq, self.s, self.d), rnd(b, self.hk, s_k, self.d), rnd(b, self.hk, s_k, dv)
         mask = bias = None
-        if self.mask:  # "rand": one mask for all heads (stride-0 broadcast); "rows": per head
+        if self.mask == "keys":  # batch element i loses its last 3 + 4i keys
+            mask = torch.arange(s_k) < s_k - 3 - 4 * torch.arange(b)[:, None, None, None]
+            mask = mask.to(DEVICE)
+        elif self.mask:  # "rand": one mask for all heads (stride-0 broadcast); "rows": per head
             mask = torch.rand(1, 1 if self.mask == "rand" else self.hq, self.s, s_k, generator=gen) > 0.25
             if self.mask == "rows":
                 mask[:, :, 5:9] = False
             mask = mask.to(DEVICE)
         if self.bias == "full":
-            bias = rnd(1, self.hq, self.s, s_k)
+            bias = rnd(b, self.hq, self.s, s_k)
         elif self.bias == "bcast":
             bias = rnd(self.s, s_k)
         layout = self.layout.resolve(self.s) if self.pattern.local else self.layout
@@ -226,6 +232,14 @@ CASES = [
     Case("dense-causal-64-d72-nopad", Dense(), s=64, d=72, causal=True),
     Case("dense-cross-63x64-mask-keys-nopad", Dense(), s=63, s_k=64, mask="rand"),
     Case("dense-cross-64x40-bias-queries-nopad", Dense(), s=64, s_k=40, bias="full"),
+    # batch > 1 (per-batch offsets in every kernel and in the backward's row statistics) with GQA of several kv
+    # heads (query head h reads kv head h // 2; dK/dV sums each kv head's group), per-batch key-padding masks
+    Case("na2d-7x9-b2-gqa4to2-keymask", Neighborhood(kernel=(3, 5)), Layout(grid=(7, 9)), s=63, hq=4, b=2,
+         mask="keys", block=(16, 16)),
+    Case("sw1d-125-b3-gqa6to3-bias-causal-bf16", SlidingWindow(window=9), s=125, hq=6, hk=3, b=3, bias="full",
+         causal=True, dtype=torch.bfloat16),
+    # head dims above 128 (BLOCK_D 256 with padding lanes), D_v != D_qk
+    Case("dense-40-d160-dv136-fp16", Dense(), s=40, d=160, dv=136, dtype=torch.float16, block=(16, 16)),
 ]
 
 
