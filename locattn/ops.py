@@ -8,7 +8,8 @@
   scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
   spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
   backend: "" / "auto" for registry order, or an implementation name that must run
-  out: [B, Hq, Sq, Dv] in SDPA's memory layout ([B, Sq, Hq, Dv] contiguous, transposed), q's dtype; lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
+  out: [B, Hq, Sq, Dv] in SDPA's memory layout ([B, Sq, Hq, Dv] contiguous, transposed), q's dtype
+  lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
 
 The op attends exactly the pairs the pattern allows AND the site's mask / causal allow. A query row left
 with no allowed key outputs zeros. The backward is a second op, ``locattn::attention_backward``.
@@ -26,8 +27,9 @@ import torch
 
 from .codegen import registry
 from .codegen.registry import AttentionCall, lse_dtype
+from .counters import bump
 from .patterns.base import PatternError
-from .patterns.spec import HeadGroup, SiteSpec, parse_spec
+from .patterns.spec import HeadGroup, SiteSpec, head_ranges, parse_spec
 
 
 def _as4d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -36,10 +38,14 @@ def _as4d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def _head_slice(t: Optional[torch.Tensor], heads: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if t is None or heads is None or t.shape[1] == 1:
+def _take_heads(t: Optional[torch.Tensor], heads: list[int]) -> Optional[torch.Tensor]:
+    """``t``'s heads ``heads`` (dim 1): a view when they are one ascending run, else a copy; ``t`` itself when it
+    has one head (broadcast over heads) or is None."""
+    if t is None or t.shape[1] == 1:
         return t
-    return t.index_select(1, heads)
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return t.narrow(1, heads[0], len(heads))
+    return t.index_select(1, torch.tensor(heads, device=t.device))
 
 
 def _new_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,12 +63,19 @@ def _sdpa_layout(o: torch.Tensor) -> torch.Tensor:
 
 
 def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
-    """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads or None, call)]``."""
+    """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads, kv_heads, call)]``, both
+    index tensors None for a group of all heads. ``q_heads`` are the group's query heads, ``kv_heads`` the
+    key/value heads its call reads, in the call's head order.
+
+    GQA (``Hq = rep x Hk``): a group made of whole GQA groups (all ``rep`` query heads of each of its kv heads)
+    keeps GQA: its call reads each kv head once (a view when the heads are one run). Any other group reads one kv
+    head per query head (k / v heads repeated: a copy, counted as ``kv_repeated``)."""
     hq, hk = q.shape[1], k.shape[1]
     if hq % hk:
         raise ValueError(f"locattn: {hq} query heads are not a multiple of {hk} key/value heads")
     mask, bias = _as4d(mask), _as4d(bias)
     s_q, s_k = q.shape[-2], k.shape[-2]
+    rep = hq // hk
     out = []
     for g in spec.groups:
         layout = g.layout
@@ -72,15 +85,16 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             layout = layout.resolve(s_q)
             g.pattern.validate(layout.grid)
         if g.heads is None:
-            out.append((None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
             continue
-        hq_idx = torch.tensor(g.heads, device=q.device)
-        rep = hq // hk
-        # GQA: a group of query heads needs their kv heads; keep one kv head per query head when mixed
-        kv_idx = hq_idx // rep
-        out.append((hq_idx, AttentionCall(q.index_select(1, hq_idx), k.index_select(1, kv_idx),
-                                          v.index_select(1, kv_idx), _head_slice(mask, hq_idx),
-                                          _head_slice(bias, hq_idx), scale, is_causal, g.pattern, layout)))
+        heads = list(g.heads)
+        kv = sorted({h // rep for h in heads})
+        if heads != [j * rep + r for j in kv for r in range(rep)]:
+            kv = [h // rep for h in heads]
+            bump("kv_repeated", f"query heads {head_ranges(g.heads)} split GQA groups of {rep}")
+        call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
+        out.append((torch.tensor(heads, device=q.device), torch.tensor(kv, device=q.device), call))
     return out
 
 
@@ -91,11 +105,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     b, hq, s_q, _ = q.shape
     groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
     if len(groups) == 1 and groups[0][0] is None:
-        o, lse = registry.select(groups[0][1], backend).forward(groups[0][1])
+        call = groups[0][2]
+        o, lse = registry.select(call, backend).forward(call)
         return _sdpa_layout(o), lse.contiguous()
     out = _new_out(q, v)
     lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
-    for heads, call in groups:
+    for heads, _, call in groups:
         o, lse = registry.select(call, backend).forward(call)
         out.index_copy_(1, heads, o.to(out.dtype))
         lse_out.index_copy_(1, heads, lse)
@@ -116,28 +131,25 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Gradients ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape; empty if not needed)."""
     grad_out = grad_out.contiguous()
     groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    want_dbias = need_dbias and bias is not None
+    if len(groups) == 1 and groups[0][0] is None:  # one call: its gradients are the op's, nothing to scatter
+        call = groups[0][2]
+        gq, gk, gv, gb = registry.select(call, backend).backward(call, grad_out, out, lse, need_dbias)
+        dbias = gb.to(bias.dtype).reshape(bias.shape).contiguous() if want_dbias else q.new_empty(0)
+        return gq.to(q.dtype).contiguous(), gk.to(k.dtype).contiguous(), gv.to(v.dtype).contiguous(), dbias
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dbias = torch.zeros_like(bias) if (need_dbias and bias is not None) else q.new_empty(0)
-    rep = q.shape[1] // k.shape[1]
-    for heads, call in groups:
-        if heads is None:
-            g_o, o, l = grad_out, out, lse
-        else:
-            g_o, o, l = grad_out.index_select(1, heads), out.index_select(1, heads), lse.index_select(1, heads)
+    dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
+    for heads, kv, call in groups:
+        g_o, o, l = grad_out.index_select(1, heads), out.index_select(1, heads), lse.index_select(1, heads)
         gq, gk, gv, gb = registry.select(call, backend).backward(call, g_o, o, l, need_dbias)
-        if heads is None:
-            dq, dk, dv = gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
-            if gb is not None:
-                dbias = gb.to(dbias.dtype).reshape(dbias.shape)
-        else:
-            dq.index_add_(1, heads, gq.to(q.dtype))
-            dk.index_add_(1, heads // rep, gk.to(k.dtype))
-            dv.index_add_(1, heads // rep, gv.to(v.dtype))
-            if gb is not None:
-                if bias.dim() >= 4 and bias.shape[-3] != 1:
-                    dbias.view(-1, *bias.shape[-3:]).index_add_(1, heads, gb.reshape(-1, *gb.shape[-3:]).to(dbias.dtype))
-                else:
-                    dbias += gb.to(dbias.dtype).reshape(dbias.shape)
+        dq.index_add_(1, heads, gq.to(q.dtype))
+        dk.index_add_(1, kv, gk.to(k.dtype))
+        dv.index_add_(1, kv, gv.to(v.dtype))
+        if gb is not None:
+            if bias.dim() >= 4 and bias.shape[-3] != 1:
+                dbias.view(-1, *bias.shape[-3:]).index_add_(1, heads, gb.reshape(-1, *gb.shape[-3:]).to(dbias.dtype))
+            else:
+                dbias += gb.to(dbias.dtype).reshape(dbias.shape)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 

@@ -75,21 +75,68 @@ def test_op_matches_golden(impl, case, site):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_per_head_groups(impl):
+@pytest.mark.parametrize("heads", [((0, 3), (1, 2)), ((0, 1), (2, 3))], ids=["split-gqa", "whole-gqa"])
+def test_per_head_groups(impl, heads):
     grid = (5, 7)
-    g1 = _spec("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 0, 0, 0, heads=(0, 3))
-    g2 = _spec("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 0, 0, 0, heads=(1, 2))
-    q = torch.randn(1, 4, 35, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 2, 35, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 2, 35, 16, dtype=torch.float64, requires_grad=True)
+    g1 = _spec("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 0, 0, 0, heads=heads[0])
+    g2 = _spec("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 0, 0, 0, heads=heads[1])
+    q = torch.randn(2, 4, 35, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 35, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 35, 16, dtype=torch.float64, requires_grad=True)
     got, g = _run(impl, SiteSpec((g1, g2)), q, k, v, None, None, 0.25, False)
     m1 = golden_mask("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 35)
     m2 = golden_mask("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 35)
-    allowed = torch.stack([m1, m2, m2, m1])[None]
+    allowed = torch.stack([m1 if h in heads[0] else m2 for h in range(4)])[None]
     out, grads = _golden(q, k, v, allowed, None, 0.25, g)
     torch.testing.assert_close(got[0], out)
     for a, b in zip(got[2:], grads):
         torch.testing.assert_close(a, b)
+
+
+def test_head_groups_keep_gqa_without_copies():
+    """A head group made of whole GQA groups reads its kv heads once, as views when they are one run; a group
+    that splits GQA groups reads one kv head per query head (a copy), counted."""
+    import locattn
+    from locattn.ops import _group_calls
+
+    q, k, v = torch.randn(2, 8, 35, 16), torch.randn(2, 4, 35, 16), torch.randn(2, 4, 35, 8)
+    bias = torch.randn(2, 8, 35, 35)
+    sw = {"window": [2, 3], "shift": [1, 1]}
+    spec = SiteSpec((_spec("shifted_window", sw, (5, 7), 0, 0, 0, heads=(2, 3, 4, 5)),
+                     _spec("dense", {}, None, 0, 0, 0, heads=(0, 1, 6, 7)),
+                     ))
+    locattn.reset_counters()
+    (qh1, kv1, c1), (qh2, kv2, c2) = _group_calls(q, k, v, None, bias, 0.25, False, spec)
+    assert qh1.tolist() == [2, 3, 4, 5] and kv1.tolist() == [1, 2] and c1.k.shape[1] == 2
+    for t, full in ((c1.q, q), (c1.k, k), (c1.v, v), (c1.bias, bias)):  # one run: views
+        assert t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+    assert kv2.tolist() == [0, 3] and c2.k.shape[1] == 2  # whole groups, not one run: kv heads copied once each
+    assert "kv_repeated" not in locattn.counters()
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0, heads=(0, 3, 4)),
+                     _spec("dense", {}, None, 0, 0, 0, heads=(1, 2, 5, 6, 7))))
+    (_, kv1, c1), (_, kv2, _) = _group_calls(q, k, v, None, None, 0.25, False, spec)
+    assert kv1.tolist() == [0, 1, 2] and kv2.tolist() == [0, 1, 2, 3, 3]
+    assert locattn.counters()["kv_repeated"] == {"query heads 0,3-4 split GQA groups of 2": 1,
+                                                 "query heads 1-2,5-7 split GQA groups of 2": 1}
+
+
+@pytest.mark.parametrize("s_q,s_k", [(0, 9), (9, 0), (0, 0)])
+def test_empty_sequences(s_q, s_k):
+    """No queries or no keys: auto dispatch skips the kernels that refuse empty tensors (counted) and returns
+    empty / zero outputs with lse = -inf and zero gradients."""
+    import locattn
+
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    q = torch.randn(2, 2, s_q, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, s_k, 16, requires_grad=True) for _ in range(2))
+    locattn.reset_counters()
+    out, lse = torch.ops.locattn.attention(q, k, v, None, None, 0.25, False, spec, "")
+    assert out.shape == (2, 2, s_q, 16) and not out.any() and bool((lse == float("-inf")).all())
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert dq.shape == q.shape and dk.shape == k.shape and not (dq.any() or dk.any() or dv.any())
+    assert locattn.counters()["dispatch"]["skip cpu: empty tensor"] == 2  # forward and backward
+    if s_k == 0:
+        assert locattn.counters()["dispatch"]["skip blocked: no keys (S_k = 0)"] == 2
 
 
 @pytest.mark.parametrize("impl", IMPLS)

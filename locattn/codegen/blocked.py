@@ -65,6 +65,11 @@ class Blocked(Implementation):
     block_m = 64
     block_n = 64
 
+    def can_run(self, call: AttentionCall) -> tuple[bool, str]:
+        if call.k.shape[-2] == 0:
+            return False, "no keys (S_k = 0)"
+        return True, ""
+
     def _setup(self, call: AttentionCall):
         s_q, s_k = call.q.shape[-2], call.k.shape[-2]
         plan = build_plan(call.pattern, call.layout, s_q, s_k, self.block_m, self.block_n, call.is_causal)

@@ -61,12 +61,13 @@ class SiteSpec:
             if extras:
                 s += "[" + ", ".join(extras) + "]"
             if g.heads is not None:
-                s = f"h{_ranges(g.heads)}:" + s
+                s = f"h{head_ranges(g.heads)}:" + s
             parts.append(s)
         return "; ".join(parts)
 
 
-def _ranges(heads: tuple[int, ...]) -> str:
+def head_ranges(heads: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
     out, start, prev = [], None, None
     for h in heads:
         if start is None:
