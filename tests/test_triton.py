@@ -129,6 +129,7 @@ def _run_case(call: AttentionCall, impl: Triton, need_dbias: bool = False) -> tu
     """Forward and backward of ``impl`` against the fp64 golden and its block visits against the plan; returns
     (out, lse, dq, dk, dv[, dbias])."""
     out, lse = impl.forward(call)
+    assert out.transpose(1, 2).is_contiguous(), "out is not in SDPA's layout ([B, Sq, H, Dv] in memory)"
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     dq, dk, dv, db = impl.backward(call, g, out, lse, need_dbias)
     gold = _golden(call, g, need_dbias)
@@ -360,6 +361,28 @@ def test_nonpositive_scale(scale: float):
     _run_case(call, _impl(16, 16))
 
 
+def test_backward_is_deterministic():
+    """Issue 5's deterministic backward is the only backward: no atomics (the GQA sum of dK/dV happens in
+    registers, dbias is stored pair by pair and reduced on the host), so two runs agree bit for bit. The
+    interpreter runs programs one after another, so there only the source check can fail; natively on a GPU
+    the two runs are the real check."""
+    import inspect
+
+    import locattn.codegen.triton_kernels as tk
+    jitted = {name: obj.fn for name, obj in vars(tk).items() if inspect.isfunction(getattr(obj, "fn", None))}
+    atomics = sorted(name for name, fn in jitted.items() if "atomic_" in inspect.getsource(fn))
+    assert "attn_bwd_dkdv" in jitted and atomics == ["_record_visit"], f"atomics outside the visit counter: {atomics}"
+    case = Case("det-na2d-5x8-b2-gqa4to2-bias", Neighborhood(kernel=(3, 3)), Layout(grid=(5, 8)), s=40, hq=4,
+                b=2, bias="bcast", block=(16, 16))
+    call = case.call()
+    impl = _impl(*case.block)
+    out, lse = impl.forward(call)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    first = impl.backward(call, g, out, lse, True)
+    for a, b in zip(first, impl.backward(call, g, out, lse, True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_empty_rows_give_zero_and_neg_inf():
     case = Case("sw-emptyrows", SlidingWindow(window=3), mask="rows")
     out, lse = _impl().forward(case.call())
@@ -493,6 +516,29 @@ def test_can_run_reasons(monkeypatch):
                         None, None, 0.1, False, c.pattern, c.layout)
     ok, why = impl.can_run(big)
     assert not ok and "head dim" in why
+    for shape in ((1, 2, 0, 40), (0, 2, 63, 40)):
+        empty = AttentionCall(c.q.new_empty(shape), c.k, c.v, None, None, 0.1, False, c.pattern, c.layout)
+        assert impl.can_run(empty) == (False, "empty tensor")
+    meta_mask = torch.ones(63, 63, dtype=torch.bool, device="meta")
+    ok, why = impl.can_run(AttentionCall(c.q, c.k, c.v, meta_mask, None, 0.1, False, c.pattern, c.layout))
+    assert not ok and why == "site mask on meta, q on cpu"
+
+
+@pytest.mark.skipif(NATIVE, reason="CPU dispatch")
+def test_auto_dispatch_counts_why_triton_was_skipped(monkeypatch):
+    """Auto dispatch past an implementation that cannot run counts the reason and runs the next one."""
+    import locattn
+    import locattn.ops  # noqa: F401  registers torch.ops.locattn
+
+    monkeypatch.setattr(registry, "IMPLEMENTATIONS", [Triton(), Reference()])
+    spec = SiteSpec((HeadGroup(None, SlidingWindow(window=3), Layout()),)).to_json()
+    locattn.reset_counters()
+    for shape, dt in (((1, 2, 20, 16), torch.float64), ((1, 2, 20, 320), torch.float32)):
+        q = torch.randn(*shape, dtype=dt)
+        torch.ops.locattn.attention(q, q, q, None, None, 0.1, False, spec, "")
+    assert locattn.counters()["dispatch"] == {
+        "skip triton: dtype torch.float64 is not supported (fp16, bf16, fp32)": 1,
+        "skip triton: head dim 320 > 256": 1, "reference": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -769,14 +815,17 @@ def triton_registered():
     registry.IMPLEMENTATIONS[:] = saved
 
 
-def test_op_head_groups_with_bias(triton_registered):
+@pytest.mark.parametrize("heads", [((0, 3), (1, 2)), ((0, 1), (2, 3))], ids=["split-gqa", "whole-gqa"])
+def test_op_head_groups_with_bias(triton_registered, heads):
+    """Per-head groups through the op: groups that split GQA groups (k / v heads repeated per query head) and
+    groups of whole GQA groups (k / v head views, GQA kept inside the kernels), batch 2, forward and backward."""
     import locattn.ops  # noqa: F401  registers torch.ops.locattn
 
-    spec = SiteSpec((HeadGroup((0, 3), ShiftedWindow(window=(2, 3), shift=(1, 1)), Layout(grid=(5, 7))),
-                     HeadGroup((1, 2), Tiled(tile=(2, 2), window=(1, 3)), Layout(grid=(5, 7), sinks=2))))
+    spec = SiteSpec((HeadGroup(heads[0], ShiftedWindow(window=(2, 3), shift=(1, 1)), Layout(grid=(5, 7))),
+                     HeadGroup(heads[1], Tiled(tile=(2, 2), window=(1, 3)), Layout(grid=(5, 7), sinks=2))))
     gen = torch.Generator().manual_seed(0)
     q, k, v, bias = (torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
-                     for shape in ((1, 4, 35, 40), (1, 2, 35, 40), (1, 2, 35, 24), (1, 4, 35, 35)))
+                     for shape in ((2, 4, 35, 40), (2, 2, 35, 40), (2, 2, 35, 24), (1, 4, 35, 35)))
     res = {}
     for be in ("reference", "triton"):
         o, lse = torch.ops.locattn.attention(q, k, v, None, bias, 0.2, True, spec.to_json(), be)

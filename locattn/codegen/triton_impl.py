@@ -538,6 +538,11 @@ class Triton(Implementation):
         q, k, v = call.q, call.k, call.v
         if not (q.device == k.device == v.device):
             return False, "q, k and v are on different devices"
+        for name, t in (("mask", call.mask), ("bias", call.bias)):
+            if t is not None and t.device != q.device:
+                return False, f"site {name} on {t.device}, q on {q.device}"
+        if min(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]) == 0:
+            return False, "empty tensor"
         # device first: on CPU without the interpreter, never pay for importing triton
         if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
@@ -646,7 +651,9 @@ class Triton(Implementation):
         b, hq, s_q, d = q.shape
         hk, s_k, dv = k.shape[1], k.shape[2], v.shape[-1]
         tab = self._tables(call, cfg)
-        out = self._empty(b, hq, s_q, dv, dtype=q.dtype, device=q.device)
+        # SDPA's layout ([B, Sq, Hq, Dv] in memory), the op's output: the kernels store through strides, so the op
+        # returns it without a transposing copy
+        out = self._empty(b, s_q, hq, dv, dtype=q.dtype, device=q.device).transpose(1, 2)
         lse = self._empty(b, hq, s_q, dtype=torch.float32, device=q.device)
         full = (b, hq, s_q, s_k)
         mask, ms = _site_tensor(call.mask, full, tab.q_slots)
