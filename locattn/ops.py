@@ -129,7 +129,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str, backend: str,
                        need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape; empty if not needed)."""
-    grad_out = grad_out.contiguous()
+    # grad_out as autograd hands it over (the model's layout, often [B, Sq, Hq, Dv] in memory, or an expanded
+    # stride-0 tensor): every implementation reads it through its strides or copies it itself
     groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
     want_dbias = need_dbias and bias is not None
     if len(groups) == 1 and groups[0][0] is None:  # one call: its gradients are the op's, nothing to scatter

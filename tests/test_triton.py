@@ -383,6 +383,21 @@ def test_backward_is_deterministic():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_backward_reads_grad_out_through_its_strides():
+    """The op hands autograd's grad_out over as it comes: in the model's layout ([B, Sq, H, Dv] in memory) or
+    expanded (stride 0, from ``out.sum()``); the kernels give the gradients of its contiguous copy, bit for bit."""
+    case = Case("strides-sw1d-50-gqa", SlidingWindow(window=5), s=50, hq=4, b=2, dv=24)
+    call = case.call()
+    impl = _impl(16, 16)
+    out, lse = impl.forward(call)
+    g = torch.randn(out.shape[0], out.shape[2], out.shape[1], out.shape[3]).to(DEVICE).transpose(1, 2)
+    for grad in (g, torch.ones(()).to(DEVICE).expand(out.shape)):
+        want = impl.backward(call, grad.contiguous(), out, lse, False)
+        for a, b in zip(impl.backward(call, grad, out, lse, False), want):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_empty_rows_give_zero_and_neg_inf():
     case = Case("sw-emptyrows", SlidingWindow(window=3), mask="rows")
     out, lse = _impl().forward(case.call())
