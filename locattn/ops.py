@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -38,6 +39,13 @@ def _as4d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``heads`` as an int64 tensor on ``device``, made once: a host-to-device copy per call would be illegal
+    while a CUDA graph is being captured (``torch.compile`` with ``triton.cudagraphs``)."""
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
 def _take_heads(t: Optional[torch.Tensor], heads: list[int]) -> Optional[torch.Tensor]:
     """``t``'s heads ``heads`` (dim 1): a view when they are one ascending run, else a copy; ``t`` itself when it
     has one head (broadcast over heads) or is None."""
@@ -45,7 +53,7 @@ def _take_heads(t: Optional[torch.Tensor], heads: list[int]) -> Optional[torch.T
         return t
     if heads == list(range(heads[0], heads[0] + len(heads))):
         return t.narrow(1, heads[0], len(heads))
-    return t.index_select(1, torch.tensor(heads, device=t.device))
+    return t.index_select(1, _head_index(tuple(heads), t.device))
 
 
 def _new_out(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -94,7 +102,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             bump("kv_repeated", f"query heads {head_ranges(g.heads)} split GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
                              _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
-        out.append((torch.tensor(heads, device=q.device), torch.tensor(kv, device=q.device), call))
+        out.append((_head_index(tuple(heads), q.device), _head_index(tuple(kv), q.device), call))
     return out
 
 
