@@ -190,6 +190,34 @@ def _backward(ctx, grad_out, grad_lse):
 
 attention.register_autograd(_backward, setup_context=_setup_context)
 
+#: keeps the autocast registrations alive
+_AUTOCAST_LIB = torch.library.Library("locattn", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    """Under ``torch.autocast(device_type)`` the op casts its floating inputs (q, k, v, bias; not fp64, not the
+    bool mask) to the autocast dtype, as autocast does for the ``F.scaled_dot_product_attention`` it replaces:
+    without it, a rewritten site under autocast would see what SDPA never sees (e.g. fp32 q / k after a norm
+    beside a bf16 v) and leave the fused kernels (mixed dtypes) for the blocked fallback. The dtype is read at
+    each call (``torch.autocast(dtype=...)``), unlike ``torch.library.register_autocast``'s fixed one."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast(t):
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type
+        return t.to(torch.get_autocast_dtype(device_type)) if ok and t.dtype != torch.float64 else t
+
+    def kernel(_keys, q, k, v, mask, bias, scale, is_causal, spec, backend):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return torch.ops.locattn.attention.default(cast(q), cast(k), cast(v), mask, cast(bias), scale,
+                                                       is_causal, spec, backend)
+
+    _AUTOCAST_LIB.impl("attention", kernel, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
 
 def _register_implementations() -> None:
     from .codegen.blocked import Blocked

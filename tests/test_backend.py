@@ -145,6 +145,46 @@ def test_training_gradients_through_inductor():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+class NormedQK(nn.Module):
+    """q / k normalised in fp32 (as models do under autocast), v straight from a linear: under autocast SDPA
+    sees fp32 q / k beside a bf16 v and casts them all to bf16."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        q, k = F.layer_norm(q.float(), (self.dh,)), F.layer_norm(k.float(), (self.dh,))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.o(o.transpose(1, 2).reshape(b, s, d))
+
+
+def test_autocast_site_casts_like_sdpa():
+    """Under torch.autocast the rewritten site gets the inputs SDPA would (one dtype, the autocast dtype): the
+    fast path runs (no mixed-dtype fallback to blocked), forward and backward equal eager autocast."""
+    torch.manual_seed(0)
+    model = NormedQK()
+    x = torch.randn(2, 35, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+    want.float().pow(2).mean().backward()
+    want_grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad()
+    locattn.reset_counters()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _compile(model, {"default": {"pattern": "dense"}})(x)
+    got.float().pow(2).mean().backward()
+    assert locattn.counters()["dispatch"] == {"cpu": 2}, locattn.counters()["dispatch"]  # forward, backward
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for a, b in zip([x.grad] + [p.grad for p in model.parameters()], want_grads):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 class Broken(nn.Module):
     def __init__(self):
         super().__init__()

@@ -671,6 +671,42 @@ def test_gpu_cuda_graphs_with_per_head_groups():
 
 
 @needs_cuda
+def test_gpu_autocast_runs_the_kernels():
+    """Under torch.autocast("cuda", bf16) a site whose q / k come out of an fp32 norm (v bf16) reaches the
+    Triton kernels in bf16, forward and backward, and equals eager autocast."""
+    import locattn
+
+    class Normed(nn.Module):
+        def __init__(self, d=64, heads=4):
+            super().__init__()
+            self.h, self.dh = heads, d // heads
+            self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            b, s, d = x.shape
+            q, k, v = self.qkv(x).view(b, s, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+            q, k = F.layer_norm(q.float(), (self.dh,)), F.layer_norm(k.float(), (self.dh,))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d))
+
+    torch.manual_seed(0)
+    model = Normed().to(DEVICE)
+    x = torch.randn(2, 35, 64, device=DEVICE, requires_grad=True)
+    res = {}
+    for name in ("eager", "compiled"):
+        torch._dynamo.reset()
+        locattn.reset_counters()
+        run = model if name == "eager" else torch.compile(model, backend="locattn",
+                                                          options={"policy": {"default": {"pattern": "dense"}}})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = run(x)
+        (gx,) = torch.autograd.grad(y.float().pow(2).mean(), (x,))
+        res[name] = (y, gx)
+    assert locattn.counters()["dispatch"] == {"triton": 2}, locattn.counters()["dispatch"]
+    for a, b in zip(res["compiled"], res["eager"]):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+@needs_cuda
 def test_gpu_auto_dispatch_through_torch_compile():
     """Default registry, no override: CUDA tensors under backend="locattn" run the Triton kernels (bf16, a
     DiT-like block with a 2-D neighborhood policy), forward and backward, and match the reference path."""
