@@ -11,6 +11,7 @@ kernel/eager error ratios over these cases are 0.3 - 2.1 (fp32, fp16 and bf16 al
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -668,6 +669,25 @@ def test_gpu_cuda_graphs_with_per_head_groups():
     assert disp.get("triton", 0) >= 2 and not any(k in disp for k in ("blocked", "reference")), disp
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=lambda m, i=i: f"call {i}: {m}")
+
+
+@pytest.mark.skipif(not NATIVE or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device (Triton launches on the
+    current one) and give the bits they give on cuda:0."""
+    call = Case("dev1-na2d-5x7", Neighborhood(kernel=(3, 5)), Layout(grid=(5, 7)), s=35, hq=4,
+                dtype=torch.bfloat16).call()
+    dev1 = dataclasses.replace(call, q=call.q.to("cuda:1"), k=call.k.to("cuda:1"), v=call.v.to("cuda:1"))
+    impl = _impl(32, 32)
+    with torch.cuda.device(0):
+        want_out, want_lse = impl.forward(call)
+        g = torch.randn_like(want_out)
+        want = impl.backward(call, g, want_out, want_lse, False)
+        out, lse = impl.forward(dev1)
+        got = impl.backward(dev1, g.to("cuda:1"), out, lse, False)
+    assert out.device == torch.device("cuda:1")
+    for a, b in zip((out, lse) + tuple(got[:3]), (want_out, want_lse) + tuple(want[:3])):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0)
 
 
 @needs_cuda

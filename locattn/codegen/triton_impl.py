@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -642,8 +643,9 @@ class Triton(Implementation):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self._config(call, "fwd", lambda c: self._forward(call, c, record=False))
-        return self._forward(call, cfg, record=self.record_visits)
+        with _on_device(call.q.device):
+            cfg = self._config(call, "fwd", lambda c: self._forward(call, c, record=False))
+            return self._forward(call, cfg, record=self.record_visits)
 
     def _forward(self, call: AttentionCall, cfg: KernelConfig, record: bool):
         kern = _kernels()
@@ -735,6 +737,11 @@ class Triton(Implementation):
     # -- backward ---------------------------------------------------------------------------------------------
     def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  need_dbias: bool):
+        with _on_device(call.q.device):
+            return self._backward(call, grad_out, out, lse, need_dbias)
+
+    def _backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  need_dbias: bool):
         grad_out = grad_out.to(call.q.dtype)
         ld = self.backward_inputs(call, grad_out, out, lse)
         want_dbias = need_dbias and call.bias is not None
@@ -822,6 +829,12 @@ class Triton(Implementation):
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
             NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream: make it the tensors' device (tensors on cuda:1
+    while cuda:0 is current would otherwise be read by a kernel on cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 #: (dtype, head dims, addressing, config, device) whose warp-specialized TMA forward the compiler refused
