@@ -173,6 +173,26 @@ def test_autocast_casts_floating_inputs():
     assert out.dtype == torch.float64
 
 
+@pytest.mark.parametrize("impl", IMPLS + ["cpu"])
+def test_inference_mode_then_training(impl):
+    """A validation pass under torch.inference_mode between training steps: what an implementation caches in
+    the first (workspaces, tables) must serve the next training step, forward and backward, and the one after."""
+    from locattn.codegen.cpu_fast import clear_workspace
+
+    clear_workspace()  # the cpu path's per-thread buffers are made by the first call below
+    spec = SiteSpec((_spec("neighborhood", {"kernel": [3, 5]}, (5, 7), 0, 0, 0),)).to_json()
+    q = torch.randn(1, 2, 35, 16)
+    with torch.inference_mode():
+        want, _ = torch.ops.locattn.attention(q, q, q, None, None, 0.25, False, spec, impl)
+    leaf = q.clone().requires_grad_()
+    out, _ = torch.ops.locattn.attention(leaf, leaf, leaf, None, None, 0.25, False, spec, impl)
+    out.sum().backward()
+    assert torch.equal(out.detach(), want) and leaf.grad.isfinite().all()
+    with torch.inference_mode():
+        again, _ = torch.ops.locattn.attention(q, q, q, None, None, 0.25, False, spec, impl)
+    assert torch.equal(again, want)
+
+
 def test_opcheck():
     spec = SiteSpec((_spec("sliding_window", {"window": 4}, None, 0, 0, 0),)).to_json()
     q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))

@@ -399,6 +399,17 @@ def test_backward_reads_grad_out_through_its_strides():
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_inference_mode_then_training():
+    """Tables built during a torch.inference_mode call (an lru cache) serve a later training step."""
+    call = Case("infer-sw1d-37", SlidingWindow(window=4), s=37).call()  # a shape no other test builds tables for
+    impl = _impl(16, 16)
+    with torch.inference_mode():
+        want, _ = impl.forward(call)
+    out, lse = impl.forward(call)
+    grads = impl.backward(call, torch.ones_like(out), out, lse, False)
+    assert torch.equal(out, want) and all(g.isfinite().all() for g in grads[:3])
+
+
 def test_empty_rows_give_zero_and_neg_inf():
     case = Case("sw-emptyrows", SlidingWindow(window=3), mask="rows")
     out, lse = _impl().forward(case.call())

@@ -68,7 +68,8 @@ def _workspace(tag: str, shape, dtype, zero: bool = False) -> torch.Tensor:
     t = bufs.get(tag)
     if t is None or t.dtype != dtype or t.numel() < n:
         bufs.pop(tag, None)
-        t = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: reused outside inference mode, written inside it
+            t = torch.empty(n, dtype=dtype)
         used = sum(b.numel() * b.element_size() for b in bufs.values())
         if used + t.numel() * t.element_size() <= WORKSPACE_BYTES:
             bufs[tag] = t
