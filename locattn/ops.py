@@ -48,7 +48,8 @@ def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def _take_heads(t: Optional[torch.Tensor], heads: list[int]) -> Optional[torch.Tensor]:
     """``t``'s heads ``heads`` (dim 1): a view when they are one ascending run, else a copy; ``t`` itself when it
-    has one head (broadcast over heads) or is None."""
+    is None or has one head (a mask / bias broadcast over heads; k / v under MQA, where every query head reads
+    kv head 0)."""
     if t is None or t.shape[1] == 1:
         return t
     if heads == list(range(heads[0], heads[0] + len(heads))):
@@ -72,12 +73,13 @@ def _sdpa_layout(o: torch.Tensor) -> torch.Tensor:
 
 def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
     """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads, kv_heads, call)]``, both
-    index tensors None for a group of all heads. ``q_heads`` are the group's query heads, ``kv_heads`` the
+    None for a group of all heads. ``q_heads`` (tuple) are the group's query heads, ``kv_heads`` (tuple) the
     key/value heads its call reads, in the call's head order.
 
-    GQA (``Hq = rep x Hk``): a group made of whole GQA groups (all ``rep`` query heads of each of its kv heads)
-    keeps GQA: its call reads each kv head once (a view when the heads are one run). Any other group reads one kv
-    head per query head (k / v heads repeated: a copy, counted as ``kv_repeated``)."""
+    GQA (``Hq = rep x Hk``): a group whose query heads take the same number ``r`` of heads from each kv head they
+    use keeps GQA (its call reads each of those kv heads once, ``r`` query heads per kv head; views when the
+    heads are one run): whole GQA groups, one head per kv head, any subset under MQA. Any other group reads one
+    kv head per query head (k / v heads repeated: a copy, counted as ``kv_repeated``)."""
     hq, hk = q.shape[1], k.shape[1]
     if hq % hk:
         raise ValueError(f"locattn: {hq} query heads are not a multiple of {hk} key/value heads")
@@ -95,15 +97,28 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
         if g.heads is None:
             out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
             continue
-        heads = list(g.heads)
-        kv = sorted({h // rep for h in heads})
-        if heads != [j * rep + r for j in kv for r in range(rep)]:
-            kv = [h // rep for h in heads]
-            bump("kv_repeated", f"query heads {head_ranges(g.heads)} split GQA groups of {rep}")
+        heads = sorted(g.heads)
+        owners = [h // rep for h in heads]  # non-decreasing
+        kv = sorted(set(owners))
+        r = len(heads) // len(kv)
+        if owners != [j for j in kv for _ in range(r)]:
+            kv = owners
+            bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
                              _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
-        out.append((_head_index(tuple(heads), q.device), _head_index(tuple(kv), q.device), call))
+        out.append((tuple(heads), tuple(kv), call))
     return out
+
+
+def _sum_repeated(grads: tuple[torch.Tensor, ...], kv: tuple[int, ...]):
+    """Gradients of a call whose heads repeat kv heads (``kv`` lists one per call head) summed per kv head, in
+    a fixed order: ``index_add_`` with repeated indices would accumulate them by atomics on CUDA (run-to-run
+    bits would differ). Returns the reduced gradients and their kv heads."""
+    uniq = tuple(sorted(set(kv)))
+    if len(uniq) == len(kv):
+        return grads, kv
+    pos = [[i for i, x in enumerate(kv) if x == j] for j in uniq]
+    return tuple(torch.stack([g[:, p].sum(1) for p in pos], 1) for g in grads), uniq
 
 
 @torch.library.custom_op("locattn::attention", mutates_args=())
@@ -120,8 +135,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
     for heads, _, call in groups:
         o, lse = registry.select(call, backend).forward(call)
-        out.index_copy_(1, heads, o.to(out.dtype))
-        lse_out.index_copy_(1, heads, lse)
+        idx = _head_index(heads, q.device)
+        out.index_copy_(1, idx, o.to(out.dtype))
+        lse_out.index_copy_(1, idx, lse)
     return out, lse_out
 
 
@@ -149,14 +165,17 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dbias = torch.zeros_like(bias) if want_dbias else q.new_empty(0)
     for heads, kv, call in groups:
-        g_o, o, l = grad_out.index_select(1, heads), out.index_select(1, heads), lse.index_select(1, heads)
+        idx = _head_index(heads, q.device)
+        g_o, o, l = grad_out.index_select(1, idx), out.index_select(1, idx), lse.index_select(1, idx)
         gq, gk, gv, gb = registry.select(call, backend).backward(call, g_o, o, l, need_dbias)
-        dq.index_add_(1, heads, gq.to(q.dtype))
-        dk.index_add_(1, kv, gk.to(k.dtype))
-        dv.index_add_(1, kv, gv.to(v.dtype))
+        dq.index_add_(1, idx, gq.to(q.dtype))
+        (gk, gv), kv = _sum_repeated((gk, gv), kv)
+        kv_idx = _head_index(kv, q.device)
+        dk.index_add_(1, kv_idx, gk.to(k.dtype))
+        dv.index_add_(1, kv_idx, gv.to(v.dtype))
         if gb is not None:
             if bias.dim() >= 4 and bias.shape[-3] != 1:
-                dbias.view(-1, *bias.shape[-3:]).index_add_(1, heads, gb.reshape(-1, *gb.shape[-3:]).to(dbias.dtype))
+                dbias.view(-1, *bias.shape[-3:]).index_add_(1, idx, gb.reshape(-1, *gb.shape[-3:]).to(dbias.dtype))
             else:
                 dbias += gb.to(dbias.dtype).reshape(dbias.shape)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()

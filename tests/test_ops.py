@@ -75,14 +75,16 @@ def test_op_matches_golden(impl, case, site):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("heads", [((0, 3), (1, 2)), ((0, 1), (2, 3))], ids=["split-gqa", "whole-gqa"])
-def test_per_head_groups(impl, heads):
+@pytest.mark.parametrize("hk,heads", [(2, ((0, 3), (1, 2))), (2, ((0, 1), (2, 3))), (2, ((0, 1, 2), (3,))),
+                                     (1, ((0, 1, 3), (2,)))],
+                         ids=["one-per-kv-head", "whole-gqa", "repeated-kv", "mqa-subsets"])
+def test_per_head_groups(impl, hk, heads):
     grid = (5, 7)
     g1 = _spec("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 0, 0, 0, heads=heads[0])
     g2 = _spec("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 0, 0, 0, heads=heads[1])
     q = torch.randn(2, 4, 35, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 2, 35, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 2, 35, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, hk, 35, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, hk, 35, 16, dtype=torch.float64, requires_grad=True)
     got, g = _run(impl, SiteSpec((g1, g2)), q, k, v, None, None, 0.25, False)
     m1 = golden_mask("shifted_window", {"window": [2, 3], "shift": [1, 1]}, grid, 35)
     m2 = golden_mask("tiled", {"tile": [2, 2], "window": [1, 3]}, grid, 35)
@@ -94,10 +96,11 @@ def test_per_head_groups(impl, heads):
 
 
 def test_head_groups_keep_gqa_without_copies():
-    """A head group made of whole GQA groups reads its kv heads once, as views when they are one run; a group
-    that splits GQA groups reads one kv head per query head (a copy), counted."""
+    """A head group taking as many query heads from each of its kv heads reads those kv heads once, as views
+    when they are one run; a group taking unequal shares reads one kv head per query head (a copy), counted,
+    and its kv gradients are summed per kv head before they are scattered."""
     import locattn
-    from locattn.ops import _group_calls
+    from locattn.ops import _group_calls, _sum_repeated
 
     q, k, v = torch.randn(2, 8, 35, 16), torch.randn(2, 4, 35, 16), torch.randn(2, 4, 35, 8)
     bias = torch.randn(2, 8, 35, 35)
@@ -107,17 +110,20 @@ def test_head_groups_keep_gqa_without_copies():
                      ))
     locattn.reset_counters()
     (qh1, kv1, c1), (qh2, kv2, c2) = _group_calls(q, k, v, None, bias, 0.25, False, spec)
-    assert qh1.tolist() == [2, 3, 4, 5] and kv1.tolist() == [1, 2] and c1.k.shape[1] == 2
+    assert qh1 == (2, 3, 4, 5) and kv1 == (1, 2) and c1.k.shape[1] == 2
     for t, full in ((c1.q, q), (c1.k, k), (c1.v, v), (c1.bias, bias)):  # one run: views
         assert t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
-    assert kv2.tolist() == [0, 3] and c2.k.shape[1] == 2  # whole groups, not one run: kv heads copied once each
+    assert kv2 == (0, 3) and c2.k.shape[1] == 2  # whole groups, not one run: kv heads copied once each
     assert "kv_repeated" not in locattn.counters()
     spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0, heads=(0, 3, 4)),
                      _spec("dense", {}, None, 0, 0, 0, heads=(1, 2, 5, 6, 7))))
     (_, kv1, c1), (_, kv2, _) = _group_calls(q, k, v, None, None, 0.25, False, spec)
-    assert kv1.tolist() == [0, 1, 2] and kv2.tolist() == [0, 1, 2, 3, 3]
-    assert locattn.counters()["kv_repeated"] == {"query heads 0,3-4 split GQA groups of 2": 1,
-                                                 "query heads 1-2,5-7 split GQA groups of 2": 1}
+    assert kv1 == (0, 1, 2) and c1.k.shape[1] == 3 and kv2 == (0, 1, 2, 3, 3)
+    # their kv gradients are summed per kv head before the scatter (no repeated index reaches index_add_)
+    g = torch.randn(2, 5, 35, 16)
+    (red,), kv = _sum_repeated((g,), kv2)
+    assert kv == (0, 1, 2, 3) and torch.equal(red[:, :3], g[:, :3]) and torch.equal(red[:, 3], g[:, 3] + g[:, 4])
+    assert locattn.counters()["kv_repeated"] == {"query heads 1-2,5-7 take unequal shares of GQA groups of 2": 1}
 
 
 @pytest.mark.parametrize("s_q,s_k", [(0, 9), (9, 0), (0, 0)])

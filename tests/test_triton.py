@@ -926,10 +926,12 @@ def triton_registered():
     registry.IMPLEMENTATIONS[:] = saved
 
 
-@pytest.mark.parametrize("heads", [((0, 3), (1, 2)), ((0, 1), (2, 3))], ids=["split-gqa", "whole-gqa"])
+@pytest.mark.parametrize("heads", [((0, 3), (1, 2)), ((0, 1), (2, 3)), ((0, 1, 2), (3,))],
+                         ids=["one-per-kv-head", "whole-gqa", "repeated-kv"])
 def test_op_head_groups_with_bias(triton_registered, heads):
-    """Per-head groups through the op: groups that split GQA groups (k / v heads repeated per query head) and
-    groups of whole GQA groups (k / v head views, GQA kept inside the kernels), batch 2, forward and backward."""
+    """Per-head groups through the op, batch 2, forward and backward: groups that keep GQA inside the kernels
+    (one query head per kv head; whole GQA groups, as k / v views) and a group taking unequal shares of GQA
+    groups (k / v heads repeated per query head, their gradients summed per kv head)."""
     import locattn.ops  # noqa: F401  registers torch.ops.locattn
 
     spec = SiteSpec((HeadGroup(heads[0], ShiftedWindow(window=(2, 3), shift=(1, 1)), Layout(grid=(5, 7))),
