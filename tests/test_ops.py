@@ -199,6 +199,44 @@ def test_inference_mode_then_training(impl):
     assert torch.equal(again, want)
 
 
+@pytest.mark.parametrize("impl", IMPLS + ["cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finfo_min_bias_masks_like_minus_inf(impl, dtype):
+    """HF-style float masks (torch.finfo(dtype).min) act as -inf (registry.BIAS_MASK_BELOW): a row masked
+    entirely that way is an empty row (out 0, lse -inf, no gradient), partially masked rows attend their other
+    keys; forward and backward equal the same call with -inf in place of finfo.min."""
+    spec = SiteSpec((_spec("sliding_window", {"window": 9}, None, 0, 0, 0),)).to_json()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=gen).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 2, 20, 20, generator=gen).to(dtype)
+    bias[:, :, 3] = torch.finfo(dtype).min      # every key of row 3
+    bias[:, 1, 5, 4:] = torch.finfo(dtype).min  # all but 4 keys of row 5, head 1
+    inf_bias = bias.masked_fill(bias == torch.finfo(dtype).min, float("-inf"))
+    res = []
+    for b in (bias, inf_bias):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = torch.ops.locattn.attention(*leaves, None, b, 0.25, False, spec, impl)
+        res.append((out, lse, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    out, lse, dq = res[0][:3]
+    assert not out[:, :, 3].any() and bool((lse[:, :, 3] == float("-inf")).all()) and not dq[:, :, 3].any()
+    assert out[:, 1, 5].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["cpu"])
+def test_scores_near_the_fp32_limit_are_normalised(impl):
+    """A bias of -1e38 on every key of a row (above BIAS_MASK_BELOW: not a mask) rounds every fp32 score to the
+    same value: the row's softmax is uniform (out = mean of v, as SDPA computes it in fp32), not exp(s - lse)
+    with log(sum) absorbed into lse (out = sum of v: what the reference computed before)."""
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    q, k, v = (torch.randn(1, 1, 12, 8) for _ in range(3))
+    bias = torch.zeros(12, 12)
+    bias[4] = -1e38
+    out, _ = torch.ops.locattn.attention(q, k, v, None, bias, 0.3, False, spec, impl)
+    torch.testing.assert_close(out[0, 0, 4], v[0, 0].mean(0))
+
+
 def test_opcheck():
     spec = SiteSpec((_spec("sliding_window", {"window": 4}, None, 0, 0, 0),)).to_json()
     q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))

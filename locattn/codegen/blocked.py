@@ -17,7 +17,7 @@ import torch
 
 from ..patterns.plan import BlockPlan, build_plan
 from .reference import compute_dtype, expand_kv, keep_mask, reduce_to
-from .registry import AttentionCall, Implementation, lse_dtype
+from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 #: scores of one chunk are kept below this many elements (fp32): bounds peak memory
 CHUNK_ELEMS = 1 << 24
@@ -105,7 +105,7 @@ class Blocked(Implementation):
         s = (qb @ kb.transpose(-2, -1)) * call.scale
         bias_c, mask_c = self._site_terms(call, tq_c, tk_c)
         if bias_c is not None:
-            s = s + bias_c.to(ct)
+            s = s + bias_scores(bias_c, ct)
         if keep_c is None:
             keep_c = _keep(call.pattern, call.layout, call.is_causal, tq_c, tk_c)
         keep = keep_c if mask_c is None else keep_c & mask_c

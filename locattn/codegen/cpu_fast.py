@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
 from .blocked import Blocked
-from .registry import AttentionCall, Implementation, lse_dtype
+from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -400,7 +400,7 @@ def _site_additive(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor, dtyp
         if t.dtype == torch.bool:
             g = torch.zeros(g.shape, dtype=dtype).masked_fill_(~g, NEG_INF)
         else:
-            g = g.to(dtype)
+            g = bias_scores(g, dtype)
         out = g if out is None else out + g
     return out
 

@@ -5,6 +5,7 @@ the semantic definition every faster implementation is tested against, and it ru
 
 Semantics shared by every implementation:
   scores = scale * q @ k^T + bias;  allowed = pattern & mask & (causal: j <= i, top-left aligned)
+  (a bias value below ``registry.BIAS_MASK_BELOW`` ~ -2.36e38, e.g. fp32 / bf16 ``finfo.min``, is -inf)
   out    = softmax(scores over allowed keys) @ v;  lse = logsumexp(scores over allowed keys)
   A query row with no allowed key gets ``out = 0`` and ``lse = -inf`` (SDPA would give NaN).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns.base import allowed
-from .registry import AttentionCall, Implementation, lse_dtype
+from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 
 def compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
@@ -44,6 +45,23 @@ def reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+def masked_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax ``p`` of scores ``s`` (-inf = not allowed) and the row logsumexp ``lse`` (last dim dropped).
+    A row with no allowed key gets ``p = 0`` and ``lse = -inf``.
+
+    Normalised by the row's max and sum, never as ``exp(s - lse)``: where a float bias puts a row's scores near
+    the fp32 limit (HF-style ``finfo.min`` masks: an fp32 ulp there is ~2e31), ``lse`` absorbs ``log(sum)`` and
+    ``exp(s - lse)`` would sum to the number of keys instead of 1."""
+    if s.shape[-1] == 0:  # no keys at all
+        return s, s.new_full(s.shape[:-1], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(torch.isinf(m), 0)  # empty rows: exp(-inf - 0) = 0
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    return p, (m + torch.log(l)).squeeze(-1)
+
+
 class Reference(Implementation):
     name = "reference"
 
@@ -52,7 +70,7 @@ class Reference(Implementation):
         s_q, s_k = q.shape[-2], k.shape[-2]
         s = (q @ k.transpose(-2, -1)) * call.scale
         if call.bias is not None:
-            s = s + call.bias.to(ct)
+            s = s + bias_scores(call.bias, ct)
         dev = q.device
         keep = keep_mask(call, torch.arange(s_q, device=dev)[:, None], torch.arange(s_k, device=dev)[None, :])
         if call.mask is not None:
@@ -63,8 +81,7 @@ class Reference(Implementation):
     def forward(self, call):
         ct = compute_dtype(call.q, call.k, call.v)
         s, keep = self._scores(call, ct)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0)[..., None])  # empty rows: exp(-inf) = 0
+        p, lse = masked_softmax(s)
         out = p @ expand_kv(call.v, call.q.shape[1]).to(ct)
         return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
 
@@ -72,8 +89,7 @@ class Reference(Implementation):
         ct = compute_dtype(call.q, call.k, call.v)
         hq, hk = call.q.shape[1], call.k.shape[1]
         s, keep = self._scores(call, ct)
-        lse_c = lse.to(ct)
-        p = torch.exp(s - lse_c.masked_fill(torch.isinf(lse_c), 0)[..., None])
+        p, _ = masked_softmax(s)  # recomputed from the scores, not from the forward's lse (see masked_softmax)
         do = grad_out.to(ct)
         v = expand_kv(call.v, hq).to(ct)
         k = expand_kv(call.k, hq).to(ct)

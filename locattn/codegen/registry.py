@@ -11,6 +11,7 @@ instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,20 @@ class AttentionCall:
     is_causal: bool
     pattern: Pattern
     layout: Layout
+
+
+#: A site bias value below this masks its key, like -inf: -FLT_MAX * ln 2, where the Triton kernels' bias in
+#: log2 units overflows fp32. HF-style masks made of ``torch.finfo(float32 / bfloat16).min`` fall below it, so
+#: a query row masked entirely that way is an empty row (out 0, lse -inf) in every implementation — where
+#: SDPA averages v in fp32 (each score rounds to the same -3.4e38) and its fused kernels' backward, which
+#: normalises by the absorbed lse, gives the gradients of a sum. fp16's finfo.min (-65504) is an ordinary bias.
+BIAS_MASK_BELOW = -torch.finfo(torch.float32).max * math.log(2)
+
+
+def bias_scores(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A site bias as additive scores in ``dtype``: values below :data:`BIAS_MASK_BELOW` become -inf."""
+    b = bias.to(dtype)
+    return b.masked_fill(b < BIAS_MASK_BELOW, float("-inf"))
 
 
 def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:

@@ -382,7 +382,8 @@ def _load_ku(k_u, n_k_slots, kslot, NDIM: tl.constexpr):
 def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk,
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = False):
     """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]
-    ([BLOCK_N, BLOCK_M] when ``TRANS``)."""
+    ([BLOCK_N, BLOCK_M] when ``TRANS``). A bias below -FLT_MAX * ln 2 overflows to -inf in log2 units: the op's
+    ``BIAS_MASK_BELOW`` rule (such a key is masked), which the other implementations apply explicitly."""
     qv = qt >= 0
     kv = kt >= 0
     qi, kj = _outer(tl.where(qv, qt, 0).to(tl.int64), tl.where(kv, kt, 0).to(tl.int64), TRANS)
