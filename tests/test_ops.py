@@ -200,18 +200,19 @@ def test_inference_mode_then_training(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cpu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_finfo_min_bias_masks_like_minus_inf(impl, dtype):
-    """HF-style float masks (torch.finfo(dtype).min) act as -inf (registry.BIAS_MASK_BELOW): a row masked
-    entirely that way is an empty row (out 0, lse -inf, no gradient), partially masked rows attend their other
-    keys; forward and backward equal the same call with -inf in place of finfo.min."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_like_bias_masks_like_minus_inf(impl, dtype):
+    """Float masks far below 0 (finfo.min, HF's -1e9; anything below registry.BIAS_MASK_BELOW = -2**14) act as
+    -inf: a row masked entirely that way is an empty row (out 0, lse -inf, no gradient), partially masked rows
+    attend their other keys; forward and backward equal the same call with -inf in their place, bit for bit."""
     spec = SiteSpec((_spec("sliding_window", {"window": 9}, None, 0, 0, 0),)).to_json()
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 2, 20, 16, generator=gen).to(dtype) for _ in range(3))
     bias = torch.randn(1, 2, 20, 20, generator=gen).to(dtype)
     bias[:, :, 3] = torch.finfo(dtype).min      # every key of row 3
     bias[:, 1, 5, 4:] = torch.finfo(dtype).min  # all but 4 keys of row 5, head 1
-    inf_bias = bias.masked_fill(bias == torch.finfo(dtype).min, float("-inf"))
+    bias[:, 0, 7] = -1e4 if dtype == torch.float16 else -1e9  # every key of row 7, head 0
+    inf_bias = bias.masked_fill(bias < -2 ** 14, float("-inf"))
     res = []
     for b in (bias, inf_bias):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -222,19 +223,61 @@ def test_finfo_min_bias_masks_like_minus_inf(impl, dtype):
     out, lse, dq = res[0][:3]
     assert not out[:, :, 3].any() and bool((lse[:, :, 3] == float("-inf")).all()) and not dq[:, :, 3].any()
     assert out[:, 1, 5].abs().sum() > 0
+    assert bool((lse[:, 0, 7] == float("-inf")).all()) == (dtype != torch.float16)  # -1e4: an ordinary bias
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cpu"])
-def test_scores_near_the_fp32_limit_are_normalised(impl):
-    """A bias of -1e38 on every key of a row (above BIAS_MASK_BELOW: not a mask) rounds every fp32 score to the
-    same value: the row's softmax is uniform (out = mean of v, as SDPA computes it in fp32), not exp(s - lse)
-    with log(sum) absorbed into lse (out = sum of v: what the reference computed before)."""
+def test_rows_biased_far_from_zero_stay_ordinary(impl):
+    """A row whose every key carries a -1e4 bias (diffusers' mask value; above BIAS_MASK_BELOW) is the softmax of
+    its scores, as in SDPA, forward and backward — to fp32's resolution there: a score near -1e4 has an fp32 ulp
+    of ~1e-3, so every fp32 implementation (SDPA's too) is that far from the fp64 answer."""
     spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
-    q, k, v = (torch.randn(1, 1, 12, 8) for _ in range(3))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 12, 8, generator=gen, requires_grad=True) for _ in range(3))
     bias = torch.zeros(12, 12)
-    bias[4] = -1e38
-    out, _ = torch.ops.locattn.attention(q, k, v, None, bias, 0.3, False, spec, impl)
-    torch.testing.assert_close(out[0, 0, 4], v[0, 0].mean(0))
+    bias[4] = -1e4
+    g = torch.randn(1, 1, 12, 8, generator=gen)
+    out, lse = torch.ops.locattn.attention(q, k, v, None, bias, 0.3, False, spec, impl)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)),
+                                                                attn_mask=bias.double(), scale=0.3)
+    assert -1.01e4 < lse[0, 0, 4] < -0.99e4
+    torch.testing.assert_close(out, want.float(), atol=2e-3, rtol=0)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g.double())):
+        torch.testing.assert_close(a, b.float(), atol=2e-3, rtol=0)
+
+
+def test_auto_dispatch_of_causal_nonpositive_scale():
+    """ATen's CPU flash kernel returns NaN rows for causal attention with scale <= 0: the cpu path declines it
+    (counted) and auto dispatch runs blocked, equal to the reference."""
+    import locattn
+
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    for scale in (0.0, -0.25):
+        locattn.reset_counters()
+        out, lse = torch.ops.locattn.attention(q, k, v, None, None, scale, True, spec, "")
+        assert locattn.counters()["dispatch"]["skip cpu: causal with scale <= 0 (ATen's CPU flash kernel returns NaN " \
+            "rows)"] == 1
+        want, want_lse = torch.ops.locattn.attention(q, k, v, None, None, scale, True, spec, "reference")
+        torch.testing.assert_close(out, want) and torch.testing.assert_close(lse, want_lse)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_bias_beside_half_inputs(impl, dtype):
+    """An fp32 bias beside fp16 / bf16 q, k, v is added in fp32 by every implementation (the cpu path used to
+    round it to q's dtype: a 7e4 bias became inf in fp16, and bf16 rounding moved lse by ~0.2)."""
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 8, 8, generator=gen).to(dtype) for _ in range(3))
+    bias = 30 * torch.randn(8, 8, generator=gen)
+    bias[1, :2] = 7e4
+    out, lse = torch.ops.locattn.attention(q, k, v, None, bias, 0.3, False, spec, impl)
+    want, want_lse = torch.ops.locattn.attention(q.double(), k.double(), v.double(), None, bias.double(), 0.3,
+                                                 False, spec, "reference")
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
 def test_opcheck():

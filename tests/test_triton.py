@@ -410,22 +410,24 @@ def test_inference_mode_then_training():
     assert torch.equal(out, want) and all(g.isfinite().all() for g in grads[:3])
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: intended
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_finfo_min_bias_masks_like_minus_inf(dtype):
-    """The kernels' log2-unit bias overflows to -inf below -FLT_MAX * ln 2: HF-style finfo.min masks give the
-    bits of -inf masks (the op's BIAS_MASK_BELOW rule, applied explicitly by the other implementations)."""
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter evaluates both
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # branches of tl.where
+def test_mask_like_bias_masks_like_minus_inf(dtype):
+    """A bias below BIAS_MASK_BELOW (-2**14: finfo.min, -1e9 masks) masks its key: the bits of -inf masks,
+    forward and backward (the op's rule; tests/test_ops.py checks the other implementations)."""
     case = Case("finfo-min-sw1d-40", SlidingWindow(window=9), s=40, bias="full", dtype=dtype, block=(16, 16))
     call = case.call()
     call.bias[:, :, 3] = torch.finfo(dtype).min
     call.bias[:, 1, 5, 4:] = torch.finfo(dtype).min
-    inf_call = dataclasses.replace(call, bias=call.bias.masked_fill(call.bias == torch.finfo(dtype).min,
-                                                                     float("-inf")))
+    call.bias[:, 0, 7] = -2e4 if dtype == torch.float16 else -1e9
+    call.bias[:, 0, 9] = -1.6e4  # above the threshold: an ordinary bias
+    inf_call = dataclasses.replace(call, bias=call.bias.masked_fill(call.bias < -2 ** 14, float("-inf")))
     impl = _impl(16, 16)
     got, want = _run_case(call, impl, need_dbias=True), _run_case(inf_call, impl, need_dbias=True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not got[0][:, :, 3].any() and bool((got[1][:, :, 3] == float("-inf")).all())
+    assert bool((got[1][:, 0, 7] == float("-inf")).all()) and bool(got[1][:, 0, 9].isfinite().all())
 
 
 def test_empty_rows_give_zero_and_neg_inf():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns.plan import BlockPlan, build_plan
-from .reference import compute_dtype, expand_kv, keep_mask, reduce_to
+from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 #: scores of one chunk are kept below this many elements (fp32): bounds peak memory
@@ -153,15 +153,13 @@ class Blocked(Implementation):
         if need_dbias and call.bias is not None:
             dbias = torch.zeros(b, hq, s_q, s_k, dtype=ct, device=call.q.device)
         delta_all = (grad_out.to(ct) * out.to(ct)).sum(-1)  # [B, H, Sq]
-        lse_all = lse.to(ct)
         for m0 in range(0, plan.n_qblocks, chunk):
             sl = slice(m0, m0 + chunk)
             tq_c, tk_c = tq[sl], tk[sl]
             c, bm = tq_c.shape
             s, qb, kb = self._chunk_scores(call, ct, call.q, k, tq_c, tk_c, keep[sl] if keep is not None else None)
             qidx = tq_c.clamp_min(0).flatten()
-            lse_c = lse_all.index_select(2, qidx).view(b, hq, c, bm, 1)
-            p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c))
+            p, _ = masked_softmax(s)  # a chunk holds whole rows: exact, not normalised by the stored lse
             do = grad_out.index_select(2, qidx).view(b, hq, c, bm, dv_).to(ct)
             do = do * (tq_c >= 0).view(1, 1, c, bm, 1)
             delta = delta_all.index_select(2, qidx).view(b, hq, c, bm, 1)

@@ -389,8 +389,12 @@ def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple 
 
 
 def _site_additive(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor, dtype) -> torch.Tensor | None:
-    """Site bias + mask (-inf) at token pairs ``qi [..., 1]`` x ``kj [..., N]`` -> ``[Bm, Hm, *pairs]``."""
+    """Site bias + mask (-inf) at token pairs ``qi [..., 1]`` x ``kj [..., N]`` -> ``[Bm, Hm, *pairs]``, in
+    ``dtype``, or in fp32 when a wider bias would be rounded to a half ``dtype`` (ATen's flash kernels take an
+    fp32 mask beside half q / k / v; the other implementations add the bias in fp32 too)."""
     s_q, s_k = call.q.shape[-2], call.k.shape[-2]
+    if call.bias is not None and dtype in (torch.float16, torch.bfloat16) and call.bias.dtype != dtype:
+        dtype = torch.float32
     out = None
     for t in (call.bias, call.mask):
         if t is None:
@@ -482,6 +486,8 @@ class CpuFast(Implementation):
             return False, "site mask is not bool"
         if min(call.q.shape[-2], call.k.shape[-2], call.q.shape[0], call.q.shape[1]) == 0:
             return False, "empty tensor"
+        if call.is_causal and call.scale <= 0 and not call.pattern.local:
+            return False, "causal with scale <= 0 (ATen's CPU flash kernel returns NaN rows)"
         return True, ""
 
     # -- forward -------------------------------------------------------------------------------------------

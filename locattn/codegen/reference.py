@@ -5,7 +5,7 @@ the semantic definition every faster implementation is tested against, and it ru
 
 Semantics shared by every implementation:
   scores = scale * q @ k^T + bias;  allowed = pattern & mask & (causal: j <= i, top-left aligned)
-  (a bias value below ``registry.BIAS_MASK_BELOW`` ~ -2.36e38, e.g. fp32 / bf16 ``finfo.min``, is -inf)
+  (a bias value below ``registry.BIAS_MASK_BELOW`` = -2**14, e.g. ``finfo.min`` or -1e9 masks, is -inf)
   out    = softmax(scores over allowed keys) @ v;  lse = logsumexp(scores over allowed keys)
   A query row with no allowed key gets ``out = 0`` and ``lse = -inf`` (SDPA would give NaN).
 """
@@ -49,9 +49,9 @@ def masked_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row softmax ``p`` of scores ``s`` (-inf = not allowed) and the row logsumexp ``lse`` (last dim dropped).
     A row with no allowed key gets ``p = 0`` and ``lse = -inf``.
 
-    Normalised by the row's max and sum, never as ``exp(s - lse)``: where a float bias puts a row's scores near
-    the fp32 limit (HF-style ``finfo.min`` masks: an fp32 ulp there is ~2e31), ``lse`` absorbs ``log(sum)`` and
-    ``exp(s - lse)`` would sum to the number of keys instead of 1."""
+    Normalised by the row's max and sum rather than as ``exp(s - lse)``: when a row's scores all lie far from 0,
+    ``lse`` keeps ``log(sum)`` only to its ulp (~1e-3 at -1e4 in fp32; all of it at -1e9, where ``exp(s - lse)``
+    summed to the number of keys), while ``s - max`` is exact."""
     if s.shape[-1] == 0:  # no keys at all
         return s, s.new_full(s.shape[:-1], float("-inf"))
     m = s.amax(-1, keepdim=True)

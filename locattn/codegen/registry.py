@@ -11,7 +11,6 @@ instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +44,14 @@ class AttentionCall:
     layout: Layout
 
 
-#: A site bias value below this masks its key, like -inf: -FLT_MAX * ln 2, where the Triton kernels' bias in
-#: log2 units overflows fp32. HF-style masks made of ``torch.finfo(float32 / bfloat16).min`` fall below it, so
-#: a query row masked entirely that way is an empty row (out 0, lse -inf) in every implementation — where
-#: SDPA averages v in fp32 (each score rounds to the same -3.4e38) and its fused kernels' backward, which
-#: normalises by the absorbed lse, gives the gradients of a sum. fp16's finfo.min (-65504) is an ordinary bias.
-BIAS_MASK_BELOW = -torch.finfo(torch.float32).max * math.log(2)
+#: A site bias value below this masks its key, like -inf: -2**14. Below it an fp32 logsumexp keeps fewer than 10
+#: fractional bits, so a row whose every score lay there would be normalised ~1e-3 off by the lse-based backward
+#: of the fused kernels (Triton, cpu; SDPA's fused kernels too), and at HF-style -1e9 / ``finfo.min`` masks the
+#: lse absorbs log(sum) altogether (the gradient of a sum, not of an average). Only a row whose allowed keys *all*
+#: carry such a bias is affected: it is an empty row (out 0, lse -inf, no gradient) in every implementation,
+#: where SDPA averages v (fp32 rounds every score to the same value) or softmaxes the scores; in any other row a
+#: key below -2**14 has weight exp(-16000) = 0 either way. diffusers' -10000.0 masks stay ordinary biases.
+BIAS_MASK_BELOW = -float(2 ** 14)
 
 
 def bias_scores(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

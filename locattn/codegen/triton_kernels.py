@@ -76,6 +76,8 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units (exp2)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+#: the op's ``registry.BIAS_MASK_BELOW``: a site bias below it masks its key
+BIAS_MASK_BELOW: tl.constexpr = tl.constexpr(-16384.0)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
@@ -382,16 +384,15 @@ def _load_ku(k_u, n_k_slots, kslot, NDIM: tl.constexpr):
 def _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk,
                 HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, TRANS: tl.constexpr = False):
     """Add the site bias (log2 units) and apply the site mask to log2-scores ``s`` [BLOCK_M, BLOCK_N]
-    ([BLOCK_N, BLOCK_M] when ``TRANS``). A bias below -FLT_MAX * ln 2 overflows to -inf in log2 units: the op's
-    ``BIAS_MASK_BELOW`` rule (such a key is masked), which the other implementations apply explicitly."""
+    ([BLOCK_N, BLOCK_M] when ``TRANS``). A bias below ``BIAS_MASK_BELOW`` masks its key (the op's rule)."""
     qv = qt >= 0
     kv = kt >= 0
     qi, kj = _outer(tl.where(qv, qt, 0).to(tl.int64), tl.where(kv, kt, 0).to(tl.int64), TRANS)
     qv2, kv2 = _outer(qv, kv, TRANS)
     io = qv2 & kv2
     if HAS_BIAS:
-        b = tl.load(B_bh + qi * stride_bq + kj * stride_bk, mask=io, other=0.0)
-        s = s + b.to(tl.float32) * LOG2E
+        b = tl.load(B_bh + qi * stride_bq + kj * stride_bk, mask=io, other=0.0).to(tl.float32)
+        s = s + tl.where(b < BIAS_MASK_BELOW, float("-inf"), b * LOG2E)
     if HAS_MASK:
         mk = tl.load(M_bh + qi * stride_mq + kj * stride_mk, mask=io, other=0)
         s = tl.where(mk != 0, s, float("-inf"))
