@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -71,6 +72,32 @@ def _sdpa_layout(o: torch.Tensor) -> torch.Tensor:
     return out.copy_(o)
 
 
+def _check_inputs(q, k, v, mask, bias, scale: float, spec: SiteSpec) -> None:
+    """The op's contract (module docstring), checked before any implementation runs: a clear error instead of a
+    shape error deep inside one, or of unwritten output heads."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"locattn: q, k, v must be 4-D [B, H, S, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"locattn: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"locattn: k {tuple(k.shape)} and v {tuple(v.shape)} differ in heads or length")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"locattn: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+    if not math.isfinite(scale):
+        raise ValueError(f"locattn: scale must be finite, got {scale}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"locattn: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"locattn: mask must be bool (True = attend), got {mask.dtype}; pass a float mask as bias")
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"locattn: bias must be floating point, got {bias.dtype}")
+    hq = q.shape[1]
+    heads = [h for g in spec.groups for h in (range(hq) if g.heads is None else g.heads)]
+    if sorted(heads) != list(range(hq)):
+        raise ValueError(f"locattn: the spec's head groups must cover heads 0..{hq - 1} once each, got "
+                         f"{spec.describe()!r}")
+
+
 def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
     """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads, kv_heads, call)]``, both
     None for a group of all heads. ``q_heads`` (tuple) are the group's query heads, ``kv_heads`` (tuple) the
@@ -80,9 +107,8 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
     use keeps GQA (its call reads each of those kv heads once, ``r`` query heads per kv head; views when the
     heads are one run): whole GQA groups, one head per kv head, any subset under MQA. Any other group reads one
     kv head per query head (k / v heads repeated: a copy, counted as ``kv_repeated``)."""
+    _check_inputs(q, k, v, mask, bias, scale, spec)
     hq, hk = q.shape[1], k.shape[1]
-    if hq % hk:
-        raise ValueError(f"locattn: {hq} query heads are not a multiple of {hk} key/value heads")
     mask, bias = _as4d(mask), _as4d(bias)
     s_q, s_k = q.shape[-2], k.shape[-2]
     rep = hq // hk
@@ -125,8 +151,8 @@ def _sum_repeated(grads: tuple[torch.Tensor, ...], kv: tuple[int, ...]):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str,
               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    b, hq, s_q, _ = q.shape
     groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    b, hq, s_q, _ = q.shape
     if len(groups) == 1 and groups[0][0] is None:
         call = groups[0][2]
         o, lse = registry.select(call, backend).forward(call)

@@ -280,6 +280,38 @@ def test_fp32_bias_beside_half_inputs(impl, dtype):
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
+def test_bad_inputs_get_clear_errors():
+    """The op checks its contract before any implementation runs (shapes, dtypes, a finite scale, head groups
+    covering every head once); patterns and layouts check their parameters when built (the policy checks them
+    with file and line; this guards code and hand-written specs)."""
+    from locattn.patterns import Layout as L, SlidingWindow, Strided, Tiled
+    from locattn.patterns.base import PatternError
+
+    spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0),)).to_json()
+    q = torch.randn(1, 4, 12, 8)
+    kv = torch.randn(1, 2, 12, 8)
+    bad = [((q[0], q[0], q[0], None, None, 1.0), "must be 4-D"),
+           ((q, kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), None, None, 1.0), "batch sizes differ"),
+           ((q, kv, kv[:, :, :11], None, None, 1.0), "differ in heads or length"),
+           ((q, kv[..., :7], kv, None, None, 1.0), "head dim 8 != k head dim 7"),
+           ((q, kv[:, :1].expand(1, 3, 12, 8), kv[:, :1].expand(1, 3, 12, 8), None, None, 1.0), "not a multiple"),
+           ((q, kv, kv, torch.zeros(12, 12), None, 1.0), "mask must be bool"),
+           ((q, kv, kv, None, torch.zeros(12, 12, dtype=torch.int32), 1.0), "bias must be floating point"),
+           ((q, kv, kv, None, None, float("nan")), "scale must be finite")]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            torch.ops.locattn.attention(*args, False, spec, "")
+    partial = SiteSpec((_spec("dense", {}, None, 0, 0, 0, heads=(0, 1)),)).to_json()
+    with pytest.raises(ValueError, match="cover heads 0..3 once each"):
+        torch.ops.locattn.attention(q, kv, kv, None, None, 1.0, False, partial, "")
+    for make, msg in ((lambda: SlidingWindow(window=-1), "'window' must be >= 0"),
+                      (lambda: Tiled(tile=(0, 2), window=(1, 1)), "'tile' must be >= 1"),
+                      (lambda: Strided(kernel=(3, 3), stride=(2, 0)), "'stride' must be >= 1"),
+                      (lambda: L(prefix=-1), "prefix must be >= 0"), (lambda: L(grid=(0, 4)), "grid sizes")):
+        with pytest.raises(PatternError, match=msg):
+            make()
+
+
 def test_opcheck():
     spec = SiteSpec((_spec("sliding_window", {"window": 4}, None, 0, 0, 0),)).to_json()
     q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))

@@ -11,8 +11,8 @@ the kernels test membership with two comparisons.
 A pattern module defines one :class:`Pattern` subclass with
 
 * typed parameters (dataclass fields; per-axis ones are tuples, one entry per grid axis),
-* ``key_interval(axis, ndim, p, n) -> (lo, hi)``: the group-local key interval (inclusive) for group positions ``p`` on a
-  group of ``n`` positions — the whole meaning of the pattern,
+* ``key_interval(axis, ndim, p, n) -> (lo, hi)``: the group-local key interval (inclusive) for group positions
+  ``p`` on a group of ``n`` positions — the whole meaning of the pattern,
 * ``dilation_of(axis)`` (1 unless the pattern dilates) and ``validate(grid)``.
 
 Modifiers shared by all patterns live in :class:`Layout`: the token ``grid`` (row-major), ``prefix`` /
@@ -49,6 +49,13 @@ class Layout:
     prefix: int = 0
     suffix: int = 0
     sinks: int = 0
+
+    def __post_init__(self):
+        for name in ("prefix", "suffix", "sinks"):
+            if getattr(self, name) < 0:
+                raise PatternError(f"layout {name} must be >= 0, got {getattr(self, name)}")
+        if self.grid is not None and any(g < 1 for g in self.grid):
+            raise PatternError(f"layout grid sizes must be >= 1, got {self.grid}")
 
     def resolve(self, seq_len: int) -> "Layout":
         """Return the layout with a concrete grid for a sequence of ``seq_len`` tokens (checks the sizes)."""
@@ -145,6 +152,15 @@ class Pattern:
     #: False for ``dense`` only: a local pattern needs a self-attention site (S_q == S_k) and a grid
     local: ClassVar[bool] = True
 
+    def __post_init__(self):
+        """The minimum of every parameter (``params``), checked at construction: the policy checks it with file
+        and line, this guards patterns built in code or parsed from an op's spec."""
+        for name, (_, _, minimum) in self.params.items():
+            value = getattr(self, name)
+            for x in value if isinstance(value, (list, tuple)) else (value,):
+                if minimum is not None and not isinstance(x, bool) and isinstance(x, int) and x < minimum:
+                    raise PatternError(f"{self.name}: '{name}' must be >= {minimum}, got {value}")
+
     # -- per-axis helpers ----------------------------------------------------------------------------------
     def axis_param(self, name: str, ndim: int) -> tuple:
         return _per_axis(getattr(self, name), ndim, name)
@@ -158,7 +174,8 @@ class Pattern:
             if per_axis:
                 self.axis_param(name, len(grid))
 
-    def key_interval(self, axis: int, ndim: int, p: torch.Tensor, n: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_interval(self, axis: int, ndim: int, p: torch.Tensor, n: torch.Tensor | int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inclusive key interval ``[lo, hi]`` (group positions) seen by queries at group positions ``p``.
 
         ``n`` is the size of each query's dilation group (a tensor like ``p`` or an int).
