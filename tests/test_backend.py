@@ -245,6 +245,37 @@ def test_dropout_in_training_is_a_counted_fallback():
     assert b.decisions[0].rewritten
 
 
+@pytest.mark.parametrize("mask_shape", [(3, 1, 6, 6), (2, 1, 1, 6, 6), (1, 3, 1, 6, 6), (6,)])
+def test_rank5_site_with_a_mask_broadcast_over_leading_axes(mask_shape):
+    """q/k/v [A, B, H, S, D]: the leading axes fold into the op's batch, and a mask with fewer or size-1 leading
+    axes is broadcast over them before it is folded the same way (it used to be folded as it was: shape error)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2, 6, 8, dtype=torch.float64, generator=gen) for _ in range(3))
+    mask = torch.rand(mask_shape, generator=gen) > 0.3
+    mask[..., 0] = True
+
+    def f(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    b = locattn.backend()
+    got = torch.compile(f, backend=b)(q, k, v, mask)
+    assert b.decisions[0].rewritten
+    torch.testing.assert_close(got, f(q, k, v, mask))
+
+
+def test_rank3_gqa_site_is_left_alone_with_a_reason():
+    """Rank-3 SDPA with enable_gqa has its heads on dim 0, which a rank-3 site reads as batch: left alone."""
+    q, k = torch.randn(4, 6, 8), torch.randn(2, 6, 8)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    b = locattn.backend()
+    got = torch.compile(f, backend=b)(q, k, k)
+    assert not b.decisions[0].rewritten and "rank-3 GQA" in b.decisions[0].reason
+    torch.testing.assert_close(got, f(q, k, k))
+
+
 class Cross(nn.Module):
     def forward(self, q, kv):
         return F.scaled_dot_product_attention(q, kv, kv)

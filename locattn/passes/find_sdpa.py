@@ -71,6 +71,8 @@ def find_sdpa_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionS
             blocker = f"dropout_p={dropout_p} > 0 (training dropout is not rewritten)"
         if rank < 3:
             blocker = f"rank-{rank} inputs"
+        elif rank == 3 and a["enable_gqa"] is True and qs[0] != ks[0]:
+            blocker = "rank-3 GQA inputs (heads on dim 0, the axis a rank-3 site reads as batch)"
         scale = a["scale"]
         if scale is None and not isinstance(ev_q.shape[-1], int):
             blocker = "symbolic head dim with default scale"
@@ -113,12 +115,20 @@ def _make_replace(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, rank: 
         # fold leading batch axes: [..., H, S, D] -> [-1, H, S, D]
         return g.call_function(_fold_leading, (x,))
 
+    def to4_mask(g: fx.Graph, m):
+        """A mask / bias broadcastable to the site's [..., H, Sq, Sk] scores, as the op's 4-D operand."""
+        if m is None or rank == 4 or example(m).dim() < 3:
+            return m
+        if rank == 3:
+            return g.call_method("unsqueeze", (m, 1))
+        # rank > 4: broadcast over the leading axes first (a mask may have fewer), then fold them like q's
+        return g.call_function(_fold_leading_like, (m, site.q))
+
     def replace(op_call) -> None:
         g = gm.graph
         with g.inserting_before(node):
             q4, k4, v4 = to4(g, site.q), to4(g, site.k), to4(g, site.v)
-            mask = site.mask if site.mask is None or rank == 4 or example(site.mask).dim() < 3 else to4(g, site.mask)
-            bias = site.bias if site.bias is None or rank == 4 or example(site.bias).dim() < 3 else to4(g, site.bias)
+            mask, bias = (to4_mask(g, m) for m in (site.mask, site.bias))
             res = op_call(g, q4, k4, v4, mask, bias)
             out = g.call_function(operator.getitem, (res, 0))
             if rank == 3:
@@ -133,6 +143,13 @@ def _make_replace(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, rank: 
 
 def _fold_leading(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-3:])
+
+
+def _fold_leading_like(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A mask / bias of a rank > 4 site: right-aligned against q's [..., H, S, D] axes, expanded over q's leading
+    axes, folded into one batch axis like :func:`_fold_leading` folds q."""
+    m = m.reshape((1,) * (q.dim() - m.dim()) + tuple(m.shape))
+    return m.expand(*q.shape[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
 
 
 def _unfold_leading(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
