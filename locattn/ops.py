@@ -240,11 +240,12 @@ _AUTOCAST_LIB = torch.library.Library("locattn", "IMPL")
 
 
 def _register_autocast(device_type: str) -> None:
-    """Under ``torch.autocast(device_type)`` the op casts its floating inputs (q, k, v, bias; not fp64, not the
-    bool mask) to the autocast dtype, as autocast does for the ``F.scaled_dot_product_attention`` it replaces:
-    without it, a rewritten site under autocast would see what SDPA never sees (e.g. fp32 q / k after a norm
-    beside a bf16 v) and leave the fused kernels (mixed dtypes) for the blocked fallback. The dtype is read at
-    each call (``torch.autocast(dtype=...)``), unlike ``torch.library.register_autocast``'s fixed one."""
+    """Under ``torch.autocast(device_type)`` the op casts q, k and v (not fp64) to the autocast dtype, as autocast
+    does for the ``F.scaled_dot_product_attention`` it replaces: without it, a rewritten site under autocast
+    would see what SDPA never sees (e.g. fp32 q / k after a norm beside a bf16 v) and leave the fused kernels
+    (mixed dtypes) for the blocked fallback. A float bias stays as it is: every implementation adds it in fp32,
+    as a hand-written ``scores + bias`` does under autocast (autocast would round SDPA's to bf16). The dtype is
+    read at each call (``torch.autocast(dtype=...)``), unlike ``torch.library.register_autocast``'s fixed one."""
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
@@ -254,8 +255,8 @@ def _register_autocast(device_type: str) -> None:
 
     def kernel(_keys, q, k, v, mask, bias, scale, is_causal, spec, backend):
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return torch.ops.locattn.attention.default(cast(q), cast(k), cast(v), mask, cast(bias), scale,
-                                                       is_causal, spec, backend)
+            return torch.ops.locattn.attention.default(cast(q), cast(k), cast(v), mask, bias, scale, is_causal,
+                                                       spec, backend)
 
     _AUTOCAST_LIB.impl("attention", kernel, key, with_keyset=True)
 

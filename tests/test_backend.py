@@ -276,6 +276,38 @@ def test_rank3_gqa_site_is_left_alone_with_a_reason():
     torch.testing.assert_close(got, f(q, k, k))
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 16), (9, 16)], ids=["batch1", "unbatched"])
+def test_single_head_manual_attention_without_batch_axes(shape):
+    """Hand-written single-head attention on [1, S, D] / [S, D]: the operands reach the op 4-D (their leading
+    size-1 axes used to be left out, as for a broadcasting mask: the compile failed)."""
+    q, k, v = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+    b = locattn.backend()
+    got = torch.compile(f, backend=b)(q, k, v)
+    assert b.decisions[0].rewritten
+    torch.testing.assert_close(got, f(q, k, v))
+
+
+@pytest.mark.parametrize("form", ["sdpa", "manual"])
+def test_view_of_the_attention_output(form):
+    """``out.view(B * H, S, D)`` is legal on the contiguous output of CPU SDPA / ``p @ v``; the op's output has
+    SDPA's [B, S, H, D] memory layout, so such a view gets a contiguous copy first (it failed to compile)."""
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+    def f(q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v) if form == "sdpa" else \
+            (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1) @ v
+        return o.view(8, 9, 8)
+
+    b = locattn.backend()
+    got = torch.compile(f, backend=b)(q, k, v)
+    assert b.decisions[0].rewritten
+    torch.testing.assert_close(got, f(q, k, v))
+
+
 class Cross(nn.Module):
     def forward(self, q, kv):
         return F.scaled_dot_product_attention(q, kv, kv)

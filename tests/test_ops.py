@@ -159,8 +159,9 @@ def test_cross_attention_dense_and_fp32(impl):
 
 
 def test_autocast_casts_floating_inputs():
-    """Under torch.autocast the op casts q, k, v and a float bias to the autocast dtype (read per call), as
-    autocast does for SDPA; fp64 and bool masks stay as they are; gradients reach the uncast leaves."""
+    """Under torch.autocast the op casts q, k, v to the autocast dtype (read per call), as autocast does for
+    SDPA; a float bias stays fp32 (added in fp32, as hand-written attention adds it), fp64 and bool masks stay as
+    they are; gradients reach the uncast leaves."""
     spec = SiteSpec((_spec("sliding_window", {"window": 4}, None, 0, 0, 0),)).to_json()
     q, k = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(2))
     v = torch.randn(1, 2, 33, 16, dtype=torch.bfloat16, requires_grad=True)
@@ -169,7 +170,7 @@ def test_autocast_casts_floating_inputs():
     for dt in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", dtype=dt):
             out, lse = torch.ops.locattn.attention(q, k, v, mask, bias, 0.2, False, spec, "reference")
-        want, _ = torch.ops.locattn.attention(q.to(dt), k.to(dt), v.to(dt), mask, bias.to(dt), 0.2, False, spec,
+        want, _ = torch.ops.locattn.attention(q.to(dt), k.to(dt), v.to(dt), mask, bias, 0.2, False, spec,
                                               "reference")
         assert out.dtype == dt and torch.equal(out, want)
         grads = torch.autograd.grad(out.float().sum(), (q, k, v, bias))

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, example, module_path, static_int
+from .sites import AttentionSite, example, keep_views_valid, module_path, static_int
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
@@ -135,6 +135,7 @@ def _make_replace(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, rank: 
                 out = g.call_method("squeeze", (out, 1))
             elif rank > 4:
                 out = g.call_function(_unfold_leading, (out, site.q))
+            out = keep_views_valid(g, node, out)
         node.replace_all_uses_with(out)
         g.erase_node(node)
 

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, example, module_path, static_int
+from .sites import AttentionSite, example, keep_views_valid, module_path, static_int
 
 #: a fill value at or below this (after the factors applied later) blocks the key: exp() of it is 0
 MASK_FILL_MAX = -1e4
@@ -765,11 +765,13 @@ def _group(F_: tuple[int, ...], C: tuple[int, ...]):
     return groups
 
 
-def _convert_steps(src: tuple[int, ...], F_: tuple[int, ...], C: tuple[int, ...], allow: set[int]):
+def _convert_steps(src: tuple[int, ...], F_: tuple[int, ...], C: tuple[int, ...], allow: set[int],
+                   full_rank: bool = False):
     """Steps taking a tensor of shape ``src`` (broadcastable to frame ``[*F_, X, Y]``) to ``[*C, X', Y']``.
 
-    Dims of ``C`` in ``allow`` may stay 1 (broadcast); others are expanded to full size.
-    Returns ``(steps, final_shape)``.
+    Dims of ``C`` in ``allow`` may stay 1 (broadcast); others are expanded to full size. A tensor of lower rank
+    that already broadcasts is left at its rank (masks, biases) unless ``full_rank`` (the op's 4-D q / k / v:
+    leading size-1 dims are inserted). Returns ``(steps, final_shape)``.
     """
     r = len(F_) + 2
     if len(src) > r:
@@ -796,7 +798,7 @@ def _convert_steps(src: tuple[int, ...], F_: tuple[int, ...], C: tuple[int, ...]
         steps.append(("method", "expand", *exp, *last2))
         cur = tuple(exp) + last2
     final = tuple(out) + last2
-    if final == cur or (len(cur) < len(final) and final == _pad(cur, len(final))):
+    if final == cur or (not full_rank and len(cur) < len(final) and final == _pad(cur, len(final))):
         return steps, final if final == cur else _pad(cur, len(final))   # broadcasts as it is
     ins = _inserted_ones(cur, final)
     if ins is not None:
@@ -895,7 +897,7 @@ def _operand_recipe(op: _Operand, w: _Walk, F_, C, allow: set[int]) -> tuple[_Re
     cur = tuple(top_shape[p] for p in w.perm) if top_shape is not None else ()
     if cur != tuple(op.aligned):
         steps.append(("method", "reshape", *op.aligned))
-    conv, final = _convert_steps(tuple(op.aligned), tuple(F_), tuple(C), allow)
+    conv, final = _convert_steps(tuple(op.aligned), tuple(F_), tuple(C), allow, full_rank=True)
     return _Recipe(base, steps + conv, final), factor
 
 
@@ -1182,6 +1184,7 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
                 out = g.call_method("permute", (out, *vcon.out_perm))
             if o_dtype is not None and o_dtype != _dtype(con.a.node):
                 out = g.call_method("to", (out, o_dtype))
+            out = keep_views_valid(g, out_node, out)
         out_node.replace_all_uses_with(out)
         alias[out_node] = out
         _erase_unused(g, chain)

@@ -49,6 +49,18 @@ def example(node: Any) -> Any:
     return node
 
 
+def keep_views_valid(g: fx.Graph, old: fx.Node, out: fx.Node) -> fx.Node:
+    """``out`` (the op's output, in SDPA's ``[B, Sq, H, Dv]`` memory layout) made contiguous when the node it
+    replaces was contiguous (CPU SDPA, a hand-written ``p @ v``) and a user calls ``.view`` on it: a view that
+    merges the head and sequence axes is valid only on the contiguous tensor (a copy, only in such graphs)."""
+    viewed = any((u.op == "call_method" and u.target in ("view", "view_as")) or
+                 (u.op == "call_function" and u.target is torch.Tensor.view) for u in old.users)
+    ev = example(old)
+    if viewed and isinstance(ev, torch.Tensor) and ev.is_contiguous():
+        return g.call_method("contiguous", (out,))
+    return out
+
+
 def static_int(x) -> int | None:
     """``x`` as a Python int if it is static (or a SymInt with a hint we may use for reporting), else None."""
     if isinstance(x, int):
