@@ -308,6 +308,35 @@ def test_view_of_the_attention_output(form):
     torch.testing.assert_close(got, f(q, k, v))
 
 
+def test_attention_inside_activation_checkpointing():
+    """torch.utils.checkpoint regions are subgraphs of their own (a higher-order op): their sites are found and
+    rewritten too (they were invisible: the policy silently stayed dense), and the model with checkpointing
+    equals the one without, forward and backward (the backward recomputes the rewritten op)."""
+    import torch.utils.checkpoint as ckpt
+
+    class Ckpt(Net):
+        def forward(self, x, mask=None):
+            for blk in self.blocks:
+                x = x + ckpt.checkpoint(blk, x, use_reentrant=False)
+            return x
+
+    pol = {"rule": [{"match": "*", "pattern": "sliding_window", "window": 4}]}
+    plain, wrapped = Net(), Ckpt()
+    wrapped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 40, 32)
+    res = []
+    for model in (plain, wrapped):
+        locattn.reset_counters()
+        xc = x.clone().requires_grad_()
+        y = _compile(model, pol)(xc)
+        y.pow(2).mean().backward()
+        assert locattn.counters()["rewrite"] == {"sdpa": 2}
+        res.append([y, xc.grad] + [p.grad for p in model.parameters()])
+        torch._dynamo.reset()
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 class Cross(nn.Module):
     def forward(self, q, kv):
         return F.scaled_dot_product_attention(q, kv, kv)

@@ -211,7 +211,26 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
     if decisions:
         gm.graph.lint()
         gm.recompile()
+    for body in _checkpoint_bodies(gm):  # attention inside activation checkpointing: its own subgraph
+        decisions += rewrite_graph(body, policy, backend, graph_id)
     return decisions
+
+
+_CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+
+
+def _checkpoint_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The subgraphs of ``torch.utils.checkpoint`` regions in ``gm`` (Dynamo keeps each as a
+    ``tag_activation_checkpoint`` higher-order op over a ``get_attr`` GraphModule; recomputation in the backward
+    reruns the body, the rewritten op included)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _CHECKPOINT is not None and node.target is _CHECKPOINT \
+                and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+            body = getattr(gm, node.args[0].target, None)
+            if isinstance(body, fx.GraphModule):
+                out.append(body)
+    return out
 
 
 def warn_unmatched(policy: Policy, decisions: list[Decision]) -> None:
