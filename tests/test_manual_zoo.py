@@ -433,6 +433,16 @@ class SoftCapTanh(Heads):
         return self.merge(a.softmax(-1) @ v)
 
 
+class LearnedTemperature(Heads):
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        return self.merge((q @ k.transpose(-1, -2) * self.temperature).softmax(-1) @ v)
+
+
 class TrainingDropout(Heads):
     def forward(self, x):
         q, k, v = self.split(x)
@@ -553,6 +563,7 @@ POSITIVE = [
 NEGATIVE = [
     ("returns-weights", ReturnsWeights, lambda: (_x(),), 1, "also used"),
     ("tanh-softcap", SoftCapTanh, lambda: (_x(),), 1, "tanh"),
+    ("learned-temperature", LearnedTemperature, lambda: (_x(),), 1, "non-constant scale"),
     ("dropout-training", TrainingDropout, lambda: (_x(),), 1, "training"),
     ("head-mask-after-softmax", HeadMaskAfterSoftmax, lambda: (_x(), torch.rand(1, HEADS, 1, 1)), 1, "mul"),
     ("classifier-head", ClassifierHead, lambda: (_x(),), 0, ""),

@@ -590,6 +590,9 @@ class _Matcher:
             s = self._with_mask(s, n, cond, fill, keep_if_true=keep, frame=sh)
             s.nodes.append(n)
             return s
+        if _is_fn(n, {operator.mul, operator.truediv, torch.mul, torch.div}) or _is_method(n, {"mul", "div"}):
+            raise _Reject(f"`{_opname(n)}` by a tensor on the scores: a non-constant scale (a learned "
+                          "temperature, a buffer or a computed tensor) is not rewritten")
         raise _Reject(f"`{_opname(n)}` between the scores and the softmax is not affine")
 
     def _add(self, n: fx.Node, is_sub: bool, depth: int) -> _Scores:
