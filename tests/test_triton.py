@@ -726,21 +726,10 @@ def test_gpu_autocast_runs_the_kernels():
     """Under torch.autocast("cuda", bf16) a site whose q / k come out of an fp32 norm (v bf16) reaches the
     Triton kernels in bf16, forward and backward, and equals eager autocast."""
     import locattn
-
-    class Normed(nn.Module):
-        def __init__(self, d=64, heads=4):
-            super().__init__()
-            self.h, self.dh = heads, d // heads
-            self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-        def forward(self, x):
-            b, s, d = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
-            q, k = F.layer_norm(q.float(), (self.dh,)), F.layer_norm(k.float(), (self.dh,))
-            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d))
+    from test_backend import NormedQK  # tests/ is on sys.path (pytest's rootdir insertion, as for golden)
 
     torch.manual_seed(0)
-    model = Normed().to(DEVICE)
+    model = NormedQK(d=64, heads=4).to(DEVICE)
     x = torch.randn(2, 35, 64, device=DEVICE, requires_grad=True)
     res = {}
     for name in ("eager", "compiled"):
