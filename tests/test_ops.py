@@ -261,7 +261,8 @@ def test_auto_dispatch_of_causal_nonpositive_scale():
         assert locattn.counters()["dispatch"]["skip cpu: causal with scale <= 0 (ATen's CPU flash kernel returns NaN " \
             "rows)"] == 1
         want, want_lse = torch.ops.locattn.attention(q, k, v, None, None, scale, True, spec, "reference")
-        torch.testing.assert_close(out, want) and torch.testing.assert_close(lse, want_lse)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(lse, want_lse)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cpu"])
