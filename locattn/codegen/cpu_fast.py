@@ -484,7 +484,7 @@ class CpuFast(Implementation):
                 return False, "mask/bias not on cpu"
         if call.mask is not None and call.mask.dtype != torch.bool:
             return False, "site mask is not bool"
-        if min(call.q.shape[-2], call.k.shape[-2], call.q.shape[0], call.q.shape[1]) == 0:
+        if call.empty:
             return False, "empty tensor"
         if call.is_causal and call.scale <= 0 and not call.pattern.local:
             return False, "causal with scale <= 0 (ATen's CPU flash kernel returns NaN rows)"

@@ -43,6 +43,11 @@ class AttentionCall:
     pattern: Pattern
     layout: Layout
 
+    @property
+    def empty(self) -> bool:
+        """No batch, head, query or key: nothing to compute (implementations with kernels decline it)."""
+        return min(self.q.shape[0], self.q.shape[1], self.q.shape[-2], self.k.shape[-2]) == 0
+
 
 #: A site bias value below this masks its key, like -inf: -2**14. Below it an fp32 logsumexp keeps fewer than 10
 #: fractional bits, so a row whose every score lay there would be normalised ~1e-3 off by the lse-based backward

@@ -542,7 +542,7 @@ class Triton(Implementation):
         for name, t in (("mask", call.mask), ("bias", call.bias)):
             if t is not None and t.device != q.device:
                 return False, f"site {name} on {t.device}, q on {q.device}"
-        if min(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]) == 0:
+        if call.empty:
             return False, "empty tensor"
         # device first: on CPU without the interpreter, never pay for importing triton
         if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -74,10 +74,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .registry import BIAS_MASK_BELOW as _BIAS_MASK_BELOW
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units (exp2)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-#: the op's ``registry.BIAS_MASK_BELOW``: a site bias below it masks its key
-BIAS_MASK_BELOW: tl.constexpr = tl.constexpr(-16384.0)
+#: a site bias below it masks its key (the op's rule)
+BIAS_MASK_BELOW: tl.constexpr = tl.constexpr(_BIAS_MASK_BELOW)
 
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
