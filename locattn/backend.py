@@ -5,6 +5,8 @@ entry point to :func:`locattn_backend`. Options:
 
 * ``policy``: a path, a dict or a :class:`locattn.Policy` (else ``$LOCATTN_POLICY``, else all-dense),
 * ``backend``: implementation override for every site (``"reference"``, ``"blocked"``, ...),
+* ``timestep_arg``: the model input holding the diffusion timestep for ``timesteps`` rules (default
+  ``"timestep"``, diffusers' name),
 * any other key is an Inductor config patch, passed to ``compile_fx``.
 
 ``locattn.backend(policy=...)`` returns a :class:`LocattnBackend` object for users who prefer objects; it
@@ -22,16 +24,17 @@ from . import ops  # noqa: F401  (registers torch.ops.locattn)
 from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
 from .policy import Policy
 
-OUR_OPTIONS = {"policy", "backend"}
+OUR_OPTIONS = {"policy", "backend", "timestep_arg"}
 
 
 class LocattnBackend:
     """A torch.compile backend: rewrite attention sites per ``policy``, then Inductor (or eager)."""
 
     def __init__(self, policy: Any = None, backend: str = "", inductor: bool = True,
-                 inductor_config: dict | None = None):
+                 inductor_config: dict | None = None, timestep_arg: str = "timestep"):
         self.policy = Policy.coerce(policy)
         self.backend = backend
+        self.timestep_arg = timestep_arg
         self.inductor = inductor
         self.inductor_config = dict(inductor_config or {})
         self.decisions: list[Decision] = []
@@ -40,7 +43,7 @@ class LocattnBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
         graph_id = self._graphs
         self._graphs += 1
-        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id)
+        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg)
         self.decisions.extend(decisions)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
@@ -57,16 +60,19 @@ class LocattnBackend:
         return f"LocattnBackend(policy={self.policy.source!r}, fingerprint={self.policy.fingerprint()})"
 
 
-def backend(policy: Any = None, backend: str = "", inductor: bool = True, **inductor_config) -> LocattnBackend:
+def backend(policy: Any = None, backend: str = "", inductor: bool = True, timestep_arg: str = "timestep",
+            **inductor_config) -> LocattnBackend:
     """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``."""
-    return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config)
+    return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config,
+                          timestep_arg=timestep_arg)
 
 
 def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Entry point of ``backend="locattn"``. Reads the policy afresh at every compile."""
     options = dict(options or {})
     ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
-    b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options)
+    b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options,
+                       timestep_arg=ours.get("timestep_arg", "timestep"))
     compiled = b(gm, example_inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("default")

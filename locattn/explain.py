@@ -29,6 +29,14 @@ def _fmt_flops(f: float) -> str:
     return f"{f:.0f}"
 
 
+def phase_groups(d: Decision) -> list[tuple[str, Decision]]:
+    """A timestep-dependent site's phases, those with the same decision merged: ``[(labels, decision)]``."""
+    groups: dict[tuple[str, str], tuple[list[str], Decision]] = {}
+    for label, pd in d.phases:
+        groups.setdefault((pd.spec.to_json(), pd.backend), ([], pd))[0].append(label)
+    return [(" or ".join(labels), pd) for labels, pd in groups.values()]
+
+
 @dataclass
 class Report:
     decisions: list[Decision]
@@ -58,7 +66,9 @@ class Report:
                 "mask": s.mask_desc,
                 "gqa": s.heads != s.kv_heads,
                 "rewritten": d.rewritten,
-                "pattern": d.spec.describe() if d.spec is not None else None,
+                "pattern": (d.spec.describe() if d.spec is not None else
+                            " | ".join(f"{lab}: {pd.spec.describe()}" for lab, pd in phase_groups(d)) if d.phases
+                            else None),
                 "spec": json.loads(d.spec.to_json()) if d.spec is not None else None,
                 "backend": d.backend or "auto",
                 "rules": list(d.rules),
@@ -71,6 +81,10 @@ class Report:
                 "notes": list(d.notes),
                 "replaced": list(s.replaced),
                 "token_grid": getattr(s, "token_grid_desc", None),
+                "phases": [{"timesteps": lab, "pattern": pd.spec.describe(), "spec": json.loads(pd.spec.to_json()),
+                            "backend": pd.backend or "auto", "rules": list(pd.rules), "density": pd.density,
+                            "blocks_full": pd.blocks_full, "blocks_partial": pd.blocks_partial}
+                           for lab, pd in d.phases],
             })
         return out
 
@@ -82,7 +96,12 @@ class Report:
         head = ["#", "path", "form", "q", "k", "mask", "pattern", "density", "blocks f/p", "FLOPs dense->ours"]
         table = []
         for r in rows:
-            if r["rewritten"]:
+            if r["rewritten"] and r["phases"]:   # one density per distinct phase decision, in the pattern's order
+                pat = r["pattern"]
+                dens = "|".join(f"{pd.density:.3f}" for _, pd in phase_groups(self.decisions[r["index"]]))
+                blocks = f"{r['blocks_full']}/{r['blocks_partial']}"
+                flops = f"{_fmt_flops(r['attn_flops_dense'])}->{_fmt_flops(r['attn_flops'])}"
+            elif r["rewritten"]:
                 pat = r["pattern"]
                 dens = f"{r['density']:.3f}" if r["density"] is not None else "?"
                 blocks = f"{r['blocks_full']}/{r['blocks_partial']}"
@@ -108,20 +127,21 @@ class Report:
         dense = sum(r["attn_flops_dense"] for r in rows)
         ours = sum(r["attn_flops"] for r in rows)
         if dense:
+            most = " (timestep-dependent sites counted at their densest phase)" if any(r["phases"] for r in rows) else ""
             lines.append(f"attention FLOPs: dense {_fmt_flops(dense)}, with this policy {_fmt_flops(ours)} "
-                         f"({ours / dense:.1%})")
+                         f"({ours / dense:.1%}){most}")
         return "\n".join(lines)
 
 
 def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: str = "", dynamic: bool | None = None,
-            inductor: bool = False, **kwargs) -> Report:
+            inductor: bool = False, timestep_arg: str = "timestep", **kwargs) -> Report:
     """Compile ``model`` with the locattn backend, run it once on ``args``/``kwargs`` and report every site.
 
     Resets Dynamo's caches first (so the model is traced afresh). With ``inductor=False`` (default) the
     rewritten graphs run eagerly, which is enough to see every decision and much faster.
     """
     torch._dynamo.reset()
-    b = LocattnBackend(policy, backend=backend, inductor=inductor)
+    b = LocattnBackend(policy, backend=backend, inductor=inductor, timestep_arg=timestep_arg)
     compiled = torch.compile(model, backend=b, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)

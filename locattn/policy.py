@@ -13,7 +13,9 @@ Format (TOML, version 1)::
 
 Rule keys: ``match`` (str or list), ``pattern`` and the pattern's parameters, ``grid`` (list of ints or
 ``"auto"``), ``globals`` (``{prefix = N}``, ``{suffix = N}`` or ``"auto"``), ``sinks``, ``heads`` (list of
-ints or ``"0-3,6"``), ``skip = true`` (leave the site untouched), ``backend``.
+ints or ``"0-3,6"``), ``skip = true`` (leave the site untouched), ``backend``, ``timesteps = [lo, hi]`` (the rule
+applies only to model calls whose diffusion timestep lies in that inclusive range, see
+:mod:`locattn.passes.phases`).
 
 Per head: rules with ``heads`` take those heads of a matching site; heads no rule took fall to the next
 matching rule, then to ``[default]``. Everything is validated when loaded; errors name the file, line, rule
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import math
 import os
 import re
 import tomllib
@@ -38,7 +41,7 @@ POLICY_VERSION = 1
 #: the global options
 TOP_KEYS = {"version", "backend", "default", "rule"}
 #: keys a rule may carry besides its pattern's parameters
-RULE_KEYS = {"match", "pattern", "grid", "globals", "sinks", "heads", "skip", "backend"}
+RULE_KEYS = {"match", "pattern", "grid", "globals", "sinks", "heads", "skip", "backend", "timesteps"}
 
 
 class PolicyError(ValueError):
@@ -68,6 +71,7 @@ class Rule:
     globals: Globals | Auto | None = None
     sinks: int = 0
     backend: str = ""
+    timesteps: tuple[int | float, int | float] | None = None  # inclusive [lo, hi] of the model's timestep
     index: int = -1                    # position in the file; -1 for [default]
     line: int = dataclasses.field(default=0, compare=False)  # 1-based line of the rule header (0: unknown)
 
@@ -105,7 +109,13 @@ class Rule:
             d["sinks"] = self.sinks
         if self.backend:
             d["backend"] = self.backend
+        if self.timesteps is not None:
+            d["timesteps"] = list(self.timesteps)
         return d
+
+    def active_at(self, t: float) -> bool:
+        """Whether the rule applies to a model call at timestep ``t`` (always, without ``timesteps``)."""
+        return self.timesteps is None or self.timesteps[0] <= t <= self.timesteps[1]
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,11 @@ class Policy:
 
     def to_toml(self) -> str:
         return _dump_toml(self.to_dict())
+
+    @property
+    def timestep_rules(self) -> tuple[Rule, ...]:
+        """The rules that carry ``timesteps``."""
+        return tuple(r for r in self.rules if r.timesteps is not None)
 
     def fingerprint(self) -> str:
         """Content hash (part of every cache key derived from this policy)."""
@@ -310,6 +325,7 @@ def _parse_rule(d: Any, index: int, source: str, line: int) -> Rule:
         else:
             raise err("globals", f"expected {{prefix = N}}, {{suffix = N}} or \"auto\", got {glob!r}")
     sinks = _check_int(d.get("sinks", 0), "sinks", 0, err)
+    timesteps = _parse_timesteps(d["timesteps"], index, skip, err) if "timesteps" in d else None
     backend = d.get("backend", "")
     if not isinstance(backend, str):
         raise err("backend", f"expected a string, got {backend!r}")
@@ -326,7 +342,22 @@ def _parse_rule(d: Any, index: int, source: str, line: int) -> Rule:
         raise err("grid" if grid is not None else "globals" if glob is not None else "sinks",
                   "the dense pattern takes no grid, globals or sinks")
     return Rule(match=match, pattern=pattern, skip=skip, heads=heads, grid=grid, globals=glob, sinks=sinks,
-                backend=backend, index=index, line=line)
+                backend=backend, timesteps=timesteps, index=index, line=line)
+
+
+def _parse_timesteps(v, index: int, skip: bool, err) -> tuple[int | float, int | float]:
+    """``[lo, hi]``: two finite numbers, lo <= hi, in the units of the model's ``timestep`` input."""
+    if index < 0:
+        raise err("timesteps", "[default] applies outside every range; give 'timesteps' to a [[rule]]")
+    if skip:
+        raise err("timesteps", "skip = true applies to every call; use pattern = \"dense\" for a range of timesteps")
+    ok = isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not ok:
+        raise err("timesteps", f"expected [lo, hi], two finite numbers (the model's timestep units), got {v!r}")
+    if v[0] > v[1]:
+        raise err("timesteps", f"empty range [{v[0]}, {v[1]}]: lo must be <= hi")
+    return (v[0], v[1])
 
 
 def _parse_param(v, typ, per_axis, minimum, key, err):
@@ -347,20 +378,21 @@ def _parse_param(v, typ, per_axis, minimum, key, err):
 
 
 def _check_head_overlap(rules: tuple[Rule, ...], source: str) -> None:
-    seen: dict[tuple[str, ...], list[tuple[int, set[int]]]] = {}
+    # rules for different timestep ranges may give the same heads of the same sites different patterns
+    seen: dict[tuple, list[tuple[int, set[int]]]] = {}
     for r in rules:
         if r.heads is None:
             continue
-        for i, hs in seen.get(r.match, []):
+        for i, hs in seen.get((r.match, r.timesteps), []):
             both = hs & set(r.heads)
             if both:
                 raise PolicyError(f"{r.where(source)}: key 'heads': heads {sorted(both)} are already taken by "
                                   f"rule #{i} with the same match")
-        seen.setdefault(r.match, []).append((r.index, set(r.heads)))
+        seen.setdefault((r.match, r.timesteps), []).append((r.index, set(r.heads)))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# a minimal TOML writer for policy dicts (strings, ints, bools, lists of scalars, inline/array tables)
+# a minimal TOML writer for policy dicts (strings, ints, floats, bools, lists of scalars, inline/array tables)
 
 
 def _toml_value(v) -> str:
@@ -368,6 +400,8 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
+    if isinstance(v, float):
+        return repr(v)  # finite (validated): Python's repr is valid TOML and round-trips exactly
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):

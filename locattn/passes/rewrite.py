@@ -14,14 +14,16 @@ import torch
 import torch.fx as fx
 
 from ..counters import bump, log
+from ..ops_phased import phased_specs  # (and registers torch.ops.locattn.attention_phased)
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, PatternError
 from ..patterns.plan import build_plan, count_pairs
-from ..patterns.spec import HeadGroup, SiteSpec
+from ..patterns.spec import DENSE_SPEC, HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
 from .match_manual import find_manual_sites
+from .phases import Phases, find_timestep_input, insert_phase_node, timestep_error
 from .sites import AttentionSite
 
 
@@ -47,6 +49,8 @@ class Decision:
     blocks_full: int = 0
     blocks_partial: int = 0
     notes: list[str] = field(default_factory=list)
+    #: timestep-dependent sites: ``(phase label, decision in that phase)`` for every phase, in phase order
+    phases: tuple[tuple[str, "Decision"], ...] = ()
 
     @property
     def attn_flops_dense(self) -> int:
@@ -155,6 +159,26 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     return d
 
 
+def decide_phased(site: AttentionSite, policy: Policy, phases: Phases, backend: str = "") -> Decision:
+    """The policy's decision for one site in every timestep phase: a plain :class:`Decision` when the phases
+    agree, else one whose ``phases`` hold each phase's decision (a phase where the site is skipped runs the
+    exact dense pattern inside the phased op)."""
+    per = [decide(site, phases.policy_for(policy, k), backend) for k in range(phases.count)]
+    key = [(d.rewritten, d.spec.to_json() if d.spec is not None else d.reason, d.backend) for d in per]
+    if len(set(key)) == 1:
+        return per[0]
+    for k, d in enumerate(per):
+        if not d.rewritten:  # only a skip rule differs between phases (a site blocker applies to all)
+            per[k] = Decision(site, True, spec=DENSE_SPEC, backend=d.backend or backend or policy.backend,
+                              rules=d.rules, notes=[f"{d.reason}: runs dense in this phase"])
+            _measure(per[k])
+    rules = tuple(dict.fromkeys(r for d in per for r in d.rules))
+    best = max(per, key=lambda d: d.density or 0.0)
+    return Decision(site, True, rules=rules, density=best.density, blocks_full=best.blocks_full,
+                    blocks_partial=best.blocks_partial, notes=[n for d in per for n in d.notes],
+                    phases=tuple((phases.label(k), d) for k, d in enumerate(per)))
+
+
 def _measure(d: Decision, block: int = 64) -> None:
     """Density (pattern & causal, site mask not counted) and visited blocks, averaged over head groups."""
     s = d.site
@@ -185,34 +209,56 @@ def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
     return sites
 
 
-def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0) -> list[Decision]:
-    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions."""
+def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0,
+                  timestep_arg: str = "timestep") -> list[Decision]:
+    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions.
+
+    With ``timesteps`` rules (:mod:`.phases`) the graph input named ``timestep_arg`` gives each call's phase."""
     decisions = []
     sites = find_sites(gm, graph_id)
     if any(r.grid == "auto" or r.globals == "auto" for r in (*policy.rules, policy.default)):
         infer_token_grids(gm, sites)
+    phases = Phases.of(policy) if policy.timestep_rules else None
+    phase_node = None
+    if phases is not None and find_timestep_input(gm, timestep_arg) is None:
+        for site in sites:  # a timestep rule that takes a site needs the input even if the phases agree
+            rule = next((r for r in policy.timestep_rules if r.matches(site.path)), None)
+            if rule is not None and not site.blocker:
+                raise timestep_error(rule, policy, site, gm, timestep_arg)
     for site in sites:
-        d = decide(site, policy, backend)
+        d = decide(site, policy, backend) if phases is None else decide_phased(site, policy, phases, backend)
         decisions.append(d)
         if not d.rewritten:
             bump("fallback", d.reason.split(" (")[0])
             log.info("locattn: site %s (%s) left alone: %s", site.path or "<root>", site.form, d.reason)
             continue
-        spec_json = d.spec.to_json()
         scale = site.effective_scale()
+        if d.phases:
+            if phase_node is None:
+                phase_node = insert_phase_node(gm, find_timestep_input(gm, timestep_arg), phases,
+                                               f"{policy.timestep_rules[0].where(policy.source)}: key 'timesteps'")
+            payload = phased_specs([pd.spec.to_json() for _, pd in d.phases], [pd.backend for _, pd in d.phases])
 
-        def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend):
-            return g.call_function(torch.ops.locattn.attention.default,
-                                   (q, k, v, mask, bias, float(_scale), bool(_site.is_causal), _spec, _be))
+            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _p=payload, _scale=scale, _ph=phase_node):
+                return g.call_function(torch.ops.locattn.attention_phased.default,
+                                       (q, k, v, mask, bias, _ph, float(_scale), bool(_site.is_causal), _p, ""))
+            what = "; ".join(f"{label}: {pd.spec.describe()}" for label, pd in d.phases)
+        else:
+            spec_json = d.spec.to_json()
+
+            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend):
+                return g.call_function(torch.ops.locattn.attention.default,
+                                       (q, k, v, mask, bias, float(_scale), bool(_site.is_causal), _spec, _be))
+            what = d.spec.describe()
 
         site.replace(op_call)
         bump("rewrite", site.form)
-        log.info("locattn: site %s (%s) -> %s", site.path or "<root>", site.form, d.spec.describe())
+        log.info("locattn: site %s (%s) -> %s", site.path or "<root>", site.form, what)
     if decisions:
         gm.graph.lint()
         gm.recompile()
     for body in _checkpoint_bodies(gm):  # attention inside activation checkpointing: its own subgraph
-        decisions += rewrite_graph(body, policy, backend, graph_id)
+        decisions += rewrite_graph(body, policy, backend, graph_id, timestep_arg)
     return decisions
 
 
