@@ -43,7 +43,8 @@ class LocattnBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
         graph_id = self._graphs
         self._graphs += 1
-        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg)
+        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg,
+                                  example_inputs=example_inputs)
         self.decisions.extend(decisions)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx

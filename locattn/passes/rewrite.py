@@ -22,6 +22,7 @@ from ..patterns.spec import DENSE_SPEC, HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
+from .grid_packed import infer_packed_grids
 from .match_manual import find_manual_sites
 from .phases import Phases, find_timestep_input, insert_phase_node, timestep_error
 from .sites import AttentionSite
@@ -100,7 +101,9 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
         inferred = site.token_grid
         if inferred is None:
             raise PolicyError(f"{where}: grid/globals = \"auto\" but no token grid could be inferred for this "
-                              f"site; give 'grid' (and 'globals') explicitly")
+                              f"site; give 'grid' (and 'globals') explicitly: its {site.s_q} tokens are "
+                              f"[prefix][grid, row-major][suffix], e.g. grid = [H, W] (or [T, H, W]) of the "
+                              f"latent after patching and globals = {{prefix = N}} for N text tokens first")
         auto_grid, auto_prefix, auto_suffix = inferred
         if grid == "auto":
             grid = auto_grid
@@ -210,14 +213,16 @@ def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
 
 
 def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0,
-                  timestep_arg: str = "timestep") -> list[Decision]:
+                  timestep_arg: str = "timestep", example_inputs=None) -> list[Decision]:
     """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions.
 
-    With ``timesteps`` rules (:mod:`.phases`) the graph input named ``timestep_arg`` gives each call's phase."""
+    With ``timesteps`` rules (:mod:`.phases`) the graph input named ``timestep_arg`` gives each call's phase.
+    ``example_inputs`` (the compile-time inputs) let ``grid = "auto"`` read positional ids (:mod:`.grid_packed`)."""
     decisions = []
     sites = find_sites(gm, graph_id)
     if any(r.grid == "auto" or r.globals == "auto" for r in (*policy.rules, policy.default)):
         infer_token_grids(gm, sites)
+        infer_packed_grids(gm, sites, example_inputs)
     phases = Phases.of(policy) if policy.timestep_rules else None
     phase_node = None
     if phases is not None and find_timestep_input(gm, timestep_arg) is None:
