@@ -47,11 +47,14 @@ def test_grid_inference_on_diffusers(name):
 
 
 @pytest.mark.models
-def test_flux_auto_grid_asks_for_an_explicit_grid():
+def test_flux_auto_grid_comes_from_img_ids():
+    """FLUX packs its latents before the model: the grid comes from img_ids (passes/grid_packed.py, whose tests
+    cover the packed-latent models)."""
     model, inputs = _diffusers_case("FLUX")
-    with pytest.raises(Exception, match=r"no token grid could be inferred for this site; give 'grid'"):
-        with torch.no_grad():
-            torch.compile(model, backend=locattn.backend(auto(2), inductor=False))(**inputs)
+    b = locattn.backend(auto(2), inductor=False)
+    with torch.no_grad():
+        torch.compile(model, backend=b)(**inputs)
+    assert [d.site.token_grid for d in b.decisions] == [((8, 8), 7, 0)] * 2
 
 
 @pytest.mark.models
