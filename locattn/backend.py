@@ -68,9 +68,16 @@ def backend(policy: Any = None, backend: str = "", inductor: bool = True, timest
                           timestep_arg=timestep_arg)
 
 
-def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
-    """Entry point of ``backend="locattn"``. Reads the policy afresh at every compile."""
+def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None,
+                    **kwargs):
+    """Entry point of ``backend="locattn"``. Reads the policy afresh at every compile. ``torch.compile``'s
+    ``mode`` (which it does not allow together with ``options``; the policy then comes from
+    ``$LOCATTN_POLICY``) becomes Inductor's settings for that mode, e.g. "reduce-overhead" -> CUDA graphs."""
     options = dict(options or {})
+    if mode:
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), **options}
     ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
     b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options,
                        timestep_arg=ours.get("timestep_arg", "timestep"))

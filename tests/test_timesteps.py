@@ -258,21 +258,43 @@ def test_explain_lists_each_sites_phases():
         "neighborhood", "sliding_window", "neighborhood", "dense", "neighborhood"]
 
 
+def _schedule_file(tmp_path) -> str:
+    path = tmp_path / "schedule.toml"
+    path.write_text(Policy.from_dict(SCHEDULE).to_toml())
+    return str(path)
+
+
+def test_mode_reduce_overhead_reaches_inductor(monkeypatch, tmp_path):
+    """torch.compile(mode=...) cannot be combined with options=: the policy comes from $LOCATTN_POLICY and the
+    mode becomes Inductor's settings (reduce-overhead: CUDA graphs), not silently dropped."""
+    monkeypatch.setenv("LOCATTN_POLICY", _schedule_file(tmp_path))
+    seen = []
+
+    def record(self, gm, example_inputs, **kw):
+        seen.append(dict(self.inductor_config))
+        return gm.forward
+
+    monkeypatch.setattr(locattn.LocattnBackend, "__call__", record)
+    torch.compile(TinyDenoiser().eval(), backend="locattn", mode="reduce-overhead")(torch.randn(1, 42, 32),
+                                                                                    torch.tensor([1.0]))
+    assert seen == [{"triton.cudagraphs": True}]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_schedule_under_cuda_graphs():
-    """``triton.cudagraphs`` (what mode="reduce-overhead" turns on): the phased ops run outside the recorded
-    graphs (Inductor partitions around them), so every replay takes its own call's phase."""
+def test_schedule_under_cuda_graphs(monkeypatch, tmp_path):
+    """mode="reduce-overhead" (CUDA graphs): the phased ops run outside the recorded graphs (Inductor partitions
+    around them), so every replay takes its own call's phase; no recompile on switching phase."""
+    monkeypatch.setenv("LOCATTN_POLICY", _schedule_file(tmp_path))
     torch.manual_seed(0)
     model = TinyDenoiser().cuda().eval()
     x = torch.randn(2, 42, 32, device="cuda")
-    be = locattn.backend(SCHEDULE, **{"triton.cudagraphs": True})
-    compiled = torch.compile(model, backend=be)
+    compiled = torch.compile(model, backend="locattn", mode="reduce-overhead")
     steps = torch.linspace(999, 0, 20).round().tolist()
     with torch.no_grad():
         for _ in range(3):   # warm-up and recording
             compiled(x, torch.full((2,), 999.0, device="cuda"))
         before = _compiles()
         outs = [compiled(x, torch.full((2,), t, device="cuda")).clone() for t in steps]
-        assert _compiles() == before and be._graphs == 1
+        assert _compiles() == before
         for t, out, ref in zip(steps, outs, _references(model, x, steps)):
             torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3, msg=f"t={t}")
