@@ -59,6 +59,13 @@ BAD = [
     ("dense with grid", 'pattern = "dense"\ngrid = [4, 4]', r"the dense pattern takes no grid"),
     ("skip with heads", 'skip = true\nheads = [0]', r"skip = true applies to whole sites"),
     ("missing pattern", 'window = 3', r"key 'pattern': missing"),
+    ("timesteps not a pair", 'pattern = "dense"\ntimesteps = [800]', r":6: rule #0 \(match=\['a'\]\): key 'timesteps': "
+     r"expected \[lo, hi\], two finite numbers"),
+    ("timesteps strings", 'pattern = "dense"\ntimesteps = ["a", "b"]', r"key 'timesteps': expected \[lo, hi\]"),
+    ("timesteps bool", 'pattern = "dense"\ntimesteps = [true, 3]', r"key 'timesteps': expected \[lo, hi\]"),
+    ("timesteps empty", 'pattern = "dense"\ntimesteps = [900, 800]', r"key 'timesteps': empty range \[900, 800\]"),
+    ("timesteps infinite", 'pattern = "dense"\ntimesteps = [0, inf]', r"key 'timesteps': expected \[lo, hi\]"),
+    ("timesteps with skip", 'skip = true\ntimesteps = [0, 1]', r"key 'timesteps': skip = true applies to every call"),
 ]
 
 
