@@ -56,7 +56,7 @@ _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torc
 _IDENTITY_FUNCS = {torch.nn.functional.dropout}
 _MERGE_METHODS = {"view", "reshape", "flatten"}
 _MERGE_FUNCS = {torch.reshape, torch.flatten}
-MAX_EVAL_NUMEL = 1 << 24        # positions evaluated per source (int64): 128 MiB at most
+MAX_EVAL_NUMEL = 1 << 23        # positions evaluated per source (int64): 64 MiB at most
 MAX_CHAIN = 64                  # nodes followed from one source
 
 
