@@ -5,9 +5,10 @@ no downloads), its transformer compiled with one line and a policy that keeps th
                                      options={"policy": "examples/policies/pixart.toml"})
 
 Prints the explain table (each site's phases), the time per denoising step against ``torch.compile`` default
-(dense phase and sparse phase apart), Dynamo compiles after the warm-up call (0: switching phase does not
-recompile) and the image's difference from the ``torch.compile`` default pipeline (random weights: the number
-says how far the local pattern moves this model's output, not image quality).
+(dense phase and sparse phase apart; the two variants' timed runs alternate), Dynamo compiles after the warm-up
+calls (0: switching phase does not recompile) and the image's difference from the ``torch.compile`` default
+pipeline (random weights: the number says how far the local pattern moves this model's output, not image
+quality).
 
     python examples/diffusers_pipeline.py                 # 1024x1024 (64x64 tokens), 20 steps
     python examples/diffusers_pipeline.py --quick         # 384x384, 5 steps: what the test suite runs
@@ -119,25 +120,42 @@ def compiles() -> int:
     return torch._dynamo.utils.counters["frames"]["total"]
 
 
-def run_variant(pipe, transformer, args, name: str):
-    """``pipe.transformer`` = ``transformer`` compiled as ``name``; a 1-step warm-up call compiles it, then the
-    timed ``--steps`` run (which crosses from the dense into the sparse phase)."""
+def run_variants(pipe, transformer, args) -> tuple[dict, dict]:
+    """Both variants compiled side by side (``torch.compile`` default and locattn with the policy), each warmed
+    up by a 1-step call (its compile), then ``--repeats`` rounds of one timed ``--steps`` run per variant,
+    alternating (so machine-load drift hits both alike). Dynamo keeps one cache entry per backend: switching
+    variant or phase must not compile again. Returns (outputs, results) per variant."""
     torch._dynamo.reset()
-    locattn.reset_counters()
-    if name == "inductor":
-        pipe.transformer = torch.compile(transformer)
-    else:  # the one line this example is about
-        pipe.transformer = torch.compile(transformer, backend="locattn", options={"policy": args.policy})
-    t0 = time.perf_counter()
-    generate(pipe, args, 1)
-    warm = time.perf_counter() - t0
+    compiled = {"inductor": torch.compile(transformer),
+                # the one line this example is about:
+                "locattn": torch.compile(transformer, backend="locattn", options={"policy": args.policy})}
+    results = {name: {"step_s": [], "total_s": [], "counters": {}} for name in compiled}
+    outputs = {}
+    for name, module in compiled.items():
+        pipe.transformer = module
+        t0 = time.perf_counter()
+        generate(pipe, args, 1)
+        results[name]["warmup_s"] = time.perf_counter() - t0
     before = compiles()
-    t0 = time.perf_counter()
-    latents, image, steps = generate(pipe, args, args.steps)
-    total = time.perf_counter() - t0
+    for _ in range(args.repeats):
+        for name, module in compiled.items():
+            pipe.transformer = module
+            locattn.reset_counters()
+            t0 = time.perf_counter()
+            latents, image, steps = generate(pipe, args, args.steps)
+            results[name]["total_s"].append(time.perf_counter() - t0)
+            results[name]["step_s"] += steps
+            for k, v in locattn.counters().items():
+                acc = results[name]["counters"].setdefault(k, {})
+                for kk, n in v.items():
+                    acc[kk] = acc.get(kk, 0) + n
+            outputs[name] = (latents, image)
+    after = compiles()
     pipe.transformer = transformer
-    return (latents, image), {"warmup_s": warm, "total_s": total, "recompiles_after_warmup": compiles() - before,
-                   "step_s": steps, "counters": {k: dict(v) for k, v in locattn.counters().items()}}
+    for r in results.values():
+        r["compiles_after_warmup"] = after - before
+        r["total_s"] = statistics.median(r["total_s"])
+    return outputs, results
 
 
 def _median(xs):
@@ -160,10 +178,11 @@ def main(argv=None):
     ap.add_argument("--policy", default=POLICY)
     ap.add_argument("--prompt", default="a photo of a red fox in the sea")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant, alternating (--quick: 1)")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/out/diffusers_pipeline[_quick].json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.size, args.steps, args.layers, args.heads, args.head_dim = 384, 5, 1, 2, 32
+        args.size, args.steps, args.layers, args.heads, args.head_dim, args.repeats = 384, 5, 1, 2, 32, 1
 
     load0 = os.getloadavg()
     pipe = build_pipeline(args.size, args.layers, args.heads, args.head_dim, args.text_len, args.seed)
@@ -176,9 +195,7 @@ def main(argv=None):
     report = locattn.explain(transformer, **transformer_inputs(pipe, args), policy=args.policy)
     print(report)
 
-    results, images = {}, {}
-    for name in ("inductor", "locattn"):
-        images[name], results[name] = run_variant(pipe, transformer, args, name)
+    images, results = run_variants(pipe, transformer, args)
 
     (lat_l, img_l), (lat_i, img_i) = images["locattn"], images["inductor"]
     diff = (img_l.double() - img_i.double()).abs()
@@ -188,13 +205,15 @@ def main(argv=None):
                   "latents_rel_l2": float((lat_l - lat_i).double().norm() / lat_i.double().norm())}
     dense_t = max(r.timesteps[0] for r in locattn.Policy.coerce(args.policy).timestep_rules)
     print(f"\n{'variant':<10} {'warm-up s':>9} {'total s':>8} {'ms/step dense phase':>20} "
-          f"{'ms/step sparse phase':>21} {'recompiles':>10}")
+          f"{'ms/step sparse phase':>21}   (medians over {args.repeats} run(s) each, alternating)")
     for name, r in results.items():
         dense = [s * 1e3 for s, t in r["step_s"] if t >= dense_t]
         sparse = [s * 1e3 for s, t in r["step_s"] if t < dense_t]
         r["median_ms_dense_phase"], r["median_ms_sparse_phase"] = _median(dense), _median(sparse)
         print(f"{name:<10} {r['warmup_s']:9.1f} {r['total_s']:8.2f} {_ms(r['median_ms_dense_phase']):>20} "
-              f"{_ms(r['median_ms_sparse_phase']):>21} {r['recompiles_after_warmup']:10d}")
+              f"{_ms(r['median_ms_sparse_phase']):>21}")
+    print(f"Dynamo compiles after the warm-up calls (both variants, every phase): "
+          f"{results['locattn']['compiles_after_warmup']}")
     speed = {k: results["inductor"][k] / results["locattn"][k] for k in ("median_ms_dense_phase",
              "median_ms_sparse_phase", "total_s") if results["locattn"][k] and results["inductor"][k]}
     print("locattn speed vs torch.compile default: " + ", ".join(f"{k.replace('median_ms_', '')} {v:.2f}x"
