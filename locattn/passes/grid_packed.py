@@ -72,6 +72,7 @@ class _Root:
     suffix: int = 0
     evidence: fx.Node | None = None     # must also feed the site (kinds 2 and 3)
     ids: tuple | None = None            # kind 2: (placeholder, columns) for the runtime check
+    kind: int = 1
 
     @property
     def tokens(self) -> int:
@@ -346,7 +347,7 @@ def _ids_roots(gm: fx.GraphModule, example_inputs) -> list[_Root]:
         if packed is None:
             continue
         roots.append(_Root(packed, grid, f"{'x'.join(map(str, grid))} from the positional ids input {_arg_name(n)} "
-                                         f"(checked at every call)", evidence=n, ids=(n, cols)))
+                                         f"(checked at every call)", evidence=n, ids=(n, cols), kind=2))
     return roots
 
 
@@ -382,7 +383,7 @@ def _table_roots(gm: fx.GraphModule) -> list[_Root]:
         packed = _packed_input(gm, math.prod(s[run[0]:run[1]])) if len(grid) >= 2 else None
         if packed is not None:
             roots.append(_Root(packed, grid, f"{'x'.join(map(str, grid))} from the positional table {n.name} "
-                                             f"{list(s)} -> {list(d)}", evidence=n))
+                                             f"{list(s)} -> {list(d)}", evidence=n, kind=3))
     return roots
 
 
@@ -434,16 +435,19 @@ def infer_packed_grids(gm: fx.GraphModule, sites: list[AttentionSite], example_i
     checks = {}
     for site in todo:
         anc = _ancestors_cache(site, deps)
-        for root in roots:
-            if root.node not in anc or (root.evidence is not None and root.evidence not in anc):
+        for kind in (1, 2, 3):   # the strongest kind of evidence that places the site decides; it must agree
+            found = [(root, lay) for root in roots if root.kind == kind and root.node in anc and
+                     (root.evidence is None or root.evidence in anc)
+                     for lay in [_layout(site, root, deps, cats)] if lay is not None]
+            if not found:
                 continue
-            found = _layout(site, root, deps, cats)
-            if found is not None:
-                site.token_grid = (root.grid, found[0], found[1])
-                site.token_grid_desc = root.desc + found[2]
+            if len({(root.grid, lay[:2]) for root, lay in found}) == 1:
+                root, lay = found[0]
+                site.token_grid = (root.grid, lay[0], lay[1])
+                site.token_grid_desc = root.desc + lay[2]
                 if root.ids is not None:
                     checks[root.ids[0]] = (root.ids[1], root.grid)
-                break
+            break
     _ANCESTORS.clear()
     for ids, (cols, grid) in checks.items():
         _insert_ids_check(gm, ids, cols, grid)
