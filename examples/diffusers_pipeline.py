@@ -95,14 +95,11 @@ def generate(pipe, args, steps: int):
 
 
 def transformer_inputs(pipe, args):
-    """The arguments of the transformer's first call, as keywords (for ``locattn.explain``)."""
-    import inspect
-
-    names = list(inspect.signature(pipe.transformer.forward).parameters)
+    """The arguments of the transformer's first call: ``(positional, keyword)``."""
     seen = {}
 
     def hook(_mod, pos, kwargs):
-        seen.setdefault("kw", {**dict(zip(names, pos)), **kwargs})
+        seen.setdefault("kw", (pos, dict(kwargs)))
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -155,7 +152,35 @@ def run_variants(pipe, transformer, args) -> tuple[dict, dict]:
     for r in results.values():
         r["compiles_after_warmup"] = after - before
         r["total_s"] = statistics.median(r["total_s"])
-    return outputs, results
+    return outputs, results, compiled
+
+
+def _like(ts: torch.Tensor, value: float) -> torch.Tensor:
+    """A timestep tensor like ``ts`` holding ``value``, strides included (the pipeline passes an expanded one,
+    stride 0; another stride would be another Dynamo guard, i.e. a compile)."""
+    if ts.dim() and all(st == 0 for st in ts.stride()):
+        return ts.new_full((1,) * ts.dim(), value).expand(ts.shape)
+    return torch.full_like(ts, value)
+
+
+def time_calls(compiled: dict, inputs, args, t_dense: float, t_sparse: float) -> dict:
+    """The transformer alone, one call per denoising step, with the pipeline's own arguments: ``--calls`` calls
+    per variant and phase, the variants alternating call by call (load drift on a shared machine hits both
+    alike). Median seconds per call."""
+    pos, kwargs = inputs
+    out = {name: {} for name in compiled}
+    with torch.no_grad():
+        for phase, t in (("dense", t_dense), ("sparse", t_sparse)):
+            kw = {**kwargs, "timestep": _like(kwargs["timestep"], t)}
+            times = {name: [] for name in compiled}
+            for _ in range(args.calls):
+                for name, module in compiled.items():
+                    t0 = time.perf_counter()
+                    module(*pos, **kw)
+                    times[name].append(time.perf_counter() - t0)
+            for name in compiled:
+                out[name][phase] = statistics.median(times[name])
+    return out
 
 
 def _median(xs):
@@ -179,10 +204,12 @@ def main(argv=None):
     ap.add_argument("--prompt", default="a photo of a red fox in the sea")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant, alternating (--quick: 1)")
+    ap.add_argument("--calls", type=int, default=7, help="transformer calls timed per variant and phase (--quick: 2)")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/out/diffusers_pipeline[_quick].json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.size, args.steps, args.layers, args.heads, args.head_dim, args.repeats = 384, 5, 1, 2, 32, 1
+        args.size, args.steps, args.layers, args.heads, args.head_dim, args.repeats, args.calls = \
+            384, 5, 1, 2, 32, 1, 2
 
     load0 = os.getloadavg()
     pipe = build_pipeline(args.size, args.layers, args.heads, args.head_dim, args.text_len, args.seed)
@@ -192,10 +219,16 @@ def main(argv=None):
           f"{args.heads}x{args.head_dim} heads, {args.steps} steps, policy {os.path.relpath(args.policy)}; "
           f"{torch.get_num_threads()} threads, load {load0[0]:.2f}")
 
-    report = locattn.explain(transformer, **transformer_inputs(pipe, args), policy=args.policy)
+    inputs = transformer_inputs(pipe, args)
+    report = locattn.explain(transformer, *inputs[0], **inputs[1], policy=args.policy)
     print(report)
 
-    images, results = run_variants(pipe, transformer, args)
+    images, results, compiled = run_variants(pipe, transformer, args)
+    lo, hi = locattn.Policy.coerce(args.policy).timestep_rules[0].timesteps   # the dense range
+    dense_t = lo
+    before = compiles()
+    calls = time_calls(compiled, inputs, args, t_dense=(lo + hi) / 2, t_sparse=lo / 2)
+    assert compiles() == before, "timing the transformer alone compiled again"
 
     (lat_l, img_l), (lat_i, img_i) = images["locattn"], images["inductor"]
     diff = (img_l.double() - img_i.double()).abs()
@@ -203,7 +236,6 @@ def main(argv=None):
     image_diff = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
                   "psnr_db": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf"),
                   "latents_rel_l2": float((lat_l - lat_i).double().norm() / lat_i.double().norm())}
-    dense_t = max(r.timesteps[0] for r in locattn.Policy.coerce(args.policy).timestep_rules)
     print(f"\n{'variant':<10} {'warm-up s':>9} {'total s':>8} {'ms/step dense phase':>20} "
           f"{'ms/step sparse phase':>21}   (medians over {args.repeats} run(s) each, alternating)")
     for name, r in results.items():
@@ -216,8 +248,12 @@ def main(argv=None):
           f"{results['locattn']['compiles_after_warmup']}")
     speed = {k: results["inductor"][k] / results["locattn"][k] for k in ("median_ms_dense_phase",
              "median_ms_sparse_phase", "total_s") if results["locattn"][k] and results["inductor"][k]}
-    print("locattn speed vs torch.compile default: " + ", ".join(f"{k.replace('median_ms_', '')} {v:.2f}x"
-                                                               for k, v in speed.items()))
+    print("pipeline: locattn speed vs torch.compile default: " + ", ".join(
+        f"{k.replace('median_ms_', '')} {v:.2f}x" for k, v in speed.items()))
+    print(f"transformer alone, median of {args.calls} calls per variant and phase, alternating: "
+          + "; ".join(f"{ph} phase {calls['inductor'][ph] * 1e3:.1f} ms (torch.compile) vs "
+                      f"{calls['locattn'][ph] * 1e3:.1f} ms (locattn): "
+                      f"{calls['inductor'][ph] / calls['locattn'][ph]:.2f}x" for ph in ("dense", "sparse")))
     print(f"output vs torch.compile default (dense): final latents relative L2 {image_diff['latents_rel_l2']:.3g}; "
           f"image max abs {image_diff['max_abs']:.3g}, mean abs {image_diff['mean_abs']:.3g}, PSNR "
           f"{image_diff['psnr_db']:.1f} dB (pixels in [0, 1])")
@@ -231,7 +267,7 @@ def main(argv=None):
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "command": "python examples/diffusers_pipeline.py" + (" --quick" if args.quick else "")}
     with open(out, "w") as f:
-        json.dump({"meta": meta, "explain": report.rows(), "variants": results, "speedup": speed,
+        json.dump({"meta": meta, "explain": report.rows(), "variants": results, "speedup": speed, "calls_s": calls,
                    "image_diff": image_diff}, f,
                   indent=1, default=str)
     print(f"wrote {out}")
