@@ -1,6 +1,8 @@
 """Timestep-dependent rules (``timesteps = [lo, hi]``): validation, phases, outputs per phase, no recompiles,
 one host decision per model call, mixed batches, training, explain, and CUDA graphs when a GPU is present."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -265,3 +267,25 @@ def test_schedule_under_cuda_graphs(monkeypatch, tmp_path):
         assert _compiles() == before
         for t, out, ref in zip(steps, outs, _references(model, x, steps)):
             torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3, msg=f"t={t}")
+
+
+@pytest.mark.parametrize("phase", [[1], [0, 1]], ids=["one-phase", "mixed-batch"])
+def test_opcheck_phased(phase):
+    """The phased op's schema, fake, autograd and backward op agree with its implementation (one phase for the
+    call, and a batch whose rows lie in different phases, with a per-batch bias)."""
+    from locattn.ops_phased import phased_specs
+    from locattn.patterns import PATTERNS
+    from locattn.patterns.spec import DENSE_SPEC, SiteSpec
+
+    window = SiteSpec((dataclasses.replace(DENSE_SPEC.groups[0], pattern=PATTERNS["sliding_window"](window=4)),))
+    specs = phased_specs([window.to_json(), DENSE_SPEC.to_json()])
+    b = len(phase)
+    q, k, v = (torch.randn(b, 2, 33, 16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(b, 1, 33, 33, requires_grad=True)
+    ph = torch.tensor(phase, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.locattn.attention_phased.default, (q, k, v, None, bias, ph, 0.2, True, specs, ""))
+    out, _ = torch.ops.locattn.attention_phased(q, k, v, None, bias, ph, 0.2, True, specs, "")
+    for i, p in enumerate(phase):
+        spec = (window if p == 0 else DENSE_SPEC).to_json()
+        ref, _ = torch.ops.locattn.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], None, bias[i:i + 1], 0.2, True, spec, "")
+        torch.testing.assert_close(out[i:i + 1], ref, rtol=0, atol=0)
