@@ -114,14 +114,21 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
     rep = hq // hk
     out = []
     for g in spec.groups:
-        layout = g.layout
+        layout, q_offset = g.layout, 0
         if g.pattern.local:
             if s_q != s_k:
-                raise PatternError(f"pattern {g.pattern.name} needs self-attention but Sq={s_q} != Sk={s_k}")
-            layout = layout.resolve(s_q)
+                if not (g.pattern.causal_rule and s_q < s_k):
+                    raise PatternError(f"pattern {g.pattern.name} needs self-attention (or a causal rule with "
+                                       f"S_q < S_k) but Sq={s_q} != Sk={s_k}")
+                q_offset = s_k - s_q
+            layout = layout.resolve(s_k)
             g.pattern.validate(layout.grid)
+            if q_offset and len(layout.grid) != 1:
+                raise PatternError(f"pattern {g.pattern.name}: queries at an offset (S_q={s_q} < S_k={s_k}) need a "
+                                   f"1-D layout, got grid {list(layout.grid)}")
         if g.heads is None:
-            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
+                                                  q_offset)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -131,7 +138,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, q_offset)
         out.append((tuple(heads), tuple(kv), call))
     return out
 

@@ -11,7 +11,7 @@ instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +30,9 @@ class AttentionCall:
     q: [B, Hq, Sq, D]; k: [B, Hk, Sk, D]; v: [B, Hk, Sk, Dv] with Hq % Hk == 0 (GQA);
     mask: bool, broadcastable to [B, Hq, Sq, Sk] (True = attend) or None;
     bias: float, broadcastable to [B, Hq, Sq, Sk] (added to the scaled scores) or None.
-    ``layout`` is resolved (concrete grid) for local patterns.
+    ``layout`` is resolved (concrete grid, over the keys) for local patterns. ``q_offset``: query row r is token
+    ``r + q_offset`` of the layout (a causal rule on a site with S_q < S_k: the last S_q positions); the site's
+    own mask, bias and ``is_causal`` keep SDPA's meaning on query rows.
     """
 
     q: torch.Tensor
@@ -42,6 +44,17 @@ class AttentionCall:
     is_causal: bool
     pattern: Pattern
     layout: Layout
+    q_offset: int = 0
+    _kept: torch.Tensor | None = field(default=None, repr=False)
+
+    def kept(self) -> torch.Tensor:
+        """A ``dynamic`` pattern's selection for this call: bool ``[B, Hq, NB, NB]`` (computed once per call on
+        the tensors' device; :func:`locattn.patterns.dynamic.select_blocks`). The backward recomputes it from
+        the same q and k, which gives the same blocks (the selection is a deterministic function of them)."""
+        if self._kept is None:
+            from ..patterns.dynamic import select_blocks  # noqa: PLC0415
+            self._kept = select_blocks(self.pattern, self.layout, self.q, self.k, self.scale, self.q_offset)
+        return self._kept
 
     @property
     def empty(self) -> bool:

@@ -84,7 +84,11 @@ def head_ranges(heads: tuple[int, ...]) -> str:
 
 def _pattern_from_params(name: str, params: dict) -> Pattern:
     cls = PATTERNS[name]
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    kw = {}
+    for k, v in params.items():
+        if isinstance(v, dict):  # a nested pattern (``dynamic``'s ``base``)
+            v = _pattern_from_params(v["pattern"], {x: y for x, y in v.items() if x != "pattern"})
+        kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
 
