@@ -29,7 +29,7 @@ import torch
 
 from .codegen import registry
 from .codegen.registry import AttentionCall, lse_dtype
-from .counters import bump
+from .counters import bump, record_density
 from .patterns.base import PatternError
 from .patterns.spec import HeadGroup, SiteSpec, head_ranges, parse_spec
 
@@ -158,20 +158,32 @@ def _sum_repeated(grads: tuple[torch.Tensor, ...], kv: tuple[int, ...]):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str,
               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    site_spec = parse_spec(spec)
+    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, site_spec)
     b, hq, s_q, _ = q.shape
     if len(groups) == 1 and groups[0][0] is None:
         call = groups[0][2]
         o, lse = registry.select(call, backend).forward(call)
+        _record_density(site_spec, call, None, hq)
         return _sdpa_layout(o), lse.contiguous()
     out = _new_out(q, v)
     lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
     for heads, _, call in groups:
         o, lse = registry.select(call, backend).forward(call)
+        _record_density(site_spec, call, heads, hq)
         idx = _head_index(heads, q.device)
         out.index_copy_(1, idx, o.to(out.dtype))
         lse_out.index_copy_(1, idx, lse)
     return out, lse_out
+
+
+def _record_density(spec: SiteSpec, call: AttentionCall, heads, n_heads: int) -> None:
+    """A ``dynamic`` group's measured density, per batch element and head (``locattn.densities()``)."""
+    if not call.pattern.dynamic:
+        return
+    b, h = call.q.shape[:2]
+    pairs = call.dynamic_tables().pairs.view(b, h)
+    record_density(spec.site or "<unnamed>", n_heads, heads, pairs / float(call.q.shape[-2] * call.k.shape[-2]))
 
 
 @attention.register_fake

@@ -267,3 +267,20 @@ def test_dynamic_tile_must_fit_the_grid():
         Dynamic(tile=(4, 40)).validate((8, 8))
     with pytest.raises(PatternError, match="causal"):
         Dynamic(causal=True).validate((8, 8))
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_dynamic_tables_count_pairs_exactly(case):
+    from locattn.codegen.blocked import call_tables
+    from locattn.codegen.reference import keep_mask
+    from locattn.codegen.registry import AttentionCall
+    _, pattern, grid, prefix, suffix, sinks, hq, hk, off, site_causal, _ = case
+    n = (math.prod(grid) if grid else 125) + prefix + suffix
+    layout = Layout(grid=grid, prefix=prefix, suffix=suffix, sinks=sinks).resolve(n)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, hq, n - off, 24, generator=g)
+    k = torch.randn(2, hk, n, 24, generator=g)
+    call = AttentionCall(q, k, k, None, None, 0.4, site_causal, pattern, layout, off)
+    t = call_tables(call, 64, 64)
+    want = keep_mask(call, torch.arange(n - off)[:, None], torch.arange(n)[None, :]).sum((-1, -2)).flatten()
+    assert torch.equal(t.pairs, want)

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns.base import allowed
-from ..patterns.dynamic import token_blocks
 from ..patterns.plan import build_plan
-from ..patterns.tables import BlockTables, dynamic_tables, static_tables
+from ..patterns.tables import BlockTables, static_tables
 from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
@@ -59,10 +58,7 @@ def call_tables(call: AttentionCall, block_m: int, block_n: int) -> BlockTables:
     if not p.dynamic:
         plan = build_plan(p, call.layout, s_q, s_k, block_m, block_n, call.is_causal, call.q_offset)
         return static_tables(plan, dev)
-    tile = p.tile_for(call.layout.grid)
-    bt = p.block_tokens(call.layout.grid)
-    plan = build_plan(p.static, call.layout, s_q, s_k, bt, bt, call.is_causal, call.q_offset, (tile, tile))
-    return dynamic_tables(plan, token_blocks(p, call.layout, dev), call.kept(), p.causal, call.is_causal)
+    return call.dynamic_tables()
 
 
 def _gather(tables: BlockTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

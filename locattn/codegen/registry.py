@@ -46,6 +46,7 @@ class AttentionCall:
     layout: Layout
     q_offset: int = 0
     _kept: torch.Tensor | None = field(default=None, repr=False)
+    _tables: object = field(default=None, repr=False)
 
     def kept(self) -> torch.Tensor:
         """A ``dynamic`` pattern's selection for this call: bool ``[B, Hq, NB, NB]`` (computed once per call on
@@ -55,6 +56,21 @@ class AttentionCall:
             from ..patterns.dynamic import select_blocks  # noqa: PLC0415
             self._kept = select_blocks(self.pattern, self.layout, self.q, self.k, self.scale, self.q_offset)
         return self._kept
+
+    def dynamic_tables(self):
+        """A ``dynamic`` call's :class:`~locattn.patterns.tables.BlockTables` (its pooling blocks as plan blocks,
+        whatever the implementation), made once per call."""
+        if self._tables is None:
+            from ..patterns.dynamic import token_blocks  # noqa: PLC0415
+            from ..patterns.plan import build_plan  # noqa: PLC0415
+            from ..patterns.tables import dynamic_tables  # noqa: PLC0415
+            p, lay = self.pattern, self.layout
+            tile, bt = p.tile_for(lay.grid), p.block_tokens(lay.grid)
+            plan = build_plan(p.static, lay, self.q.shape[-2], self.k.shape[-2], bt, bt, self.is_causal,
+                              self.q_offset, (tile, tile))
+            self._tables = dynamic_tables(plan, token_blocks(p, lay, self.q.device), self.kept(), p.static, lay,
+                                          p.causal, self.is_causal)
+        return self._tables
 
     @property
     def empty(self) -> bool:

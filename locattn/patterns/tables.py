@@ -47,6 +47,8 @@ class BlockTables:
     qb_idx: torch.Tensor
     qb_whole: torch.Tensor | None
     per: str = "shared"
+    #: [X] int64 allowed (query, key) pairs per table, pattern & site causal (dynamic tables; None otherwise)
+    pairs: torch.Tensor | None = None
 
     @property
     def n_tables(self) -> int:
@@ -107,10 +109,36 @@ class _BlockFacts:
     k_pad: torch.Tensor
     static_full: torch.Tensor     # [NQ, NK] bool
     static_any: torch.Tensor      # [NQ, NK] bool
+    # exact pair counts (explain's measured density): valid pairs of every block pair, the static part's allowed
+    # pairs of its entries, and of the block pairs a selection keeps only partly (causal diagonals), the union's
+    pairs_valid: torch.Tensor     # [NQ, NK] int64
+    pairs_static: torch.Tensor    # [NQ, NK] int64
+    straddle: torch.Tensor        # [NQ, NK] bool
+    pairs_union: torch.Tensor     # [NQ, NK] int64 (where straddle)
+
+
+def _tile_pairs(pattern, layout, q_offset: int, qs, ks, causal: bool, site_causal: bool, whole: bool):
+    """Allowed pairs of block pairs (query rows ``qs [E, BM]``, key tokens ``ks [E, BN]``): the static part
+    (``pattern``), OR'd with every pair (``whole``, subject to the dynamic ``causal``); site causal on rows."""
+    from .base import allowed  # noqa: PLC0415
+
+    out = torch.zeros(qs.shape[0], dtype=torch.long)
+    step = max(1, (1 << 22) // max(1, qs.shape[1] * ks.shape[1]))
+    for i in range(0, qs.shape[0], step):
+        qi, kj = qs[i:i + step, :, None], ks[i:i + step, None, :]
+        tq = qi.clamp_min(0) + q_offset
+        ok = allowed(pattern, layout, tq, kj.clamp_min(0))
+        if whole:
+            ok = ok | ((kj <= tq) if causal else torch.ones_like(ok))
+        if site_causal:
+            ok = ok & (kj <= qi)
+        out[i:i + step] = (ok & (qi >= 0) & (kj >= 0)).sum((1, 2))
+    return out
 
 
 @functools.lru_cache(maxsize=64)
-def _block_facts(plan: BlockPlan, token_block: torch.Tensor, device: torch.device) -> _BlockFacts:
+def _block_facts(plan: BlockPlan, token_block: torch.Tensor, static, layout, causal: bool, site_causal: bool,
+                 device: torch.device) -> _BlockFacts:
     big = torch.iinfo(torch.long).max
     nq, nk = plan.n_qblocks, plan.n_kblocks
     qs, ks = plan.q_slots.view(nq, plan.block_m), plan.k_slots.view(nk, plan.block_n)
@@ -129,9 +157,31 @@ def _block_facts(plan: BlockPlan, token_block: torch.Tensor, device: torch.devic
     s_any = torch.zeros(nq, nk, dtype=torch.bool)
     s_any[rows, plan.kv_idx] = True
     s_full[rows, plan.kv_idx] = plan.kv_full
+    q_blk, k_blk = blk(qt), blk(ks)
+    (qt_lo, qt_hi), (qr_lo, qr_hi), (kt_lo, kt_hi) = rng(qt), rng(qs), rng(ks)
+    valid = (qs >= 0).sum(1)[:, None] * (ks >= 0).sum(1)[None, :]
+    pairs_static = torch.where(s_full, valid, 0)
+    part = s_any & ~s_full
+    r, c = torch.nonzero(part, as_tuple=True)
+    pairs_static[r, c] = _tile_pairs(static, layout, plan.q_offset, qs[r], ks[c], causal, site_causal, False)
+    # block pairs a selection would keep only partly: causal diagonals between grid blocks
+    straddle = torch.zeros(nq, nk, dtype=torch.bool)
+    if causal:
+        straddle |= kt_hi[None, :] > qt_lo[:, None]
+    if site_causal:
+        straddle |= kt_hi[None, :] > qr_lo[:, None]
+    straddle &= (q_blk >= 0)[:, None] & (k_blk >= 0)[None, :]
+    if causal:
+        straddle &= kt_lo[None, :] <= qt_hi[:, None]
+    if site_causal:
+        straddle &= kt_lo[None, :] <= qr_hi[:, None]
+    pairs_union = torch.zeros(nq, nk, dtype=torch.long)
+    r, c = torch.nonzero(straddle, as_tuple=True)
+    pairs_union[r, c] = _tile_pairs(static, layout, plan.q_offset, qs[r], ks[c], causal, site_causal, True)
     d = lambda t: t.to(device)
-    return _BlockFacts(d(blk(qt)), d(blk(ks)), *map(d, rng(qt)), *map(d, rng(qs)), d((qs < 0).any(1)),
-                       *map(d, rng(ks)), d((ks < 0).any(1)), d(s_full), d(s_any))
+    return _BlockFacts(d(q_blk), d(k_blk), d(qt_lo), d(qt_hi), d(qr_lo), d(qr_hi), d((qs < 0).any(1)), d(kt_lo),
+                       d(kt_hi), d((ks < 0).any(1)), d(s_full), d(s_any), d(valid), d(pairs_static), d(straddle),
+                       d(pairs_union))
 
 
 def _compact(full: torch.Tensor, any_: torch.Tensor, whole: torch.Tensor):
@@ -158,16 +208,17 @@ def _compact(full: torch.Tensor, any_: torch.Tensor, whole: torch.Tensor):
     return ptr, split, idx, wt
 
 
-def dynamic_tables(plan: BlockPlan, token_block: torch.Tensor, kept: torch.Tensor, causal: bool,
+def dynamic_tables(plan: BlockPlan, token_block: torch.Tensor, kept: torch.Tensor, static, layout, causal: bool,
                    site_causal: bool) -> BlockTables:
     """Tables of a ``dynamic`` call (``X = B * H``) on ``kept``'s device.
 
     plan: the static part's plan (pooling blocks as plan blocks); token_block: [S_k] pooling block of every
     token (-1 for globals), as from :func:`locattn.patterns.dynamic.token_blocks`; kept: [B, H, NB, NB] bool
-    (:func:`~locattn.patterns.dynamic.select_blocks`); causal: the pattern's token causality (j <= i, tokens);
-    site_causal: the site's ``is_causal`` (top-left on query rows)."""
+    (:func:`~locattn.patterns.dynamic.select_blocks`); static / layout: the static part and its resolved layout;
+    causal: the pattern's token causality (j <= i, tokens); site_causal: the site's ``is_causal`` (top-left on
+    query rows). ``pairs`` of the result counts each table's allowed pairs exactly (site mask not counted)."""
     dev = kept.device
-    f = _block_facts(plan, token_block, dev)
+    f = _block_facts(plan, token_block, static, layout, causal, site_causal, dev)
     b, h, nb, _ = kept.shape
     qb, kb = f.q_blk, f.k_blk
     valid = (qb >= 0)[:, None] & (kb >= 0)[None, :]                     # [NQ, NK]
@@ -188,9 +239,11 @@ def dynamic_tables(plan: BlockPlan, token_block: torch.Tensor, kept: torch.Tenso
     whole = sel & ~full
     kv_ptr, kv_split, kv_idx, kv_whole = _compact(full, any_, whole)
     t = lambda z: z.transpose(-1, -2)
-    qb_ptr, qb_split, qb_idx, qb_whole = _compact(t(full), t(any_),
-                                                  t(whole))
-    return BlockTables(plan, kv_ptr, kv_split, kv_idx, kv_whole, qb_ptr, qb_split, qb_idx, qb_whole, "batch_head")
+    qb_ptr, qb_split, qb_idx, qb_whole = _compact(t(full), t(any_), t(whole))
+    pairs = torch.where(full, f.pairs_valid, torch.where(whole, torch.where(f.straddle, f.pairs_union, f.pairs_valid),
+                                                         torch.where(any_, f.pairs_static, 0))).sum((1, 2))
+    return BlockTables(plan, kv_ptr, kv_split, kv_idx, kv_whole, qb_ptr, qb_split, qb_idx, qb_whole, "batch_head",
+                       pairs)
 
 
 def block_rows(tables: BlockTables, x: int, m: int) -> tuple[list[int], list[int], list[bool]]:
