@@ -279,6 +279,15 @@ class KernelTables:
     prefix: int
     grid_end: int
     sinks: int
+    q_off: int = 0        # query row r is token r + q_off for the pattern (the plan's q_offset)
+    # per-(batch, head) tables (PER_BH): table of (b, h) = b * tab_sb + h * tab_sh; kv / qb strides per table
+    per_bh: bool = False
+    tab_sb: int = 0
+    tab_sh: int = 0
+    kv_st: tuple[int, int] = (0, 0)   # (ptr / split stride, idx stride) of the kv tables
+    qb_st: tuple[int, int] = (0, 0)   # likewise of the transposed tables
+    dyn: bool = False                 # entries carry the WHOLE bit (DYN)
+    dyn_causal: bool = False
 
     @property
     def computed(self) -> bool:
@@ -426,7 +435,8 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         ndim = len(layout.grid)
         if ndim > 3:
             raise ValueError(f"the Triton kernels support grids of up to 3 axes, got {ndim}")
-        for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, plan.q_slots, True)):
+        q_tok = torch.where(plan.q_slots >= 0, plan.q_slots + plan.q_offset, -1)  # slots hold query rows
+        for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, q_tok, True)):
             empty = hi < lo
             q_lo[a] = torch.where(empty, EMPTY_LO, lo)
             q_w[a] = torch.where(empty, 0, hi - lo)
@@ -450,7 +460,32 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), q_iv.to(device).contiguous(), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
-                        nopad, ndim, prefix, grid_end, sinks)
+                        nopad, ndim, prefix, grid_end, sinks, plan.q_offset)
+
+
+def dynamic_kernel_tables(call: AttentionCall) -> KernelTables:
+    """The kernel tables of a ``dynamic`` call: its static part's slots, intervals and addressing
+    (:func:`kernel_tables`, cached) with the call's per-(batch, head) block tables (the WHOLE bit marks the
+    entries the selection keeps whole; see the kernel glossary)."""
+    bt = call.dynamic_tables()
+    plan = bt.plan
+    base = kernel_tables(plan, call.pattern.static, call.layout, call.q.device)
+    whole_bit = 1 << 30
+
+    def csr(ptr, split, idx, whole):
+        split = torch.cat([split, split[:, -1:]], 1)  # one column more: the same stride as ptr
+        idx = idx | (whole.long() << 30) if whole is not None else idx
+        assert plan.n_kblocks < whole_bit and plan.n_qblocks < whole_bit
+        return (ptr.to(torch.int32).contiguous(), split.to(torch.int32).contiguous(),
+                idx.to(torch.int32).contiguous())
+
+    kv = csr(bt.kv_ptr, bt.kv_split, bt.kv_idx, bt.kv_whole)
+    qb = csr(bt.qb_ptr, bt.qb_split, bt.qb_idx, bt.qb_whole)
+    sb, sh = bt.strides(call.q.shape[1])
+    return dataclasses.replace(base, kv_ptr=kv[0], kv_split=kv[1], kv_idx=kv[2], qb_ptr=qb[0], qb_split=qb[1],
+                               qb_idx=qb[2], ranges=False, has_partial=True, window_only=False, per_bh=True,
+                               tab_sb=sb, tab_sh=sh, kv_st=(kv[0].shape[1], kv[2].shape[1]),
+                               qb_st=(qb[0].shape[1], qb[2].shape[1]), dyn=True, dyn_causal=call.pattern.causal)
 
 
 def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch.Tensor, q_w: torch.Tensor,
@@ -561,8 +596,13 @@ class Triton(Implementation):
             return False, f"dtype {q.dtype} is not supported (fp16, bf16, fp32)"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             return False, f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
-        if call.pattern.local and q.shape[-2] != k.shape[-2]:
+        if call.pattern.local and q.shape[-2] != k.shape[-2] and not call.q_offset:
             return False, f"pattern {call.pattern.name} needs S_q == S_k"
+        if call.pattern.dynamic:
+            bt = call.pattern.block_tokens(call.layout.grid)
+            if bt < 16 or bt > 128 or bt & (bt - 1):
+                return False, (f"dynamic pooling block of {bt} tokens (the kernels need a power of two in "
+                               f"16..128: it is their tile)")
         if call.pattern.local and len(call.layout.grid or ()) > 3:
             return False, f"grid of {len(call.layout.grid)} axes (at most 3)"
         if call.mask is not None and call.mask.dtype != torch.bool:
@@ -579,6 +619,13 @@ class Triton(Implementation):
         return (family, d, s_bucket, call.pattern.name, call.q.dtype, dev)
 
     def _config(self, call: AttentionCall, family: str, run) -> KernelConfig:
+        cfg = self._config_for(call, family, run)
+        if call.pattern.dynamic:  # the tables are per pooling block: that is the tile
+            bt = call.pattern.block_tokens(call.layout.grid)
+            cfg = dataclasses.replace(cfg, block_m=bt, block_n=bt, tma=False, ws=False)
+        return cfg
+
+    def _config_for(self, call: AttentionCall, family: str, run) -> KernelConfig:
         if family in self.configs:
             return self.configs[family]
         if self.config is not None:
@@ -625,8 +672,11 @@ class Triton(Implementation):
         return best
 
     def _tables(self, call: AttentionCall, cfg: KernelConfig) -> KernelTables:
+        if call.pattern.dynamic:
+            return dynamic_kernel_tables(call)
         s_q, s_k = call.q.shape[-2], call.k.shape[-2]
-        plan = build_plan(call.pattern, call.layout, s_q, s_k, cfg.block_m, cfg.block_n, call.is_causal)
+        plan = build_plan(call.pattern, call.layout, s_q, s_k, cfg.block_m, cfg.block_n, call.is_causal,
+                          call.q_offset)
         return kernel_tables(plan, call.pattern, call.layout, call.q.device)
 
     def _empty(self, *shape, dtype, device) -> torch.Tensor:
@@ -675,7 +725,7 @@ class Triton(Implementation):
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
             hq, hq // hk, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
-            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks, *self._table_args(tab, "kv"),
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
@@ -773,7 +823,14 @@ class Triton(Implementation):
         off = self.tables_only
         return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
                     RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial,
-                    WINDOW_ONLY=tab.window_only and self.window_only, NOPAD=tab.nopad if self.nopad else 0)
+                    WINDOW_ONLY=tab.window_only and self.window_only, NOPAD=tab.nopad if self.nopad else 0,
+                    PER_BH=tab.per_bh, DYN=tab.dyn, DYN_CAUSAL=tab.dyn_causal)
+
+    @staticmethod
+    def _table_args(tab: KernelTables, side: str) -> tuple[int, int, int, int, int]:
+        """``q_off, tab_sb, tab_sh, ptr_st, idx_st`` of a launch walking the ``"kv"`` or ``"qb"`` tables."""
+        st = tab.kv_st if side == "kv" else tab.qb_st
+        return tab.q_off, tab.tab_sb, tab.tab_sh, st[0], st[1]
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -801,7 +858,7 @@ class Triton(Implementation):
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            FOLD=_can_fold(call), **self._bwd_common(call, tab, cfg, record))
+            *self._table_args(tab, "kv"), FOLD=_can_fold(call), **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, ld, want_dbias: bool, cfg: KernelConfig, record: bool):
@@ -827,7 +884,7 @@ class Triton(Implementation):
             *dbias.stride(),
             hq, hk, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
+            *self._table_args(tab, "qb"), NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
 
 
