@@ -284,3 +284,123 @@ def test_dynamic_tables_count_pairs_exactly(case):
     t = call_tables(call, 64, 64)
     want = keep_mask(call, torch.arange(n - off)[:, None], torch.arange(n)[None, :]).sum((-1, -2)).flatten()
     assert torch.equal(t.pairs, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton, under the interpreter (fp32: compared with the reference implementation on the same inputs, whose
+# selection is the same fp32 computation; the reference itself is checked against the brute force above)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the Triton kernels run under the interpreter on CPU only")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the kernels are first imported (interpreter mode)
+    from locattn.codegen.triton_impl import interpreted
+    if not interpreted():
+        pytest.skip("the kernels were built without the interpreter in this process")
+
+
+TRITON_CASES = [c for c in OP_CASES if c[0] in ("1d-causal-base-sinks", "1d-decode-offset", "2d-globals-base")]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_reference(interpret, case):
+    from locattn.codegen.triton_impl import Triton
+    _, pattern, grid, prefix, suffix, sinks, hq, hk, off, site_causal, with_mask = case
+    n = (math.prod(grid) if grid else 125) + prefix + suffix
+    layout = Layout(grid=grid, prefix=prefix, suffix=suffix, sinks=sinks)
+    spec = SiteSpec((HeadGroup(None, pattern, layout),)).to_json()
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, hq, n - off, 24, generator=g, requires_grad=True)
+    k = torch.randn(2, hk, n, 24, generator=g, requires_grad=True)
+    v = torch.randn(2, hk, n, 16, generator=g, requires_grad=True)
+    go = torch.randn(2, hq, n - off, 16, generator=g)
+    res = {}
+    for impl in ("reference", "triton"):
+        out, lse = torch.ops.locattn.attention(q, k, v, None, None, 0.4, site_causal, spec, impl)
+        res[impl] = (out, lse, *torch.autograd.grad(out, (q, k, v), go))
+    for a, b in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert Triton().can_run(__import__("locattn").codegen.registry.AttentionCall(
+        q, k, v, None, None, 0.4, site_causal, pattern, layout.resolve(n), off))[0]
+
+
+def test_triton_declines_pooling_blocks_it_cannot_tile(interpret):
+    from locattn.codegen.registry import AttentionCall
+    from locattn.codegen.triton_impl import Triton
+    q = torch.randn(1, 1, 64, 16)
+    ok, why = Triton().can_run(AttentionCall(q, q, q, None, None, 0.3, False, Dynamic(block=24), Layout().resolve(64)))
+    assert not ok and "pooling block of 24 tokens" in why
+
+
+# ----------------------------------------------------------------------------------------------------------
+# through torch.compile
+
+
+class _CausalLM(torch.nn.Module):
+    def __init__(self, dim=48, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.hk, self.d = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.d)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.hk, self.d).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(o.transpose(1, 2).reshape(b, s, -1))
+
+
+def _compiled_grads(model, x, policy, backend, inductor):
+    import locattn
+    torch._dynamo.reset()
+    m = torch.compile(model, backend=locattn.backend(policy=policy, backend=backend, inductor=inductor))
+    x = x.clone().requires_grad_()
+    y = m(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("which", ["lm", "dit"])
+def test_compiled_models_with_dynamic_policies(which, monkeypatch):
+    """Compiled models, forward and backward: the cpu path (through Inductor), the reference and (interpreted)
+    Triton (rewritten graphs run eagerly) give the same results, and the sites were rewritten."""
+    import locattn
+    if which == "lm":
+        model = _CausalLM()
+        x = torch.randn(2, 150, 48)
+        policy = {"rule": [{"match": "*", "pattern": "dynamic", "block": 16, "top_p": 0.6, "causal": True,
+                            "sinks": 4, "base": {"pattern": "sliding_window", "window": 16, "causal": True}}]}
+    else:
+        import importlib.util
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location(
+            "dit_model", Path(__file__).resolve().parents[1] / "examples" / "dit_model.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        model = mod.TinyDiT(dim=32, heads=2, layers=2)
+        x = torch.randn(1, 4, 20, 24)
+        policy = {"rule": [{"match": "*", "pattern": "dynamic", "tile": [4, 4], "top_p": 0.5, "grid": "auto"}]}
+    impls = ["reference", "cpu"]
+    if not torch.cuda.is_available() and __import__("importlib").util.find_spec("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        from locattn.codegen.triton_impl import interpreted
+        if interpreted():
+            impls.append("triton")
+    results = {}
+    for impl in impls:
+        locattn.reset_counters()
+        for p in model.parameters():
+            p.grad = None
+        results[impl] = _compiled_grads(model, x, policy, impl, inductor=impl == "cpu")  # one Inductor compile
+        assert locattn.counters()["rewrite"].get("sdpa", 0) >= 1
+        assert locattn.counters()["dispatch"].get(impl, 0) >= 1
+        assert locattn.densities()
+    for impl in impls[1:]:
+        for a, b in zip(results[impl][:2] + tuple(results[impl][2]), results["reference"][:2] + tuple(
+                results["reference"][2])):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
