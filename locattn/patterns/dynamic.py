@@ -197,6 +197,11 @@ def pooled(x: torch.Tensor, tokens: torch.Tensor, offset: int = 0) -> torch.Tens
     ``t - offset`` holds token t, rows outside ``[0, S)`` are absent): ``[B, H, NB, D]`` in fp32 (fp64 for fp64
     ``x``). A block with no token present pools to 0."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    nb, t = tokens.shape
+    if offset == 0 and tokens[0, 0] >= 0 and nb * t == x.shape[2] - int(tokens[0, 0]) and \
+            torch.equal(tokens.flatten(), torch.arange(int(tokens[0, 0]), x.shape[2])):
+        # consecutive blocks filling the end of the sequence: a view (1-D sequences)
+        return x[:, :, int(tokens[0, 0]):].reshape(*x.shape[:2], nb, t, x.shape[-1]).to(ct).mean(3)
     rows = tokens.to(x.device) - offset
     present = (tokens >= 0).to(x.device) & (rows >= 0) & (rows < x.shape[2])
     g = x.index_select(2, rows.clamp(0, max(x.shape[2] - 1, 0)).reshape(-1)).to(ct)
