@@ -11,6 +11,7 @@ instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,10 @@ class AttentionCall:
     pattern: Pattern
     layout: Layout
     q_offset: int = 0
+    #: a call over every head of a site whose heads follow different rules: ``((heads, pattern, layout), ...)``
+    #: covering each head once (``pattern`` / ``layout`` above are then the first local group's). Only
+    #: implementations with ``multi_group`` see such calls (:func:`select_multi`).
+    head_groups: tuple | None = None
     _kept: torch.Tensor | None = field(default=None, repr=False)
     _tables: object = field(default=None, repr=False)
 
@@ -101,6 +106,8 @@ def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:
 
 class Implementation:
     name: str = ""
+    #: runs a site's per-head rules as one call (``AttentionCall.head_groups``), e.g. one kernel launch
+    multi_group: bool = False
 
     def can_run(self, call: AttentionCall) -> tuple[bool, str]:
         return True, ""
@@ -138,6 +145,28 @@ def get(name: str) -> Implementation:
 def candidates(call: AttentionCall) -> list[tuple[str, bool, str]]:
     """Which implementations could run ``call``: ``[(name, ok, reason)]`` in dispatch order."""
     return [(impl.name, *impl.can_run(call)) for impl in IMPLEMENTATIONS]
+
+
+def select_multi(call: AttentionCall, override: str = "") -> Implementation | None:
+    """The implementation that runs a per-head call (``call.head_groups``) at once, or None: then the op runs
+    each head group on its own. Taken only where that implementation is the one dispatch would pick for the
+    groups anyway (the first in order that can run the call), or the explicit override."""
+    if override and override != "auto":
+        impl = get(override)
+        if impl.multi_group and impl.can_run(call)[0]:
+            bump("dispatch", f"{impl.name} (per-head groups, one call)")
+            return impl
+        return None
+    for impl in IMPLEMENTATIONS:
+        if impl.multi_group:
+            if impl.can_run(call)[0]:
+                bump("dispatch", f"{impl.name} (per-head groups, one call)")
+                return impl
+            continue
+        first = dataclasses.replace(call, head_groups=None)
+        if impl.can_run(first)[0]:
+            return None  # a single-group implementation would run the groups
+    return None
 
 
 def select(call: AttentionCall, override: str = "") -> Implementation:

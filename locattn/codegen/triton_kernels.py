@@ -62,9 +62,11 @@ VISIT        instrumented mode: every visit adds 1 (full) or 16 (partial) to ``V
 PRECISION    ``tl.dot`` input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
              (ignored for fp16/bf16 operands)
 UPCAST       interpreter + bf16 only: multiply exact fp32 copies (the interpreter's bf16 ``tl.dot`` is wrong)
-PER_BH       the tables are per (batch, head) (``dynamic`` patterns): table ``x = b * tab_sb + h * tab_sh`` starts
-             at ``kv_ptr + x * ptr_st`` / ``kv_split + x * ptr_st`` / ``kv_idx + x * idx_st`` (likewise qb_*);
-             shared tables (every static plan) skip the offset arithmetic
+PER_BH       the tables are per (batch, head) or per head group: head h reads group ``g = head_map[h]``, table
+             ``x = b * tab_sb + g`` at ``kv_ptr + x * ptr_st`` / ``kv_split + x * ptr_st`` / ``kv_idx + x * idx_st``
+             (likewise qb_*) and its query intervals at ``q_iv + g * iv_st``. ``dynamic``: g = h, tab_sb = H,
+             iv_st = 0 (one static part); per-head rules of one site in one launch: g = the head's rule group,
+             tab_sb = 0. Shared tables (a single static plan) skip all of it
 DYN          ``dynamic``: a partial entry's block id carries the WHOLE bit (``1 << 30``): the selection keeps the
              whole block pair, so its pairs pass the predicate OR'd with the static part's (base, sinks,
              globals); ``DYN_CAUSAL``: those pairs also need key token <= query token
@@ -92,7 +94,7 @@ BIAS_MASK_BELOW: tl.constexpr = tl.constexpr(_BIAS_MASK_BELOW)
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
 _SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n_q_slots", "n_k_slots", "n_qblocks",
-          "n_kblocks", "prefix", "grid_end", "sinks", "q_off", "tab_sb", "tab_sh", "ptr_st", "idx_st"]
+          "n_kblocks", "prefix", "grid_end", "sinks", "q_off", "tab_sb", "ptr_st", "idx_st", "iv_st"]
 
 #: the WHOLE bit of a ``dynamic`` table entry (see PER_BH / DYN in the glossary)
 WHOLE_BIT: tl.constexpr = tl.constexpr(1 << 30)
@@ -613,7 +615,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_mb, stride_mh, stride_mq, stride_mk,
              stride_bb, stride_bh, stride_bq, stride_bk,
              H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots, n_qblocks,
-             n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, tab_sb, tab_sh, ptr_st, idx_st,
+             n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
              HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -634,6 +636,13 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     qt, qv, qi = _block_rows(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+    if PER_BH:  # this head's own tables and query intervals
+        grp = tl.load(head_map + h).to(tl.int64)
+        x = b * tab_sb + grp
+        kv_ptr += x * ptr_st
+        kv_split += x * ptr_st
+        kv_idx += x * idx_st
+        q_iv += grp * iv_st
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
@@ -643,11 +652,6 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     qk_scale = sm_scale * LOG2E
 
     m_i, l_i, acc = _softmax_start(BLOCK_M, BLOCK_DV)
-    if PER_BH:  # this (batch, head)'s own tables
-        x = b * tab_sb + h * tab_sh
-        kv_ptr += x * ptr_st
-        kv_split += x * ptr_st
-        kv_idx += x * idx_st
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                                k_u, kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd,
@@ -821,7 +825,7 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_bb, stride_bh, stride_bq, stride_bk,
                 H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
-                n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, tab_sb, tab_sh, ptr_st, idx_st,
+                n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -849,6 +853,13 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
     row = pid_bh.to(tl.int64) * S_q + qi
     # lse2 in log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
     lse2, delta = _row_stats(LD.to(tl.pointer_type(tl.int64)), row, qv, True)
+    if PER_BH:  # this head's own tables and query intervals
+        grp = tl.load(head_map + h).to(tl.int64)
+        x = b * tab_sb + grp
+        kv_ptr += x * ptr_st
+        kv_split += x * ptr_st
+        kv_idx += x * idx_st
+        q_iv += grp * iv_st
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
@@ -858,11 +869,6 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
     qk_scale = sm_scale * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PER_BH:  # this (batch, head)'s own tables
-        x = b * tab_sb + h * tab_sh
-        kv_ptr += x * ptr_st
-        kv_split += x * ptr_st
-        kv_idx += x * idx_st
     s0, e0, j0, gap0, s1, e1, j1, gap1 = _loop_bounds(kv_ptr, kv_split, kv_rng, pid_m, RANGES)
     dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots, k_u,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
@@ -946,7 +952,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                   stride_dvb, stride_dvh, stride_dvs, stride_dvd,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                   H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
-                  n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, tab_sb, tab_sh, ptr_st, idx_st,
+                  n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
                   NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -989,23 +995,26 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
         B_bh = Bias + b * stride_bb + h * stride_bh
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
-        if PER_BH:  # this (batch, query head)'s own transposed tables
-            x = b * tab_sb + h * tab_sh
+        if PER_BH:  # this query head's own transposed tables and query intervals
+            grp = tl.load(head_map + h).to(tl.int64)
+            x = b * tab_sb + grp
             t0, t1, t2, t3, t4, t5, t6, t7 = _loop_bounds(qb_ptr + x * ptr_st, qb_split + x * ptr_st, qb_rng,
                                                           pid_n, RANGES)
             idx_h = qb_idx + x * idx_st
+            iv_h = q_iv + grp * iv_st
         else:
             t0, t1, t2, t3, t4, t5, t6, t7 = s0, e0, j0, gap0, s1, e1, j1, gap1
             idx_h = qb_idx
+            iv_h = q_iv
         dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
-                             q_slots, q_iv, idx_h, t0, t1, t2, t3, Visits_h, n_kblocks, pid_n, stride_qs,
+                             q_slots, iv_h, idx_h, t0, t1, t2, t3, Visits_h, n_kblocks, pid_n, stride_qs,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
                              VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD, q_off, DYN, DYN_CAUSAL)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
-                                 q_slots, q_iv, idx_h, t4, t5, t6, t7, Visits_h, n_kblocks, pid_n, stride_qs,
+                                 q_slots, iv_h, idx_h, t4, t5, t6, t7, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
