@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 
 log = logging.getLogger("locattn")
@@ -47,9 +48,15 @@ def record_density(site: str, n_heads: int, heads, density) -> None:
     if acc is None or acc[0].device != density.device or acc[0].numel() != n_heads:
         acc = _DENSITY[site] = [torch.zeros(n_heads, dtype=torch.float64, device=density.device),
                                 torch.zeros(n_heads, dtype=torch.float64, device=density.device)]
-    idx = slice(None) if heads is None else torch.tensor(heads, device=density.device)
+    idx = slice(None) if heads is None else _index(tuple(heads), density.device)
     acc[0][idx] += density.sum(0).to(torch.float64)
     acc[1][idx] += density.shape[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _index(heads: tuple, device):
+    import torch  # noqa: PLC0415
+    return torch.tensor(heads, device=device)
 
 
 def densities() -> dict[str, dict[str, float]]:

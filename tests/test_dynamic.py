@@ -404,3 +404,25 @@ def test_compiled_models_with_dynamic_policies(which, monkeypatch):
         for a, b in zip(results[impl][:2] + tuple(results[impl][2]), results["reference"][:2] + tuple(
                 results["reference"][2])):
             torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (native Triton kernels)")
+def test_dynamic_triton_is_captured_by_a_cuda_graph():
+    """The dynamic path (selection, tables, kernels, density counters) has no host synchronisation and no
+    host-to-device copy per call: it captures into a CUDA graph and a replay on new content selects anew."""
+    dev = torch.device("cuda")
+    pattern = Dynamic(block=64, top_p=0.5, causal=True, base=SlidingWindow(window=64, causal=True))
+    spec = SiteSpec((HeadGroup(None, pattern, Layout(sinks=4)),), site="capture").to_json()
+    q, k, v = (torch.randn(1, 4, 1024, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    op = lambda: torch.ops.locattn.attention(q, k, v, None, None, 0.125, False, spec, "triton")
+    op()  # compile the kernels, build the cached host tables
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = op()
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    want, _ = op()
+    torch.testing.assert_close(out, want)

@@ -162,6 +162,19 @@ class Blocking:
 _BLOCKINGS: dict = {}
 
 
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host table ``t`` (from a cached :class:`Blocking`) on ``device``, copied once: the per-call path does no
+    host-to-device copy (legal inside a CUDA-graph capture, no synchronisation)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    key = ("dev", id(t), device)
+    hit = _BLOCKINGS.get(key)
+    if hit is None or hit[0] is not t:
+        hit = _BLOCKINGS[key] = (t, t.to(device))
+    return hit[1]
+
+
 def blocking(pattern: Dynamic, layout: Layout) -> Blocking:
     """The pooling blocks of ``layout``'s grid part (cached). ``layout`` must be resolved."""
     key = (pattern.tile_for(layout.grid), layout.grid, layout.prefix, layout.suffix)
@@ -202,8 +215,8 @@ def pooled(x: torch.Tensor, tokens: torch.Tensor, offset: int = 0) -> torch.Tens
             torch.equal(tokens.flatten(), torch.arange(int(tokens[0, 0]), x.shape[2])):
         # consecutive blocks filling the end of the sequence: a view (1-D sequences)
         return x[:, :, int(tokens[0, 0]):].reshape(*x.shape[:2], nb, t, x.shape[-1]).to(ct).mean(3)
-    rows = tokens.to(x.device) - offset
-    present = (tokens >= 0).to(x.device) & (rows >= 0) & (rows < x.shape[2])
+    rows = on_device(tokens, x.device) - offset
+    present = (rows >= 0) & (rows < x.shape[2])  # a padding token (-1) lands below 0
     g = x.index_select(2, rows.clamp(0, max(x.shape[2] - 1, 0)).reshape(-1)).to(ct)
     g = g.view(*x.shape[:2], *rows.shape, x.shape[-1]) * present[..., None].to(ct)
     cnt = present.sum(1).clamp_min(1).to(ct)
@@ -226,7 +239,7 @@ def select_blocks(pattern: Dynamic, layout: Layout, q: torch.Tensor, k: torch.Te
     s = (qb.view(b, hk, hq // hk, nb, d) @ kb.view(b, hk, 1, nb, d).transpose(-2, -1)).view(b, hq, nb, nb) * scale
     allowed = torch.ones(nb, nb, dtype=torch.bool, device=dev)
     if pattern.causal:
-        allowed = bl.tok_min.to(dev)[None, :] <= bl.tok_max.to(dev)[:, None]
+        allowed = on_device(bl.tok_min, dev)[None, :] <= on_device(bl.tok_max, dev)[:, None]
     diag = torch.eye(nb, dtype=torch.bool, device=dev)
     if pattern.top_p >= 1.0 and pattern.max_blocks == 0:
         return (allowed | diag).expand(b, hq, nb, nb).clone()
@@ -264,10 +277,4 @@ def block_pairs_allowed(pattern: Dynamic, layout: Layout, kept: torch.Tensor, qi
 def token_blocks(pattern: Dynamic, layout: Layout, device=None) -> torch.Tensor:
     """Block id of every token of the sequence (``[layout.seq_len]``, -1 for global tokens), cached per device."""
     bl = blocking(pattern, layout)
-    if device is None or torch.device(device) == bl.token_block.device:
-        return bl.token_block
-    key = ("token_block", bl, torch.device(device))
-    hit = _BLOCKINGS.get(key)
-    if hit is None:
-        hit = _BLOCKINGS[key] = bl.token_block.to(device)
-    return hit
+    return bl.token_block if device is None else on_device(bl.token_block, device)
