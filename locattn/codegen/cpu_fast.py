@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
+from ..patterns.plan import axis_bounds_u
 from . import cpu_tables
 from .blocked import Blocked
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
@@ -129,7 +130,7 @@ def _axis_plan(pattern: Pattern, grid, a: int, t: int, aligned: bool, causal_u: 
     d = pattern.dilation_of(a, len(grid))
     u = torch.arange(n)
     coord = u_to_coord(u, n, d)
-    lo, hi = pattern.axis_bounds(a, grid, coord)
+    lo, hi = axis_bounds_u(pattern, grid, a)  # the block planner's per-axis relation
     if causal_u:  # 1-D site causal: keys of a window share the query's dilation group, so u-order = token order
         hi = torch.minimum(hi, u)
     seg = _segment_ids(pattern, grid, a, t, aligned, lo, hi)

@@ -131,7 +131,10 @@ def _pow2_tiles(grid: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _axis_bounds_u(pattern: Pattern, grid: tuple[int, ...], a: int) -> tuple[torch.Tensor, torch.Tensor]:
+def axis_bounds_u(pattern: Pattern, grid: tuple[int, ...], a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-axis relation every plan is derived from: the u-space key interval ``[lo, hi]`` of the query at
+    each u-space position of axis ``a`` (``[n]`` each, cached). The block plan here and the CPU path's window
+    schedule (:func:`locattn.codegen.cpu_fast.window_plan`) both start from it."""
     n = grid[a]
     lo, hi = pattern.axis_bounds(a, grid, u_to_coord(torch.arange(n), n, pattern.dilation_of(a, len(grid))))
     return lo, hi
@@ -144,7 +147,7 @@ def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: i
     ``hi`` (equal to :func:`_axis_pairs`'s count when the tile's key intervals overlap or touch, as they do for
     every pattern here) and the full ones: key tiles inside every query's interval, without padding."""
     n = grid[a]
-    lo, hi = _axis_bounds_u(pattern, grid, a)
+    lo, hi = axis_bounds_u(pattern, grid, a)
     nq = -(-n // tq)
     pad = nq * tq - n
     big = torch.iinfo(torch.long).max // 4
