@@ -6,7 +6,7 @@
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn.*)
 from .backend import LocattnBackend, backend
-from .counters import counters, reset_counters
+from .counters import counters, densities, reset_counters
 from .explain import Report, explain
 from .passes.rewrite import LocattnWarning
 from .patterns import PATTERNS, Layout, PatternError
@@ -15,6 +15,6 @@ from .policy import Policy, PolicyError
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "LocattnBackend", "explain", "Report", "counters", "reset_counters", "Policy", "PolicyError",
+    "backend", "LocattnBackend", "explain", "Report", "counters", "densities", "reset_counters", "Policy", "PolicyError",
     "PatternError", "PATTERNS", "Layout", "LocattnWarning",
 ]

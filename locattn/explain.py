@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .counters import _DENSITY, densities
 from .backend import LocattnBackend
 from .passes.rewrite import Decision
 
@@ -41,6 +42,8 @@ def phase_groups(d: Decision) -> list[tuple[str, Decision]]:
 class Report:
     decisions: list[Decision]
     policy_source: str = ""
+    #: measured densities of sites whose pattern is chosen per call (``dynamic``), from the explained run
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -54,6 +57,8 @@ class Report:
         out = []
         for i, d in enumerate(self.decisions):
             s = d.site
+            meas = self.measured.get(d.spec.site) if d.spec is not None and d.spec.site else None
+            density = meas["mean"] if meas else d.density
             out.append({
                 "index": i,
                 "graph": s.graph_id,
@@ -72,11 +77,13 @@ class Report:
                 "spec": json.loads(d.spec.to_json()) if d.spec is not None else None,
                 "backend": d.backend or "auto",
                 "rules": list(d.rules),
-                "density": d.density,
+                "density": density,
+                "density_measured": dict(meas) if meas else None,
                 "blocks_full": d.blocks_full,
                 "blocks_partial": d.blocks_partial,
                 "attn_flops_dense": d.attn_flops_dense,
-                "attn_flops": d.attn_flops if d.rewritten else d.attn_flops_dense,
+                "attn_flops": (int(round(d.attn_flops_dense * density)) if d.rewritten and density is not None
+                               else d.attn_flops_dense),
                 "reason": d.reason,
                 "notes": list(d.notes),
                 "replaced": list(s.replaced),
@@ -98,12 +105,16 @@ class Report:
         for r in rows:
             if r["rewritten"] and r["phases"]:   # one density per distinct phase decision, in the pattern's order
                 pat = r["pattern"]
-                dens = "|".join(f"{pd.density:.3f}" for _, pd in phase_groups(self.decisions[r["index"]]))
+                dens = "|".join(f"{pd.density:.3f}" if pd.density is not None else "?"
+                                for _, pd in phase_groups(self.decisions[r["index"]]))
                 blocks = f"{r['blocks_full']}/{r['blocks_partial']}"
                 flops = f"{_fmt_flops(r['attn_flops_dense'])}->{_fmt_flops(r['attn_flops'])}"
             elif r["rewritten"]:
                 pat = r["pattern"]
                 dens = f"{r['density']:.3f}" if r["density"] is not None else "?"
+                if r["density_measured"]:
+                    m = r["density_measured"]
+                    dens = f"~{m['mean']:.3f} ({m['min']:.3f}-{m['max']:.3f})"
                 blocks = f"{r['blocks_full']}/{r['blocks_partial']}"
                 flops = f"{_fmt_flops(r['attn_flops_dense'])}->{_fmt_flops(r['attn_flops'])}"
             else:
@@ -143,10 +154,17 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
     torch._dynamo.reset()
     b = LocattnBackend(policy, backend=backend, inductor=inductor, timestep_arg=timestep_arg)
     compiled = torch.compile(model, backend=b, dynamic=dynamic)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
+    before = _DENSITY.copy()
+    _DENSITY.clear()  # measure this run's dynamic sites alone
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+        measured = densities()
+    finally:
+        _DENSITY.clear()
+        _DENSITY.update(before)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source)
+    return Report(b.decisions, b.policy.source, measured)

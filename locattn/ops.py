@@ -29,7 +29,7 @@ import torch
 
 from .codegen import registry
 from .codegen.registry import AttentionCall, lse_dtype
-from .counters import bump
+from .counters import bump, record_density
 from .patterns.base import PatternError
 from .patterns.spec import HeadGroup, SiteSpec, head_ranges, parse_spec
 
@@ -98,10 +98,12 @@ def _check_inputs(q, k, v, mask, bias, scale: float, spec: SiteSpec) -> None:
                          f"{spec.describe()!r}")
 
 
-def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
-    """Split one op call into per-head-group :class:`AttentionCall` s: ``[(q_heads, kv_heads, call)]``, both
-    None for a group of all heads. ``q_heads`` (tuple) are the group's query heads, ``kv_heads`` (tuple) the
-    key/value heads its call reads, in the call's head order.
+def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend: str = ""):
+    """Split one op call into per-head-group :class:`AttentionCall` s: ``([(q_heads, kv_heads, call)], impl)``,
+    both heads None for a group of all heads. ``q_heads`` (tuple) are the group's query heads, ``kv_heads``
+    (tuple) the key/value heads its call reads, in the call's head order. ``impl``: an implementation that runs
+    several head groups at once (one kernel launch, ``registry.select_multi``); then the list holds that one
+    call (``AttentionCall.head_groups``) and no head is gathered.
 
     GQA (``Hq = rep x Hk``): a group whose query heads take the same number ``r`` of heads from each kv head they
     use keeps GQA (its call reads each of those kv heads once, ``r`` query heads per kv head; views when the
@@ -112,16 +114,34 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
     mask, bias = _as4d(mask), _as4d(bias)
     s_q, s_k = q.shape[-2], k.shape[-2]
     rep = hq // hk
-    out = []
+    resolved = []
     for g in spec.groups:
-        layout = g.layout
+        layout, q_offset = g.layout, 0
         if g.pattern.local:
             if s_q != s_k:
-                raise PatternError(f"pattern {g.pattern.name} needs self-attention but Sq={s_q} != Sk={s_k}")
-            layout = layout.resolve(s_q)
+                if not (g.pattern.causal_rule and s_q < s_k):
+                    raise PatternError(f"pattern {g.pattern.name} needs self-attention (or a causal rule with "
+                                       f"S_q < S_k) but Sq={s_q} != Sk={s_k}")
+                q_offset = s_k - s_q
+            layout = layout.resolve(s_k)
             g.pattern.validate(layout.grid)
+            if q_offset and len(layout.grid) != 1:
+                raise PatternError(f"pattern {g.pattern.name}: queries at an offset (S_q={s_q} < S_k={s_k}) need a "
+                                   f"1-D layout, got grid {list(layout.grid)}")
+        resolved.append((g, layout, q_offset))
+    if len(resolved) > 1 and not any(g.pattern.dynamic for g, _, _ in resolved):
+        local = [r for r in resolved if r[0].pattern.local]
+        g0, lay0, off0 = local[0] if local else resolved[0]
+        multi = AttentionCall(q, k, v, mask, bias, scale, is_causal, g0.pattern, lay0, off0,
+                              tuple((tuple(sorted(g.heads)), g.pattern, lay) for g, lay, _ in resolved))
+        impl = registry.select_multi(multi, backend)
+        if impl is not None:
+            return [(None, None, multi)], impl
+    out = []
+    for g, layout, q_offset in resolved:
         if g.heads is None:
-            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
+                                                  q_offset)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -131,9 +151,9 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, q_offset)
         out.append((tuple(heads), tuple(kv), call))
-    return out
+    return out, None
 
 
 def _sum_repeated(grads: tuple[torch.Tensor, ...], kv: tuple[int, ...]):
@@ -151,20 +171,32 @@ def _sum_repeated(grads: tuple[torch.Tensor, ...], kv: tuple[int, ...]):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               bias: Optional[torch.Tensor], scale: float, is_causal: bool, spec: str,
               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    site_spec = parse_spec(spec)
+    groups, impl = _group_calls(q, k, v, mask, bias, scale, is_causal, site_spec, backend)
     b, hq, s_q, _ = q.shape
-    if len(groups) == 1 and groups[0][0] is None:
+    if len(groups) == 1 and groups[0][0] is None:  # one call: all heads, or every head group at once
         call = groups[0][2]
-        o, lse = registry.select(call, backend).forward(call)
+        o, lse = (impl or registry.select(call, backend)).forward(call)
+        _record_density(site_spec, call, None, hq)
         return _sdpa_layout(o), lse.contiguous()
     out = _new_out(q, v)
     lse_out = q.new_empty(b, hq, s_q, dtype=lse_dtype(q.dtype))
     for heads, _, call in groups:
         o, lse = registry.select(call, backend).forward(call)
+        _record_density(site_spec, call, heads, hq)
         idx = _head_index(heads, q.device)
         out.index_copy_(1, idx, o.to(out.dtype))
         lse_out.index_copy_(1, idx, lse)
     return out, lse_out
+
+
+def _record_density(spec: SiteSpec, call: AttentionCall, heads, n_heads: int) -> None:
+    """A ``dynamic`` group's measured density, per batch element and head (``locattn.densities()``)."""
+    if not call.pattern.dynamic:
+        return
+    b, h = call.q.shape[:2]
+    pairs = call.dynamic_tables().pairs.view(b, h)
+    record_density(spec.site or "<unnamed>", n_heads, heads, pairs / float(call.q.shape[-2] * call.k.shape[-2]))
 
 
 @attention.register_fake
@@ -181,11 +213,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """Gradients ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape; empty if not needed)."""
     # grad_out as autograd hands it over (the model's layout, often [B, Sq, Hq, Dv] in memory, or an expanded
     # stride-0 tensor): every implementation reads it through its strides or copies it itself
-    groups = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec))
+    groups, impl = _group_calls(q, k, v, mask, bias, scale, is_causal, parse_spec(spec), backend)
     want_dbias = need_dbias and bias is not None
     if len(groups) == 1 and groups[0][0] is None:  # one call: its gradients are the op's, nothing to scatter
         call = groups[0][2]
-        gq, gk, gv, gb = registry.select(call, backend).backward(call, grad_out, out, lse, need_dbias)
+        gq, gk, gv, gb = (impl or registry.select(call, backend)).backward(call, grad_out, out, lse, need_dbias)
         dbias = gb.to(bias.dtype).reshape(bias.shape).contiguous() if want_dbias else q.new_empty(0)
         return gq.to(q.dtype).contiguous(), gk.to(k.dtype).contiguous(), gv.to(v.dtype).contiguous(), dbias
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from .patterns import PATTERNS
-from .patterns.base import Pattern
+from .patterns.base import Pattern, PatternError
 
 POLICY_VERSION = 1
 #: the global options
@@ -287,16 +287,7 @@ def _parse_rule(d: Any, index: int, source: str, line: int) -> Rule:
     pattern = None
     params: set[str] = set()
     if name is not None:
-        if name not in PATTERNS:
-            raise err("pattern", f"unknown pattern {name!r}; known: {sorted(PATTERNS)}")
-        cls = PATTERNS[name]
-        kw = {}
-        for k, (typ, per_axis, minimum) in cls.params.items():
-            if k not in d:
-                continue
-            params.add(k)
-            kw[k] = _parse_param(d[k], typ, per_axis, minimum, k, err)
-        pattern = cls(**kw)
+        pattern, params = _parse_pattern(name, d, err)
     unknown = set(d) - RULE_KEYS - params
     if unknown:
         allowed = RULE_KEYS | set(PATTERNS[name].params if name in PATTERNS else ())
@@ -360,12 +351,52 @@ def _parse_timesteps(v, index: int, skip: bool, err) -> tuple[int | float, int |
     return (v[0], v[1])
 
 
+def _parse_pattern(name, d: dict, err, prefix: str = "") -> tuple[Pattern, set[str]]:
+    """The pattern ``name`` with its parameters from table ``d`` (other keys are the caller's); ``prefix``
+    names a nested table in errors (``base.``). Returns the pattern and the parameter keys it used."""
+    if not isinstance(name, str) or name not in PATTERNS:
+        raise err(prefix + "pattern", f"unknown pattern {name!r}; known: {sorted(PATTERNS)}")
+    cls = PATTERNS[name]
+    kw, params = {}, set()
+    for k, (typ, per_axis, minimum) in cls.params.items():
+        if k not in d:
+            continue
+        params.add(k)
+        if typ is Pattern:
+            kw[k] = _parse_nested(d[k], prefix + k, err)
+        else:
+            kw[k] = _parse_param(d[k], typ, per_axis, minimum, prefix + k, err)
+    try:
+        return cls(**kw), params
+    except PatternError as e:
+        raise err(prefix + (e.key or "pattern"), str(e)) from None
+
+
+def _parse_nested(v, key: str, err) -> Pattern:
+    """An inline pattern table (``base = {pattern = "sliding_window", window = 128}``): a static local pattern."""
+    if not isinstance(v, dict) or "pattern" not in v:
+        raise err(key, f"expected an inline table with a 'pattern', e.g. {{pattern = \"sliding_window\", "
+                       f"window = 128}}, got {v!r}")
+    pattern, used = _parse_pattern(v["pattern"], v, err, key + ".")
+    unknown = set(v) - used - {"pattern"}
+    if unknown:
+        raise err(f"{key}.{sorted(unknown)[0]}", f"unknown key for pattern {v['pattern']!r}; allowed keys: "
+                                                 f"{sorted(pattern.params)}")
+    if not pattern.local or pattern.dynamic:
+        raise err(key, f"must be a static local pattern, got {pattern.name!r}")
+    return pattern
+
+
 def _parse_param(v, typ, per_axis, minimum, key, err):
     def one(x):
         if typ is bool:
             if not isinstance(x, bool):
                 raise err(key, f"expected true/false, got {x!r}")
             return x
+        if typ is float:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise err(key, f"expected a number, got {x!r}")
+            return float(x)
         return _check_int(x, key, minimum, err)
 
     if isinstance(v, list):

@@ -109,7 +109,7 @@ def test_head_groups_keep_gqa_without_copies():
                      _spec("dense", {}, None, 0, 0, 0, heads=(0, 1, 6, 7)),
                      ))
     locattn.reset_counters()
-    (qh1, kv1, c1), (qh2, kv2, c2) = _group_calls(q, k, v, None, bias, 0.25, False, spec)
+    ((qh1, kv1, c1), (qh2, kv2, c2)), _ = _group_calls(q, k, v, None, bias, 0.25, False, spec)
     assert qh1 == (2, 3, 4, 5) and kv1 == (1, 2) and c1.k.shape[1] == 2
     for t, full in ((c1.q, q), (c1.k, k), (c1.v, v), (c1.bias, bias)):  # one run: views
         assert t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
@@ -117,7 +117,7 @@ def test_head_groups_keep_gqa_without_copies():
     assert "kv_repeated" not in locattn.counters()
     spec = SiteSpec((_spec("dense", {}, None, 0, 0, 0, heads=(0, 3, 4)),
                      _spec("dense", {}, None, 0, 0, 0, heads=(1, 2, 5, 6, 7))))
-    (_, kv1, c1), (_, kv2, _) = _group_calls(q, k, v, None, None, 0.25, False, spec)
+    ((_, kv1, c1), (_, kv2, _)), _ = _group_calls(q, k, v, None, None, 0.25, False, spec)
     assert kv1 == (0, 1, 2) and c1.k.shape[1] == 3 and kv2 == (0, 1, 2, 3, 3)
     # their kv gradients are summed per kv head before the scatter (no repeated index reaches index_add_)
     g = torch.randn(2, 5, 35, 16)

@@ -1018,8 +1018,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter is lenient (tile shapes, descriptor ranks, layouts): every kernel family also compiles for
     sm_90 offline (Triton's bundled ptxas, ``tools/compile_sm90.py``, fresh cache): the generic forward / dQ /
     dK/dV with GRID addressing, RANGES and WINDOW_ONLY at a padded head dim, and on a LINEAR plan without padding
-    slots (NOPAD: unmasked row loads in the partial loops), and the TMA forward on LINEAR and 3-D GRID
-    descriptors."""
+    slots (NOPAD: unmasked row loads in the partial loops), the TMA forward on LINEAR and 3-D GRID
+    descriptors, and the per-(batch, head) / per-head-group tables (PER_BH, DYN)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_CACHE_DIR=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)
     runs = [("--family fwd dq dkdv --d 72 --ndim 2 --block 64 64 --warps 4 --stages 2 --tile 8 8 --ranges "
@@ -1027,7 +1027,10 @@ def test_kernels_compile_for_sm90(tmp_path):
             ("--family fwd dq dkdv --d 64 --ndim 1 --block 64 32 --warps 4 --stages 2 --linear --ranges --window-only "
              "--nopad 3", 3),
             ("--family fwd --tma --d 40 --ndim 0 --block 64 64 --warps 4 --stages 2 --linear --ranges --no-partial", 1),
-            ("--family fwd --tma --d 64 --ndim 3 --block 64 64 --warps 4 --stages 2 --tile 2 4 8 --no-partial", 1)]
+            ("--family fwd --tma --d 64 --ndim 3 --block 64 64 --warps 4 --stages 2 --tile 2 4 8 --no-partial", 1),
+            # dynamic tables (per (batch, head), WHOLE entries, causal) and per-head-group tables
+            ("--family fwd dq dkdv --d 64 --ndim 1 --block 64 64 --warps 4 --stages 2 --linear --dyn --causal", 3),
+            ("--family fwd dq dkdv --d 128 --ndim 2 --block 64 64 --warps 4 --stages 2 --tile 8 8 --per-bh", 3)]
     for args, n in runs:
         proc = subprocess.run([sys.executable, str(REPO / "tools" / "compile_sm90.py"), *args.split()], env=env,
                               capture_output=True, text=True, timeout=300)

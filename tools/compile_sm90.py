@@ -28,7 +28,7 @@ PTR_INPUT = {"Q", "K", "V", "dO", "Out"}
 PTR_OUTPUT_SAME = {"dQ", "dK", "dV"}
 PTR_F32 = {"LSE", "LD", "dBias", "Bias"}
 PTR_I32 = {"q_slots", "k_slots", "k_u", "kv_ptr", "kv_split", "kv_idx", "qb_ptr", "qb_split",
-           "qb_idx", "kv_rng", "qb_rng", "Visits"}
+           "qb_idx", "kv_rng", "qb_rng", "Visits", "head_map"}
 PTR_I64 = {"q_iv"}
 PTR_U8 = {"Mask"}
 
@@ -36,7 +36,7 @@ PTR_U8 = {"Mask"}
 def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = "bf16", causal: bool = False,
                 linear: bool = False, ranges: bool = False, tile: tuple[int, ...] | None = None, partial: bool = True,
                 window_only: bool = False, ktile: tuple[int, ...] | None = None, nopad: int = 0,
-                target=GPUTarget("cuda", 90, 32)):
+                per_bh: bool = False, dyn: bool = False, target=GPUTarget("cuda", 90, 32)):
     """Compile one kernel family. ``linear`` / ``tile`` (a power-of-two spatial tile: GRID addressing for
     queries, and for keys unless ``ktile`` gives theirs) / ``ranges`` select the table-free addressing modes
     (see triton_kernels' glossary)."""
@@ -54,7 +54,7 @@ def compile_one(family: str, d: int, ndim: int, cfg: KernelConfig, dtype: str = 
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bd, VISIT=False,
                  PRECISION="tf32", UPCAST=False, QADDR=addr, KADDR=kaddr, RANGES=ranges,
                  HAS_GLOBALS=False, HAS_PARTIAL=partial, FOLD=True, WS=cfg.ws, WINDOW_ONLY=window_only,
-                 NOPAD=nopad)
+                 NOPAD=nopad, PER_BH=per_bh or dyn, DYN=dyn, DYN_CAUSAL=dyn and causal)
     for n in names:
         if n.startswith("desc_"):  # block shape of _tma_descriptor: LINEAR [1, 1, B, D], GRID [(1,) 1, *tile, D]
             block, t = (cfg.block_m, tile) if n == "desc_q" else (cfg.block_n, ktile)
@@ -175,6 +175,9 @@ def main() -> int:
     ap.add_argument("--loops", action="store_true", help="also print each SASS loop's size and main opcodes")
     ap.add_argument("--tma", action="store_true", help="the TMA forward (attn_fwd_tma; needs --linear or --tile)")
     ap.add_argument("--ws", action="store_true", help="the TMA forward with warp specialization")
+    ap.add_argument("--per-bh", action="store_true", help="per-(batch, head) / per-head-group tables (PER_BH)")
+    ap.add_argument("--dyn", action="store_true", help="dynamic tables: PER_BH with the WHOLE bit (DYN)")
+    ap.add_argument("--causal", action="store_true", help="the site's is_causal (and DYN_CAUSAL with --dyn)")
     args = ap.parse_args()
     for d in args.d:
         for fam in args.family:
@@ -188,7 +191,7 @@ def main() -> int:
                                          tile=tuple(args.tile) if args.tile else None,
                                          ktile=tuple(args.ktile) if args.ktile else None,
                                          partial=not args.no_partial, window_only=args.window_only,
-                                         nopad=args.nopad)
+                                         nopad=args.nopad, per_bh=args.per_bh, dyn=args.dyn, causal=args.causal)
                     st = static_stats(ck)
                     print(f"{fam:5s} d={d:<3d} ndim={ndim} {cfg}: {dt:6.1f} s  shared {ck.metadata.shared}  "
                           + "  ".join(f"{k} {v}" for k, v in st.items()), flush=True)

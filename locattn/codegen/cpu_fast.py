@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
+from ..patterns.plan import axis_bounds_u
+from . import cpu_tables
 from .blocked import Blocked
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
@@ -128,7 +130,7 @@ def _axis_plan(pattern: Pattern, grid, a: int, t: int, aligned: bool, causal_u: 
     d = pattern.dilation_of(a, len(grid))
     u = torch.arange(n)
     coord = u_to_coord(u, n, d)
-    lo, hi = pattern.axis_bounds(a, grid, coord)
+    lo, hi = axis_bounds_u(pattern, grid, a)  # the block planner's per-axis relation
     if causal_u:  # 1-D site causal: keys of a window share the query's dilation group, so u-order = token order
         hi = torch.minimum(hi, u)
     seg = _segment_ids(pattern, grid, a, t, aligned, lo, hi)
@@ -494,7 +496,9 @@ class CpuFast(Implementation):
     def forward(self, call):
         q, k, v, e = _prep(call)
         dv = call.v.shape[-1]
-        if not call.pattern.local:
+        if call.pattern.dynamic or call.q_offset:  # per-call block tables, or queries at an offset
+            o, l = cpu_tables.forward(call, q, k, v, _acc_dtype(q.dtype))
+        elif not call.pattern.local:
             o, l = self._dense_fwd(call, q, k, v)
         else:
             o, l = self._local_fwd(call, q, k, v)
@@ -743,7 +747,9 @@ class CpuFast(Implementation):
         go = _pad_last(grad_out.to(dt), e)
         o = _pad_last(out.to(dt), e)
         l = _bwd_lse(lse, dt)
-        if not call.pattern.local:
+        if call.pattern.dynamic or call.q_offset:
+            dq, dk, dv = cpu_tables.backward(call, q, k, v, go, o, l, _acc_dtype(dt))
+        elif not call.pattern.local:
             dq, dk, dv = self._dense_bwd(call, q, k, v, go, o, l)
         else:
             dq, dk, dv = self._local_bwd(call, q, k, v, go, o, l)

@@ -5,6 +5,8 @@ the semantic definition every faster implementation is tested against, and it ru
 
 Semantics shared by every implementation:
   scores = scale * q @ k^T + bias;  allowed = pattern & mask & (causal: j <= i, top-left aligned)
+  (the pattern sees query row i as token i + q_offset: a causal rule's queries are the last S_q keys; a
+  ``dynamic`` pattern's pairs come from its per-(batch, head) block selection of this call)
   (a bias value below ``registry.BIAS_MASK_BELOW`` = -2**14, e.g. ``finfo.min`` or -1e9 masks, is -inf)
   out    = softmax(scores over allowed keys) @ v;  lse = logsumexp(scores over allowed keys)
   A query row with no allowed key gets ``out = 0`` and ``lse = -inf`` (SDPA would give NaN).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns.base import allowed
+from ..patterns.dynamic import block_pairs_allowed
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 
@@ -29,8 +32,16 @@ def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
 
 
 def keep_mask(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
-    """Pattern & causal for token indices ``qi [..., M, 1]``, ``kj [..., 1, N]`` (site mask not included)."""
-    keep = allowed(call.pattern, call.layout, qi, kj)
+    """Pattern & site causal for query rows ``qi [..., M, 1]`` and key tokens ``kj [..., 1, N]`` (the site mask
+    not included): ``[..., M, N]``, or ``[B, H, ..., M, N]`` for a ``dynamic`` pattern (its selection is per
+    batch element and head). Query row r is token ``r + call.q_offset`` for the pattern; the site's causality
+    is SDPA's (top-left, on rows)."""
+    tq = qi + call.q_offset if call.q_offset else qi
+    if call.pattern.dynamic:
+        keep = allowed(call.pattern.static, call.layout, tq, kj) | \
+            block_pairs_allowed(call.pattern, call.layout, call.kept(), tq, kj)
+    else:
+        keep = allowed(call.pattern, call.layout, tq, kj)
     if call.is_causal:
         keep = keep & (kj <= qi)
     return keep

@@ -11,7 +11,8 @@ instance to ``IMPLEMENTATIONS`` at the position where it should be preferred.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +31,9 @@ class AttentionCall:
     q: [B, Hq, Sq, D]; k: [B, Hk, Sk, D]; v: [B, Hk, Sk, Dv] with Hq % Hk == 0 (GQA);
     mask: bool, broadcastable to [B, Hq, Sq, Sk] (True = attend) or None;
     bias: float, broadcastable to [B, Hq, Sq, Sk] (added to the scaled scores) or None.
-    ``layout`` is resolved (concrete grid) for local patterns.
+    ``layout`` is resolved (concrete grid, over the keys) for local patterns. ``q_offset``: query row r is token
+    ``r + q_offset`` of the layout (a causal rule on a site with S_q < S_k: the last S_q positions); the site's
+    own mask, bias and ``is_causal`` keep SDPA's meaning on query rows.
     """
 
     q: torch.Tensor
@@ -42,6 +45,37 @@ class AttentionCall:
     is_causal: bool
     pattern: Pattern
     layout: Layout
+    q_offset: int = 0
+    #: a call over every head of a site whose heads follow different rules: ``((heads, pattern, layout), ...)``
+    #: covering each head once (``pattern`` / ``layout`` above are then the first local group's). Only
+    #: implementations with ``multi_group`` see such calls (:func:`select_multi`).
+    head_groups: tuple | None = None
+    _kept: torch.Tensor | None = field(default=None, repr=False)
+    _tables: object = field(default=None, repr=False)
+
+    def kept(self) -> torch.Tensor:
+        """A ``dynamic`` pattern's selection for this call: bool ``[B, Hq, NB, NB]`` (computed once per call on
+        the tensors' device; :func:`locattn.patterns.dynamic.select_blocks`). The backward recomputes it from
+        the same q and k, which gives the same blocks (the selection is a deterministic function of them)."""
+        if self._kept is None:
+            from ..patterns.dynamic import select_blocks  # noqa: PLC0415
+            self._kept = select_blocks(self.pattern, self.layout, self.q, self.k, self.scale, self.q_offset)
+        return self._kept
+
+    def dynamic_tables(self):
+        """A ``dynamic`` call's :class:`~locattn.patterns.tables.BlockTables` (its pooling blocks as plan blocks,
+        whatever the implementation), made once per call."""
+        if self._tables is None:
+            from ..patterns.dynamic import token_blocks  # noqa: PLC0415
+            from ..patterns.plan import build_plan  # noqa: PLC0415
+            from ..patterns.tables import dynamic_tables  # noqa: PLC0415
+            p, lay = self.pattern, self.layout
+            tile, bt = p.tile_for(lay.grid), p.block_tokens(lay.grid)
+            plan = build_plan(p.static, lay, self.q.shape[-2], self.k.shape[-2], bt, bt, self.is_causal,
+                              self.q_offset, (tile, tile))
+            self._tables = dynamic_tables(plan, token_blocks(p, lay, self.q.device), self.kept(), p.static, lay,
+                                          p.causal, self.is_causal)
+        return self._tables
 
     @property
     def empty(self) -> bool:
@@ -72,6 +106,8 @@ def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:
 
 class Implementation:
     name: str = ""
+    #: runs a site's per-head rules as one call (``AttentionCall.head_groups``), e.g. one kernel launch
+    multi_group: bool = False
 
     def can_run(self, call: AttentionCall) -> tuple[bool, str]:
         return True, ""
@@ -109,6 +145,28 @@ def get(name: str) -> Implementation:
 def candidates(call: AttentionCall) -> list[tuple[str, bool, str]]:
     """Which implementations could run ``call``: ``[(name, ok, reason)]`` in dispatch order."""
     return [(impl.name, *impl.can_run(call)) for impl in IMPLEMENTATIONS]
+
+
+def select_multi(call: AttentionCall, override: str = "") -> Implementation | None:
+    """The implementation that runs a per-head call (``call.head_groups``) at once, or None: then the op runs
+    each head group on its own. Taken only where that implementation is the one dispatch would pick for the
+    groups anyway (the first in order that can run the call), or the explicit override."""
+    if override and override != "auto":
+        impl = get(override)
+        if impl.multi_group and impl.can_run(call)[0]:
+            bump("dispatch", f"{impl.name} (per-head groups, one call)")
+            return impl
+        return None
+    for impl in IMPLEMENTATIONS:
+        if impl.multi_group:
+            if impl.can_run(call)[0]:
+                bump("dispatch", f"{impl.name} (per-head groups, one call)")
+                return impl
+            continue
+        first = dataclasses.replace(call, head_groups=None)
+        if impl.can_run(first)[0]:
+            return None  # a single-group implementation would run the groups
+    return None
 
 
 def select(call: AttentionCall, override: str = "") -> Implementation:

@@ -35,7 +35,7 @@ import torch
 
 from ..counters import bump, log
 from ..patterns.base import Layout, Pattern, key_coords, query_bounds
-from ..patterns.plan import BlockPlan, build_plan
+from ..patterns.plan import BlockPlan, build_plan, choose_tiles
 from .reference import reduce_to
 from .registry import AttentionCall, Implementation
 
@@ -279,6 +279,17 @@ class KernelTables:
     prefix: int
     grid_end: int
     sinks: int
+    q_off: int = 0        # query row r is token r + q_off for the pattern (the plan's q_offset)
+    # per-(batch, head) or per-head-group tables (PER_BH): head h reads group g = head_map[h], table
+    # b * tab_sb + g, query intervals q_iv + g * iv_st; kv / qb strides per table
+    per_bh: bool = False
+    head_map: torch.Tensor | None = None
+    tab_sb: int = 0
+    iv_st: int = 0
+    kv_st: tuple[int, int] = (0, 0)   # (ptr / split stride, idx stride) of the kv tables
+    qb_st: tuple[int, int] = (0, 0)   # likewise of the transposed tables
+    dyn: bool = False                 # entries carry the WHOLE bit (DYN)
+    dyn_causal: bool = False
 
     @property
     def computed(self) -> bool:
@@ -426,7 +437,8 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
         ndim = len(layout.grid)
         if ndim > 3:
             raise ValueError(f"the Triton kernels support grids of up to 3 axes, got {ndim}")
-        for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, plan.q_slots, True)):
+        q_tok = torch.where(plan.q_slots >= 0, plan.q_slots + plan.q_offset, -1)  # slots hold query rows
+        for a, (lo, hi) in enumerate(_slot_coords(pattern, layout, q_tok, True)):
             empty = hi < lo
             q_lo[a] = torch.where(empty, EMPTY_LO, lo)
             q_w[a] = torch.where(empty, 0, hi - lo)
@@ -450,7 +462,106 @@ def kernel_tables(plan: BlockPlan, pattern: Pattern, layout: Layout, device: tor
     return KernelTables(plan, dev(plan.q_slots), dev(plan.k_slots), q_iv.to(device).contiguous(), dev(k_u),
                         dev(kv_ptr), dev(kv_split), dev(kv_idx), dev(qb_ptr), dev(qb_split), dev(qb_idx),
                         dev(kv_rng), dev(qb_rng), q_addr, k_addr, g, ranges, has_globals, has_partial, window_only,
-                        nopad, ndim, prefix, grid_end, sinks)
+                        nopad, ndim, prefix, grid_end, sinks, plan.q_offset)
+
+
+def dynamic_kernel_tables(call: AttentionCall) -> KernelTables:
+    """The kernel tables of a ``dynamic`` call: its static part's slots, intervals and addressing
+    (:func:`kernel_tables`, cached) with the call's per-(batch, head) block tables (the WHOLE bit marks the
+    entries the selection keeps whole; see the kernel glossary)."""
+    bt = call.dynamic_tables()
+    plan = bt.plan
+    base = kernel_tables(plan, call.pattern.static, call.layout, call.q.device)
+    whole_bit = 1 << 30
+
+    def csr(ptr, split, idx, whole):
+        split = torch.cat([split, split[:, -1:]], 1)  # one column more: the same stride as ptr
+        idx = idx | (whole.long() << 30) if whole is not None else idx
+        assert plan.n_kblocks < whole_bit and plan.n_qblocks < whole_bit
+        return (ptr.to(torch.int32).contiguous(), split.to(torch.int32).contiguous(),
+                idx.to(torch.int32).contiguous())
+
+    kv = csr(bt.kv_ptr, bt.kv_split, bt.kv_idx, bt.kv_whole)
+    qb = csr(bt.qb_ptr, bt.qb_split, bt.qb_idx, bt.qb_whole)
+    hq = call.q.shape[1]
+    return dataclasses.replace(base, kv_ptr=kv[0], kv_split=kv[1], kv_idx=kv[2], qb_ptr=qb[0], qb_split=qb[1],
+                               qb_idx=qb[2], ranges=False, has_partial=True, window_only=False, per_bh=True,
+                               head_map=_arange32(hq, call.q.device), tab_sb=hq,
+                               kv_st=(kv[0].shape[1], kv[2].shape[1]), qb_st=(qb[0].shape[1], qb[2].shape[1]),
+                               dyn=True, dyn_causal=call.pattern.causal)
+
+
+def multi_reason(call: AttentionCall) -> str | None:
+    """Why the per-head groups of ``call`` cannot share one launch (None: they can): the kernels' slots, key
+    coordinates, global tokens and sinks are one set per launch, so every local group must have the same
+    layout and dilation; ``dynamic`` groups choose their own tables per call."""
+    groups = call.head_groups
+    local = [(p, lay) for _, p, lay in groups if p.local]
+    if not local:
+        return "no local group"
+    if any(p.dynamic for _, p, _ in groups):
+        return "a dynamic group"
+    p0, lay0 = local[0]
+    nd = len(lay0.grid)
+    for p, lay in local[1:]:
+        if lay != lay0:
+            return f"head groups on different layouts ({lay0} vs {lay})"
+        if any(p.dilation_of(a, nd) != p0.dilation_of(a, nd) for a in range(nd)):
+            return "head groups with different dilations"
+    return None
+
+
+def _every_key(layout: Layout) -> Pattern:
+    """A local pattern allowing every pair of ``layout`` (a dense head group among local ones, on their slots)."""
+    from ..patterns import SlidingWindow  # noqa: PLC0415
+    return SlidingWindow(window=max(layout.grid))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_map(groups_heads: tuple, n_heads: int, device: torch.device) -> torch.Tensor:
+    """int32 [H]: the head group of every head (made once per site shape and device)."""
+    m = torch.empty(n_heads, dtype=torch.int32)
+    for g, heads in enumerate(groups_heads):
+        m[list(heads)] = g
+    return m.to(device)
+
+
+def multi_kernel_tables(call: AttentionCall, block_m: int, block_n: int) -> KernelTables:
+    """One launch for a site's per-head groups: every group's plan on common spatial tiles (those of the group
+    with the most heads; a dense group becomes a window covering the grid), its CSR stacked per group and its
+    query intervals per group; heads find their group through ``head_map`` (PER_BH with ``tab_sb = 0``)."""
+    s_q, s_k = call.q.shape[-2], call.k.shape[-2]
+    layout, dev = call.layout, call.q.device
+    pats = [p if p.local else _every_key(layout) for _, p, _ in call.head_groups]
+    main = max(range(len(pats)), key=lambda i: len(call.head_groups[i][0]))
+    tiles = choose_tiles(pats[main], layout.grid, block_m, block_n)
+    tabs = [kernel_tables(build_plan(p, layout, s_q, s_k, block_m, block_n, call.is_causal, call.q_offset, tiles),
+                          p, layout, dev) for p in pats]
+    t0 = tabs[0]
+
+    def stack(ts):
+        width = max(t.numel() for t in ts)
+        return torch.stack([torch.cat([t, t.new_zeros(width - t.numel())]) for t in ts]).contiguous()
+
+    kv_ptr, kv_idx = stack([t.kv_ptr for t in tabs]), stack([t.kv_idx for t in tabs])
+    kv_split = stack([torch.cat([t.kv_split, t.kv_split[-1:]]) for t in tabs])
+    qb_ptr, qb_idx = stack([t.qb_ptr for t in tabs]), stack([t.qb_idx for t in tabs])
+    qb_split = stack([torch.cat([t.qb_split, t.qb_split[-1:]]) for t in tabs])
+    q_iv = torch.stack([t.q_iv for t in tabs]).contiguous()
+    same = lambda f: all(getattr(t, f) == getattr(t0, f) for t in tabs)
+    return dataclasses.replace(
+        t0, kv_ptr=kv_ptr, kv_split=kv_split, kv_idx=kv_idx, qb_ptr=qb_ptr, qb_split=qb_split, qb_idx=qb_idx,
+        q_iv=q_iv, q_addr=t0.q_addr if same("q_addr") else 0, k_addr=t0.k_addr if same("k_addr") else 0,
+        ranges=False, has_partial=any(t.has_partial for t in tabs), window_only=all(t.window_only for t in tabs),
+        nopad=min(t.nopad for t in tabs), has_globals=any(t.has_globals for t in tabs), per_bh=True,
+        head_map=_group_map(tuple(h for h, _, _ in call.head_groups), call.q.shape[1], dev), tab_sb=0,
+        iv_st=t0.q_iv.numel(), kv_st=(kv_ptr.shape[1], kv_idx.shape[1]), qb_st=(qb_ptr.shape[1], qb_idx.shape[1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _arange32(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` as int32 on ``device``, made once (no host-to-device copy per call: CUDA-graph safe)."""
+    return torch.arange(n, dtype=torch.int32, device=device)
 
 
 def _windows_exclude_padding(plan: BlockPlan, grid: tuple[int, ...], q_lo: torch.Tensor, q_w: torch.Tensor,
@@ -512,6 +623,7 @@ class Triton(Implementation):
     """
 
     name = "triton"
+    multi_group = True
 
     def __init__(self, config: KernelConfig | None = None, *, configs: dict[str, KernelConfig] | None = None,
                  autotune: bool | None = None, nan_fill: bool = False, record_visits: bool = False,
@@ -561,14 +673,23 @@ class Triton(Implementation):
             return False, f"dtype {q.dtype} is not supported (fp16, bf16, fp32)"
         if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
             return False, f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
-        if call.pattern.local and q.shape[-2] != k.shape[-2]:
+        if call.pattern.local and q.shape[-2] != k.shape[-2] and not call.q_offset:
             return False, f"pattern {call.pattern.name} needs S_q == S_k"
+        if call.pattern.dynamic:
+            bt = call.pattern.block_tokens(call.layout.grid)
+            if bt < 16 or bt > 128 or bt & (bt - 1):
+                return False, (f"dynamic pooling block of {bt} tokens (the kernels need a power of two in "
+                               f"16..128: it is their tile)")
         if call.pattern.local and len(call.layout.grid or ()) > 3:
             return False, f"grid of {len(call.layout.grid)} axes (at most 3)"
         if call.mask is not None and call.mask.dtype != torch.bool:
             return False, f"mask dtype {call.mask.dtype} (bool expected)"
         if call.bias is not None and not call.bias.is_floating_point():
             return False, f"bias dtype {call.bias.dtype} (floating point expected)"
+        if call.head_groups is not None:
+            why = multi_reason(call)
+            if why is not None:
+                return False, f"per-head groups in one launch: {why}"
         return True, ""
 
     # -- configs ----------------------------------------------------------------------------------------------
@@ -579,6 +700,13 @@ class Triton(Implementation):
         return (family, d, s_bucket, call.pattern.name, call.q.dtype, dev)
 
     def _config(self, call: AttentionCall, family: str, run) -> KernelConfig:
+        cfg = self._config_for(call, family, run)
+        if call.pattern.dynamic:  # the tables are per pooling block: that is the tile
+            bt = call.pattern.block_tokens(call.layout.grid)
+            cfg = dataclasses.replace(cfg, block_m=bt, block_n=bt, tma=False, ws=False)
+        return cfg
+
+    def _config_for(self, call: AttentionCall, family: str, run) -> KernelConfig:
         if family in self.configs:
             return self.configs[family]
         if self.config is not None:
@@ -625,8 +753,13 @@ class Triton(Implementation):
         return best
 
     def _tables(self, call: AttentionCall, cfg: KernelConfig) -> KernelTables:
+        if call.head_groups is not None:
+            return multi_kernel_tables(call, cfg.block_m, cfg.block_n)
+        if call.pattern.dynamic:
+            return dynamic_kernel_tables(call)
         s_q, s_k = call.q.shape[-2], call.k.shape[-2]
-        plan = build_plan(call.pattern, call.layout, s_q, s_k, cfg.block_m, cfg.block_n, call.is_causal)
+        plan = build_plan(call.pattern, call.layout, s_q, s_k, cfg.block_m, cfg.block_n, call.is_causal,
+                          call.q_offset)
         return kernel_tables(plan, call.pattern, call.layout, call.q.device)
 
     def _empty(self, *shape, dtype, device) -> torch.Tensor:
@@ -669,13 +802,14 @@ class Triton(Implementation):
                 return out, lse
             bump("triton_tma_unfit", unfit)
         self.launched["fwd"] = "attn_fwd"
+        bump("triton_launch", "fwd")
         self.compiled["fwd"] = kern.attn_fwd[(plan.n_qblocks, b * hq)](
             q, k, v, out, lse, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
             tab.kv_rng, visits,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *ms, *bs,
             hq, hq // hk, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(), plan.n_qblocks,
-            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
+            plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks, *self._table_args(tab, "kv"),
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
@@ -686,6 +820,8 @@ class Triton(Implementation):
         """Why ``attn_fwd_tma`` cannot run this call (None: it can)."""
         if tab.has_partial:  # all full: no padding in any block, so every spatial tile fills its block
             return "the plan has partial blocks"
+        if tab.per_bh:
+            return "per-head tables"
         if call.mask is not None or call.bias is not None:
             return "site mask or bias"
         if not _can_fold(call):
@@ -708,6 +844,7 @@ class Triton(Implementation):
         hk, dv = k.shape[1], v.shape[-1]
         plan = tab.plan
         bd, bdv = _pow2(d), _pow2(dv)
+        bump("triton_launch", "fwd")
         descs = (_tma_descriptor(q, tab.q_addr, tab.ndim, tab.grid, cfg.block_m, bd),
                  _tma_descriptor(k, tab.k_addr, tab.ndim, tab.grid, cfg.block_n, bd),
                  _tma_descriptor(v, tab.k_addr, tab.ndim, tab.grid, cfg.block_n, bdv))
@@ -773,7 +910,16 @@ class Triton(Implementation):
         off = self.tables_only
         return dict(QADDR=0 if off else tab.q_addr, KADDR=0 if off else tab.k_addr,
                     RANGES=tab.ranges and not off, HAS_GLOBALS=tab.has_globals, HAS_PARTIAL=tab.has_partial,
-                    WINDOW_ONLY=tab.window_only and self.window_only, NOPAD=tab.nopad if self.nopad else 0)
+                    WINDOW_ONLY=tab.window_only and self.window_only, NOPAD=tab.nopad if self.nopad else 0,
+                    PER_BH=tab.per_bh, DYN=tab.dyn, DYN_CAUSAL=tab.dyn_causal)
+
+    @staticmethod
+    def _table_args(tab: KernelTables, side: str) -> tuple:
+        """``q_off, head_map, tab_sb, ptr_st, idx_st, iv_st`` of a launch walking the ``"kv"`` or ``"qb"``
+        tables (a dummy head map when the tables are shared)."""
+        st = tab.kv_st if side == "kv" else tab.qb_st
+        hm = tab.head_map if tab.head_map is not None else tab.q_slots
+        return tab.q_off, hm, tab.tab_sb, st[0], st[1], tab.iv_st
 
     def _bwd_common(self, call, tab: KernelTables, cfg: KernelConfig, record: bool) -> dict:
         d, dv = call.q.shape[-1], call.v.shape[-1]
@@ -794,6 +940,7 @@ class Triton(Implementation):
         bias, bs = _site_tensor(call.bias, full, tab.q_slots)
         dq = self._empty(b, hq, s_q, d, dtype=q.dtype, device=q.device)
         visits = self._visits("dq", tab, b * hq, q.device) if record else tab.q_slots
+        bump("triton_launch", "dq")
         self.compiled["dq"] = _kernels().attn_bwd_dq[(plan.n_qblocks, b * hq)](
             q, k, v, grad_out, ld, dq, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.kv_ptr, tab.kv_split, tab.kv_idx,
@@ -801,7 +948,7 @@ class Triton(Implementation):
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *ms, *bs,
             hq, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            FOLD=_can_fold(call), **self._bwd_common(call, tab, cfg, record))
+            *self._table_args(tab, "kv"), FOLD=_can_fold(call), **self._bwd_common(call, tab, cfg, record))
         return dq
 
     def _dkdv(self, call, grad_out, ld, want_dbias: bool, cfg: KernelConfig, record: bool):
@@ -819,6 +966,7 @@ class Triton(Implementation):
         dk = self._empty(b, hk, s_k, d, dtype=k.dtype, device=dev)
         dvv = self._empty(b, hk, s_k, dv, dtype=v.dtype, device=dev)
         visits = self._visits("dkdv", tab, b * hq, dev) if record else tab.q_slots
+        bump("triton_launch", "dkdv")
         self.compiled["dkdv"] = _kernels().attn_bwd_dkdv[(plan.n_kblocks, b * hk)](
             q, k, v, grad_out, ld, dk, dvv, dbias, mask, bias,
             tab.q_slots, tab.k_slots, tab.q_iv, tab.k_u, tab.qb_ptr, tab.qb_split, tab.qb_idx,
@@ -827,7 +975,7 @@ class Triton(Implementation):
             *dbias.stride(),
             hq, hk, hq // hk, s_q, d, dv, s_q, s_k, *tab.grid, plan.q_slots.numel(), plan.k_slots.numel(),
             plan.n_qblocks, plan.n_kblocks, float(call.scale), tab.prefix, tab.grid_end, tab.sinks,
-            NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
+            *self._table_args(tab, "qb"), NEED_DBIAS=want_dbias, **self._bwd_common(call, tab, cfg, record))
         return dk, dvv, dbias
 
 

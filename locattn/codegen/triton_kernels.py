@@ -62,6 +62,16 @@ VISIT        instrumented mode: every visit adds 1 (full) or 16 (partial) to ``V
 PRECISION    ``tl.dot`` input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
              (ignored for fp16/bf16 operands)
 UPCAST       interpreter + bf16 only: multiply exact fp32 copies (the interpreter's bf16 ``tl.dot`` is wrong)
+PER_BH       the tables are per (batch, head) or per head group: head h reads group ``g = head_map[h]``, table
+             ``x = b * tab_sb + g`` at ``kv_ptr + x * ptr_st`` / ``kv_split + x * ptr_st`` / ``kv_idx + x * idx_st``
+             (likewise qb_*) and its query intervals at ``q_iv + g * iv_st``. ``dynamic``: g = h, tab_sb = H,
+             iv_st = 0 (one static part); per-head rules of one site in one launch: g = the head's rule group,
+             tab_sb = 0. Shared tables (a single static plan) skip all of it
+DYN          ``dynamic``: a partial entry's block id carries the WHOLE bit (``1 << 30``): the selection keeps the
+             whole block pair, so its pairs pass the predicate OR'd with the static part's (base, sinks,
+             globals); ``DYN_CAUSAL``: those pairs also need key token <= query token
+q_off        query row r is token ``r + q_off`` for the pattern (a causal rule's queries at the end of the keys:
+             LM decoding); the site's mask, bias and CAUSAL stay on rows (SDPA's meaning)
 WS           ``attn_fwd_tma`` only (the forward of all-full plans whose q/k/v tiles are tensor-descriptor boxes):
              the key-block loop asks Triton for warp specialization
 
@@ -84,7 +94,10 @@ BIAS_MASK_BELOW: tl.constexpr = tl.constexpr(_BIAS_MASK_BELOW)
 #: problem-size integers are not specialised on (value 1 / divisibility by 16): one compile per config, not
 #: one per sequence length or layout (names absent from a signature are ignored)
 _SIZES = ["H", "HK", "GROUP", "S", "S_q", "seq_q", "seq_k", "g0", "g1", "g2", "n_q_slots", "n_k_slots", "n_qblocks",
-          "n_kblocks", "prefix", "grid_end", "sinks"]
+          "n_kblocks", "prefix", "grid_end", "sinks", "q_off", "tab_sb", "ptr_st", "idx_st", "iv_st"]
+
+#: the WHOLE bit of a ``dynamic`` table entry (see PER_BH / DYN in the glossary)
+WHOLE_BIT: tl.constexpr = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -253,6 +266,18 @@ def _block_id(kv_idx, i, jump, gap, DIRECT: tl.constexpr):
 
 
 @triton.jit
+def _entry(raw, DYN: tl.constexpr):
+    """(block id, WHOLE flag) of a table entry; without DYN the entry is the block id."""
+    if DYN:
+        n = raw & (WHOLE_BIT - 1)
+        whole = raw >= WHOLE_BIT
+    else:
+        n = raw
+        whole = False
+    return n, whole
+
+
+@triton.jit
 def _loop_bounds(ptr, split_ptr, rng, row, RANGES: tl.constexpr):
     """(start, end, jump, gap) of the full-block loop and of the partial-block loop of plan row ``row``."""
     if RANGES:  # rng[row] = (lo, full_lo, full_hi, hi): full [full_lo, full_hi), partial the rest of [lo, hi)
@@ -296,7 +321,8 @@ def _outer(qx, kx, TRANS: tl.constexpr):
 @triton.jit
 def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
           NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, TRANS: tl.constexpr = False,
-          WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+          WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, q_off=0, whole=False,
+          DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     """Pattern & causal & padding for one [BLOCK_M, BLOCK_N] tile (``locattn.patterns.base.allowed``), or its
     transpose [BLOCK_N, BLOCK_M] when ``TRANS``. ``WINDOW_ONLY`` (NDIM > 0, no globals; see the glossary): the
     window test alone excludes padding; ``NOPAD``: the side(s) without padding slots skip their padding test."""
@@ -308,9 +334,14 @@ def _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_e
         if NDIM > 2:
             win = win & _inside(ku2, qlo2, qw2, TRANS)
         if HAS_GLOBALS:
-            q_glob, k_glob = _outer((qt < prefix) | (qt >= grid_end), (kt < prefix) | (kt >= grid_end) | (kt < sinks),
-                                    TRANS)
+            q_glob, k_glob = _outer((qt + q_off < prefix) | (qt + q_off >= grid_end),
+                                    (kt < prefix) | (kt >= grid_end) | (kt < sinks), TRANS)
             win = win | q_glob | k_glob
+        if DYN:  # a block pair the selection keeps whole
+            if DYN_CAUSAL:
+                win = win | (whole & (k2 <= q2 + q_off))
+            else:
+                win = win | whole
         keep = win
         if not WINDOW_ONLY:
             keep = _real(keep, q2, k2, NOPAD)
@@ -463,7 +494,8 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
-                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, q_off=0,
+                  whole=False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
     the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate; the key tile
     of a block without padding keys (full, or NOPAD bit 1) loads without a row mask. ``FOLD``
@@ -488,7 +520,7 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     if not IS_FULL:
         ku0, ku1, ku2 = _key_u(k_u, n_k_slots, n, offs_n, g0, g1, g2, BLOCK_N, KADDR, NDIM)
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                     NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY, NOPAD)
+                     NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
         s = tl.where(keep, s, float("-inf"))
     return s, kT, kj, kv
 
@@ -516,16 +548,17 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr,
-               WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr):
+               WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr, q_off=0, DYN: tl.constexpr = False,
+               DYN_CAUSAL: tl.constexpr = False):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = _block_id(kv_idx, i, jump, gap, DIRECT)
+        n, whole = _entry(_block_id(kv_idx, i, jump, gap, DIRECT), DYN)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD,
-                                      WINDOW_ONLY, NOPAD)
+                                      WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
         if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
@@ -582,14 +615,15 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              stride_mb, stride_mh, stride_mq, stride_mk,
              stride_bb, stride_bh, stride_bq, stride_bk,
              H, GROUP, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots, n_qblocks,
-             n_kblocks, sm_scale, prefix, grid_end, sinks,
+             n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
              NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
              HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
              RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr,
-             WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+             WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, PER_BH: tl.constexpr = False,
+             DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -602,6 +636,13 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
     qt, qv, qi = _block_rows(q_slots, pid_m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + qi[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=qv[:, None] & (offs_d[None, :] < D), other=0.0)
+    if PER_BH:  # this head's own tables and query intervals
+        grp = tl.load(head_map + h).to(tl.int64)
+        x = b * tab_sb + grp
+        kv_ptr += x * ptr_st
+        kv_split += x * ptr_st
+        kv_idx += x * idx_st
+        q_iv += grp * iv_st
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
@@ -617,14 +658,14 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
                                qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
                                BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False,
-                               NOPAD)
+                               NOPAD, q_off, DYN, DYN_CAUSAL)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
                                    k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
                                    stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
-                                   FOLD, WINDOW_ONLY, NOPAD)
+                                   FOLD, WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL)
     _fwd_store(acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, LSE + b * stride_lb + h * stride_lh, qi, qv,
                stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
@@ -747,16 +788,17 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-              NOPAD: tl.constexpr, FOLD: tl.constexpr):
+              NOPAD: tl.constexpr, FOLD: tl.constexpr, q_off=0, DYN: tl.constexpr = False,
+              DYN_CAUSAL: tl.constexpr = False):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        n = _block_id(kv_idx, i, jump, gap, DIRECT)
+        n, whole = _entry(_block_id(kv_idx, i, jump, gap, DIRECT), DYN)
         s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
-                                      FOLD, WINDOW_ONLY, NOPAD)
+                                      FOLD, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
         vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                  KADDR, NDIM, True), kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
@@ -783,14 +825,15 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_bb, stride_bh, stride_bq, stride_bk,
                 H, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
-                n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
+                n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
                 NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
-                NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False):
+                NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False, PER_BH: tl.constexpr = False,
+                DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; ``LD`` holds (lse2, delta) per
     query row (``attn_bwd_preprocess``)."""
     pid_m = tl.program_id(0)
@@ -810,6 +853,13 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
     row = pid_bh.to(tl.int64) * S_q + qi
     # lse2 in log2 units, empty rows already +inf (attn_bwd_preprocess); padding rows +inf: every p = 0
     lse2, delta = _row_stats(LD.to(tl.pointer_type(tl.int64)), row, qv, True)
+    if PER_BH:  # this head's own tables and query intervals
+        grp = tl.load(head_map + h).to(tl.int64)
+        x = b * tab_sb + grp
+        kv_ptr += x * ptr_st
+        kv_split += x * ptr_st
+        kv_idx += x * idx_st
+        q_iv += grp * iv_st
     qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM)
     K_bh = K + b * stride_kb + hk * stride_kh
     V_bh = V + b * stride_vb + hk * stride_vh
@@ -824,13 +874,13 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD)
+                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -845,13 +895,13 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
                 BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-                NOPAD: tl.constexpr):
+                NOPAD: tl.constexpr, q_off=0, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     offs_m = tl.arange(0, BLOCK_M)
     real = IS_FULL or (NOPAD & 1) != 0  # no padding query in a visited block
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
-        m = _block_id(qb_idx, i, jump, gap, DIRECT)
+        m, whole = _entry(_block_id(qb_idx, i, jump, gap, DIRECT), DYN)
         qslot = m * BLOCK_M + offs_m
         qt = _tokens(q_slots, m, offs_m, seq_q, g0, g1, g2, BLOCK_M, QADDR, NDIM, real)
         qv = qt >= 0
@@ -872,7 +922,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         if not IS_FULL:
             qlo0, qw0, qlo1, qw1, qlo2, qw2 = _load_bounds(q_iv, n_q_slots, qslot, NDIM, True)
             keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
-                         NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY, NOPAD)
+                         NDIM, CAUSAL, HAS_GLOBALS, True, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
             xT = tl.where(keep, xT, float("-inf"))
         pT = tl.math.exp2(xT)                                     # [BLOCK_N, BLOCK_M]
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
@@ -902,13 +952,14 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                   stride_dvb, stride_dvh, stride_dvs, stride_dvd,
                   stride_dbb, stride_dbh, stride_dbq, stride_dbk,
                   H, HK, GROUP, S_q, D: tl.constexpr, DV: tl.constexpr, seq_q, seq_k, g0, g1, g2, n_q_slots, n_k_slots,
-                  n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks,
+                  n_qblocks, n_kblocks, sm_scale, prefix, grid_end, sinks, q_off, head_map, tab_sb, ptr_st, idx_st, iv_st,
                   NDIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_GLOBALS: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_BIAS: tl.constexpr,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
-                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0,
+                  PER_BH: tl.constexpr = False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -944,20 +995,31 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
         B_bh = Bias + b * stride_bb + h * stride_bh
         dB_bh = dBias + b * stride_dbb + h * stride_dbh
         Visits_h = Visits + (b * H + h) * n_qblocks * n_kblocks
+        if PER_BH:  # this query head's own transposed tables and query intervals
+            grp = tl.load(head_map + h).to(tl.int64)
+            x = b * tab_sb + grp
+            t0, t1, t2, t3, t4, t5, t6, t7 = _loop_bounds(qb_ptr + x * ptr_st, qb_split + x * ptr_st, qb_rng,
+                                                          pid_n, RANGES)
+            idx_h = qb_idx + x * idx_st
+            iv_h = q_iv + grp * iv_st
+        else:
+            t0, t1, t2, t3, t4, t5, t6, t7 = s0, e0, j0, gap0, s1, e1, j1, gap1
+            idx_h = qb_idx
+            iv_h = q_iv
         dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
-                             q_slots, q_iv, qb_idx, s0, e0, j0, gap0, Visits_h, n_kblocks, pid_n, stride_qs,
+                             q_slots, iv_h, idx_h, t0, t1, t2, t3, Visits_h, n_kblocks, pid_n, stride_qs,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD)
+                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD, q_off, DYN, DYN_CAUSAL)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
-                                 q_slots, q_iv, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
+                                 q_slots, iv_h, idx_h, t4, t5, t6, t7, Visits_h, n_kblocks, pid_n, stride_qs,
                                  stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
                                  BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES,
-                                 WINDOW_ONLY, NOPAD)
+                                 WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))

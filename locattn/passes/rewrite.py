@@ -122,7 +122,7 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     layout = Layout(grid=tuple(grid) if grid is not None else None, prefix=prefix, suffix=suffix, sinks=rule.sinks)
     if not site.symbolic_seq:
         try:
-            resolved = layout.resolve(site.s_q)
+            resolved = layout.resolve(site.s_k)
             pattern.validate(resolved.grid)
         except PatternError as e:
             raise PolicyError(f"{where}: {e}") from None
@@ -144,18 +144,28 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         assert pattern is not None
         if rule.backend and not chosen_backend:
             chosen_backend = rule.backend
-        if pattern.local and site.s_q != site.s_k:
+        offset = pattern.local and site.s_q < site.s_k and pattern.causal_rule
+        if pattern.local and site.s_q != site.s_k and not offset:
             msg = (f"cross-attention (Sq={site.s_q} != Sk={site.s_k}): {pattern.name} from "
-                   f"{rule.where(policy.source)} needs self-attention; kept dense")
+                   f"{rule.where(policy.source)} needs self-attention (or a causal rule: queries at the end); "
+                   f"kept dense")
             notes.append(msg)
             warnings.warn(f"locattn: site {site.path or '<root>'!r}: {msg}", LocattnWarning, stacklevel=2)
             bump("fallback", "cross-attention kept dense")
             head_groups.append((heads, rule, PATTERNS["dense"](), Layout()))
             continue
         layout = _layout_for(site, rule, policy) if pattern.local else Layout()
+        if offset:
+            if layout.grid is not None and len(layout.grid) != 1:
+                raise PolicyError(f"{rule.where(policy.source)} at site {site.path or '<root>'!r}: a causal rule on "
+                                  f"a site with fewer queries than keys (Sq={site.s_q} < Sk={site.s_k}) needs a 1-D "
+                                  f"layout, got grid {list(layout.grid)}")
+            notes.append(f"queries are the last {site.s_q} of {site.s_k} positions (causal rule)")
         head_groups.append((heads, rule, pattern, layout))
     all_heads = len(head_groups) == 1
-    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups))
+    dynamic = any(p.dynamic for _, _, p, _ in head_groups)
+    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups),
+                    site=(site.path or "<root>") if dynamic else "")
     d = Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
                  rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
     _measure(d)
@@ -190,8 +200,13 @@ def _measure(d: Decision, block: int = 64) -> None:
     total, full, partial = 0.0, 0, 0
     for g in d.spec.groups:
         n_h = len(g.heads) if g.heads is not None else s.heads
-        layout = g.layout.resolve(s.s_q) if g.pattern.local else g.layout
-        plan = build_plan(g.pattern, layout, s.s_q, s.s_k, block, block, s.is_causal)
+        if g.pattern.dynamic:  # chosen per call: measured at run time
+            d.notes.append("dynamic: density measured at run time (locattn.densities(), explain after a call)")
+            d.density = None
+            return
+        layout = g.layout.resolve(s.s_k) if g.pattern.local else g.layout
+        off = s.s_k - s.s_q if g.pattern.local else 0
+        plan = build_plan(g.pattern, layout, s.s_q, s.s_k, block, block, s.is_causal, off)
         if s.s_q * s.s_k <= (1 << 26) or g.pattern.local:
             pairs = count_pairs(plan, g.pattern, layout, s.is_causal)
         else:  # huge dense site: only the causal triangle matters

@@ -5,6 +5,7 @@
 
 from .base import Layout, Pattern, PatternError, allowed, count_allowed, dense_mask
 from .dense import Dense
+from .dynamic import Dynamic
 from .neighborhood import Neighborhood
 from .shifted_window import ShiftedWindow
 from .sliding_window import SlidingWindow
@@ -12,10 +13,10 @@ from .strided import Strided
 from .tiled import Tiled
 
 PATTERNS: dict[str, type[Pattern]] = {
-    cls.name: cls for cls in (Dense, SlidingWindow, Neighborhood, Strided, Tiled, ShiftedWindow)
+    cls.name: cls for cls in (Dense, SlidingWindow, Neighborhood, Strided, Tiled, ShiftedWindow, Dynamic)
 }
 
 __all__ = [
     "PATTERNS", "Layout", "Pattern", "PatternError", "allowed", "count_allowed", "dense_mask",
-    "Dense", "SlidingWindow", "Neighborhood", "Strided", "Tiled", "ShiftedWindow",
+    "Dense", "Dynamic", "SlidingWindow", "Neighborhood", "Strided", "Tiled", "ShiftedWindow",
 ]

@@ -30,7 +30,12 @@ import torch
 
 
 class PatternError(ValueError):
-    """A pattern's parameters are invalid, or do not fit a site's token layout."""
+    """A pattern's parameters are invalid, or do not fit a site's token layout. ``key``: the parameter at fault
+    (the policy loader names it with the file and line), when known."""
+
+    def __init__(self, msg: str, key: str | None = None):
+        super().__init__(msg)
+        self.key = key
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,6 +156,8 @@ class Pattern:
     params: ClassVar[dict[str, tuple[type, bool, int | None]]] = {}
     #: False for ``dense`` only: a local pattern needs a self-attention site (S_q == S_k) and a grid
     local: ClassVar[bool] = True
+    #: True for content-dependent patterns (``dynamic``): the allowed pairs depend on q and k, chosen per call
+    dynamic: ClassVar[bool] = False
 
     def __post_init__(self):
         """The minimum of every parameter (``params``), checked at construction: the policy checks it with file
@@ -159,7 +166,15 @@ class Pattern:
             value = getattr(self, name)
             for x in value if isinstance(value, (list, tuple)) else (value,):
                 if minimum is not None and not isinstance(x, bool) and isinstance(x, int) and x < minimum:
-                    raise PatternError(f"{self.name}: '{name}' must be >= {minimum}, got {value}")
+                    raise PatternError(f"{self.name}: '{name}' must be >= {minimum}, got {value}", key=name)
+
+    @property
+    def causal_rule(self) -> bool:
+        """Whether the pattern is causal on every axis (``causal = true``): on a 1-D site whose queries are fewer
+        than its keys (an LM decoding with a KV cache), the queries are then the last S_q of the S_k positions
+        (bottom-right alignment, FlashAttention's convention) rather than a cross-attention."""
+        c = getattr(self, "causal", False)
+        return all(c) if isinstance(c, tuple) else bool(c)
 
     # -- per-axis helpers ----------------------------------------------------------------------------------
     def axis_param(self, name: str, ndim: int) -> tuple:

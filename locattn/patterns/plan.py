@@ -33,7 +33,8 @@ from .base import Layout, Pattern, allowed, u_to_coord
 class BlockPlan:
     """CSR block plan. ``kv_idx[kv_ptr[m]:kv_ptr[m+1]]`` are the key blocks of query block ``m``.
 
-    q_slots: [n_qblocks * block_m] int64 token indices (-1 = padding); k_slots likewise for keys.
+    q_slots: [n_qblocks * block_m] int64 query rows (-1 = padding; token = row + q_offset); k_slots: key token
+    indices likewise.
     kv_full: [nnz] bool. q_tile/k_tile: spatial tile shape of grid blocks (u-space), None for 1-D token order.
     """
 
@@ -46,6 +47,9 @@ class BlockPlan:
     kv_full: torch.Tensor
     q_tile: tuple[int, ...]
     k_tile: tuple[int, ...]
+    #: query slots hold query *rows*; row r is token ``r + q_offset`` of the layout (0 unless the site's queries
+    #: are the last S_q of S_k positions, see :func:`build_plan`)
+    q_offset: int = 0
 
     @property
     def n_qblocks(self) -> int:
@@ -127,7 +131,10 @@ def _pow2_tiles(grid: tuple[int, ...], block: int) -> list[tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _axis_bounds_u(pattern: Pattern, grid: tuple[int, ...], a: int) -> tuple[torch.Tensor, torch.Tensor]:
+def axis_bounds_u(pattern: Pattern, grid: tuple[int, ...], a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-axis relation every plan is derived from: the u-space key interval ``[lo, hi]`` of the query at
+    each u-space position of axis ``a`` (``[n]`` each, cached). The block plan here and the CPU path's window
+    schedule (:func:`locattn.codegen.cpu_fast.window_plan`) both start from it."""
     n = grid[a]
     lo, hi = pattern.axis_bounds(a, grid, u_to_coord(torch.arange(n), n, pattern.dilation_of(a, len(grid))))
     return lo, hi
@@ -140,7 +147,7 @@ def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: i
     ``hi`` (equal to :func:`_axis_pairs`'s count when the tile's key intervals overlap or touch, as they do for
     every pattern here) and the full ones: key tiles inside every query's interval, without padding."""
     n = grid[a]
-    lo, hi = _axis_bounds_u(pattern, grid, a)
+    lo, hi = axis_bounds_u(pattern, grid, a)
     nq = -(-n // tq)
     pad = nq * tq - n
     big = torch.iinfo(torch.long).max // 4
@@ -276,18 +283,28 @@ def _axis_pairs(pattern: Pattern, grid, a: int, tq: int, tk: int):
 
 @functools.lru_cache(maxsize=256)
 def build_plan(pattern: Pattern, layout: Layout, s_q: int, s_k: int, block_m: int, block_n: int,
-               causal: bool = False) -> BlockPlan:
-    """Block plan of ``pattern`` on ``layout`` (resolved for self-attention, or ignored for dense).
+               causal: bool = False, q_offset: int = 0, tiles: tuple | None = None) -> BlockPlan:
+    """Block plan of ``pattern`` on ``layout`` (resolved over the keys, or ignored for dense).
 
-    ``causal``: the site's own ``is_causal`` (top-left aligned, token indices): blocks entirely above the
-    diagonal are dropped, blocks straddling it are partial.
+    ``causal``: the site's own ``is_causal`` (top-left aligned on query rows and key tokens, SDPA's convention):
+    blocks entirely above the diagonal are dropped, blocks straddling it are partial.
+    ``q_offset``: the queries are tokens ``q_offset .. q_offset + s_q - 1`` of the layout (a causal LM decoding
+    with a KV cache: the last ``s_q`` of ``s_k`` positions); query blocks stay aligned to the layout's blocks
+    (slots before ``q_offset`` are padding), so a query block holds the same tokens as at ``q_offset = 0``.
+    Supported on 1-D layouts. ``tiles``: force the (query, key) spatial tiles instead of :func:`choose_tiles`.
     """
     if not pattern.local:
         return _dense_plan(s_q, s_k, block_m, block_n, causal)
-    assert s_q == s_k and layout.grid is not None and layout.seq_len == s_q
+    assert layout.grid is not None and layout.seq_len == s_k
+    if q_offset or s_q != s_k:
+        if len(layout.grid) != 1 or q_offset + s_q != s_k:
+            raise ValueError(f"queries at an offset need a 1-D layout and q_offset + S_q == S_k, got grid "
+                             f"{layout.grid}, q_offset {q_offset}, S_q {s_q}, S_k {s_k}")
+        full = build_plan(pattern, layout, s_k, s_k, block_m, block_n, False, 0, tiles)
+        return _offset_plan(full, s_q, q_offset, causal)
     grid = layout.grid
     ndim = len(grid)
-    tq, tk = choose_tiles(pattern, grid, block_m, block_n)
+    tq, tk = tiles if tiles is not None else choose_tiles(pattern, grid, block_m, block_n)
 
     # --- slots
     pre_q, pre_k = _pad_range(0, layout.prefix, block_m), _pad_range(0, layout.prefix, block_n)
@@ -370,7 +387,22 @@ def _dense_plan(s_q, s_k, block_m, block_n, causal) -> BlockPlan:
     return _finish(rows, cols, full, q_slots, k_slots, block_m, block_n, (block_m,), (block_n,), causal)
 
 
-def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causal) -> BlockPlan:
+def _offset_plan(full: BlockPlan, s_q: int, q_offset: int, causal: bool) -> BlockPlan:
+    """The plan of queries at tokens ``q_offset ..`` from the plan of every query (1-D): the query blocks that
+    hold them, their slots turned into rows (earlier tokens are padding), full blocks re-checked."""
+    nq = full.n_qblocks
+    rows = full.q_slots - q_offset
+    rows = torch.where((full.q_slots >= 0) & (rows >= 0), rows, -1)
+    keep_blk = (rows.view(nq, full.block_m) >= 0).any(1)
+    first = int(keep_blk.to(torch.int8).argmax()) if bool(keep_blk.any()) else nq
+    q_slots = rows[first * full.block_m:]
+    r = torch.repeat_interleave(torch.arange(nq), full.kv_ptr[1:] - full.kv_ptr[:-1])
+    sel = r >= first
+    return _finish(r[sel] - first, full.kv_idx[sel], full.kv_full[sel], q_slots, full.k_slots, full.block_m,
+                   full.block_n, full.q_tile, full.k_tile, causal, q_offset)
+
+
+def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causal, q_offset: int = 0) -> BlockPlan:
     nq, nk = q_slots.numel() // block_m, k_slots.numel() // block_n
     fulls = fulls & ~(q_slots.view(nq, block_m) < 0).any(1)[rows]  # a full block has no padding query either
     if causal:
@@ -392,11 +424,11 @@ def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causa
     kv_ptr = torch.zeros(nq + 1, dtype=torch.long)
     kv_ptr[1:] = torch.cumsum(counts, 0)
     return BlockPlan(block_m, block_n, q_slots, k_slots, kv_ptr, c_u.contiguous(), full_u.contiguous(),
-                     tuple(tq), tuple(tk))
+                     tuple(tq), tuple(tk), q_offset)
 
 
 def count_pairs(plan: BlockPlan, pattern: Pattern, layout: Layout, causal: bool) -> int:
-    """Exact number of allowed (query, key) pairs, pattern & causal, by walking the plan's blocks.
+    """Exact number of allowed (query, key) pairs, pattern & causal (site, on query rows), by walking the plan.
 
     Full blocks count their valid slots; partial blocks evaluate the predicate (cost O(partial blocks x
     BLOCK_M x BLOCK_N), chunked). Used by ``explain`` for density and FLOPs.
@@ -414,7 +446,7 @@ def count_pairs(plan: BlockPlan, pattern: Pattern, layout: Layout, causal: bool)
     for i in range(0, pr.numel(), step):
         qi = qs[pr[i:i + step]][:, :, None]
         kj = ks[pc[i:i + step]][:, None, :]
-        ok = allowed(pattern, layout, qi.clamp_min(0), kj.clamp_min(0)) & (qi >= 0) & (kj >= 0)
+        ok = allowed(pattern, layout, qi.clamp_min(0) + plan.q_offset, kj.clamp_min(0)) & (qi >= 0) & (kj >= 0)
         if causal:
             ok = ok & (kj <= qi)
         total += int(ok.sum())

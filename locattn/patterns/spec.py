@@ -26,9 +26,11 @@ class HeadGroup:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Per-head plan of one site: disjoint head groups covering every query head."""
+    """Per-head plan of one site: disjoint head groups covering every query head. ``site``: the site's module
+    path, carried only by specs with a ``dynamic`` group (its measured density is recorded per site)."""
 
     groups: tuple[HeadGroup, ...]
+    site: str = ""
 
     @property
     def is_dense(self) -> bool:
@@ -44,7 +46,10 @@ class SiteSpec:
                 "grid": list(g.layout.grid) if g.layout.grid is not None else None,
                 "prefix": g.layout.prefix, "suffix": g.layout.suffix, "sinks": g.layout.sinks,
             })
-        return json.dumps({"v": 1, "groups": out}, sort_keys=True, separators=(",", ":"))
+        d = {"v": 1, "groups": out}
+        if self.site:
+            d["site"] = self.site
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def describe(self) -> str:
         parts = []
@@ -84,7 +89,11 @@ def head_ranges(heads: tuple[int, ...]) -> str:
 
 def _pattern_from_params(name: str, params: dict) -> Pattern:
     cls = PATTERNS[name]
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    kw = {}
+    for k, v in params.items():
+        if isinstance(v, dict):  # a nested pattern (``dynamic``'s ``base``)
+            v = _pattern_from_params(v["pattern"], {x: y for x, y in v.items() if x != "pattern"})
+        kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
 
@@ -97,7 +106,7 @@ def parse_spec(text: str) -> SiteSpec:
                         prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
         groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
                                 _pattern_from_params(g["pattern"], g["params"]), layout))
-    return SiteSpec(tuple(groups))
+    return SiteSpec(tuple(groups), d.get("site", ""))
 
 
 DENSE_SPEC = SiteSpec((HeadGroup(None, PATTERNS["dense"](), Layout()),))
