@@ -1,0 +1,150 @@
+"""Compile-time planning of sequence parallelism: the row split, each site's cut per rank, and the bytes.
+
+``make_sharding`` splits the grid; ``plan_attention`` decides how one site runs (halo exchange of a local
+pattern, or all-gather for a dense site) and *checks* the cut of every rank with ``subrange_exact`` before
+anything runs (the same check on every rank: a failure raises everywhere, never one rank alone).
+``site_traffic`` counts the bytes one rank sends for a site, next to what all-gather, ring and Ulysses
+attention would send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..patterns.base import subrange_exact
+from ..patterns.spec import SiteSpec
+from .sharding import AttentionPlan, SequenceParallelError, Sharding, split_rows
+
+
+def make_sharding(grid: tuple[int, ...], axis: int, world: int, group: str = "", rank: int = 0) -> Sharding:
+    """Rows of ``grid[axis]`` split over ``world`` ranks; a group larger than the axis is an error."""
+    if not -len(grid) <= axis < len(grid):
+        raise SequenceParallelError(f"sequence_parallel: axis {axis} does not exist on the {len(grid)}-D token grid "
+                                    f"{'x'.join(map(str, grid))}")
+    axis %= len(grid)
+    if world > grid[axis]:
+        raise SequenceParallelError(
+            f"sequence_parallel: the group has {world} ranks but axis {axis} of the token grid "
+            f"{'x'.join(map(str, grid))} has only {grid[axis]} rows to shard; use a group of at most {grid[axis]} "
+            f"ranks or another axis")
+    return Sharding(tuple(grid), axis, split_rows(grid[axis], world), group, rank)
+
+
+def _union_cut(spec: SiteSpec, sh: Sharding, r0: int, r1: int) -> tuple[int, int]:
+    """One cut for every head group of a site (they share q, k, v): the union of their cuts, widened to the whole
+    axis on a side where a group is not exact on the union (patterns anchored differently, rare)."""
+    ndim, n = len(sh.grid), sh.grid[sh.axis]
+    cuts = [g.pattern.halo(sh.axis, ndim, n, r0, r1) for g in spec.groups]
+    e0, e1 = min(c[0] for c in cuts), max(c[1] for c in cuts)
+    for cand in ((e0, e1), (0, e1), (e0, n), (0, n)):
+        if all(not subrange_exact(g.pattern, sh.grid, sh.axis, *cand, r0, r1) for g in spec.groups):
+            return cand
+    return 0, n
+
+
+def plan_attention(spec: SiteSpec, sh: Sharding, prefix: int, suffix: int, overlap: bool = False,
+                   label: str = "") -> AttentionPlan | str:
+    """The plan of one self-attention site whose tokens are ``[prefix][grid][suffix]``, or why it cannot run
+    sharded. Local head groups exchange a halo, an all-dense site all-gathers k / v."""
+    if spec.is_dense:
+        return AttentionPlan(sh, prefix, suffix, tuple((0, sh.grid[sh.axis]) for _ in sh.rows), dense=True,
+                             label=label)
+    if any(not g.pattern.local for g in spec.groups):
+        return "the site mixes dense and local head groups (one would need every key, the other a halo)"
+    layouts = {(g.layout.prefix, g.layout.suffix, g.layout.sinks) for g in spec.groups}
+    if len(layouts) != 1:
+        return "its head groups have different globals or sinks"
+    lay = spec.groups[0].layout
+    if (lay.prefix, lay.suffix) != (prefix, suffix):
+        return (f"the site's globals (prefix {lay.prefix}, suffix {lay.suffix}) are not the tokens its inputs carry "
+                f"around the grid (prefix {prefix}, suffix {suffix})")
+    for g in spec.groups:
+        grid = g.layout.grid if g.layout.grid is not None else (sh.n_grid,)
+        if tuple(grid) != sh.grid:
+            return (f"its grid {'x'.join(map(str, grid))} is not the sharded grid {'x'.join(map(str, sh.grid))} "
+                    f"(every sharded site must share one grid)")
+    sink_grid = max(0, lay.sinks - prefix)
+    if sink_grid > sh.row_tokens:
+        return (f"{sink_grid} sink tokens of the grid span more than the first row of axis {sh.axis} "
+                f"({sh.row_tokens} tokens): only rank 0 could hold them all")
+    ext, parts = [], []
+    for r0, r1 in sh.rows:
+        ext.append(_union_cut(spec, sh, r0, r1))
+    for rank, (r0, r1) in enumerate(sh.rows):
+        for g in spec.groups:  # the check sequence parallelism rests on, for every rank (no rank may differ)
+            why = subrange_exact(g.pattern, sh.grid, sh.axis, *ext[rank], r0, r1)
+            if why:
+                raise SequenceParallelError(f"internal: the halo rule of {g.pattern.describe()} is not exact for rank "
+                                            f"{rank} ({why}); please report")
+        parts.append(_overlap_pieces(spec, sh, r0, r1, ext[rank]) if overlap and not (sink_grid and ext[rank][0])
+                     else ())
+    return AttentionPlan(sh, prefix, suffix, tuple(ext), sink_grid=sink_grid, parts=tuple(parts), label=label)
+
+
+def _overlap_pieces(spec: SiteSpec, sh: Sharding, r0: int, r1: int, ext: tuple[int, int]):
+    """``(q0, q1, a0, a1, after_halo)`` pieces: the interior rows (their cut inside ``[r0, r1)``) first, then the
+    two boundary strips on their own cuts. ``()`` (one piece) when no row is interior."""
+    inner = [x for x in range(r0, r1) if r0 <= _union_cut(spec, sh, x, x + 1)[0] and _union_cut(spec, sh, x, x + 1)[1] <= r1]
+    if not inner:
+        return ()
+    i0, i1 = inner[0], inner[-1] + 1
+    a0, a1 = _union_cut(spec, sh, i0, i1)
+    if a0 < r0 or a1 > r1:
+        return ()
+    pieces = [(i0, i1, a0, a1, False)]
+    for q0, q1 in ((r0, i0), (i1, r1)):
+        if q0 < q1:
+            pieces.append((q0, q1, *_union_cut(spec, sh, q0, q1), True))
+    return tuple(pieces)
+
+
+# ---------------------------------------------------------------------------------------------------- traffic
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one rank sends for one site's forward (the backward mirrors it), by scheme."""
+
+    halo: int            # this plan: halo rows (or all rows for a dense site) + the global queries' merge
+    all_gather: int      # all-gather k / v
+    ring: int            # ring attention: k / v passed P - 1 times
+    ulysses: int | None  # all-to-all of q, k, v and out (None: heads not divisible by the group)
+    halo_ranks: int      # the most ranks one rank exchanges rows with
+
+
+def site_traffic(plan: AttentionPlan, batch: int, heads: int, kv_heads: int, head_dim: int, v_dim: int,
+                 itemsize: int, rank: int | None = None) -> Traffic:
+    """Per-rank bytes of the busiest rank (or of ``rank``)."""
+    sh = plan.sharding
+    ranks = range(sh.world) if rank is None else [rank]
+    kv = batch * kv_heads * (head_dim + v_dim) * itemsize          # one token of k and v
+    qo = batch * heads * (head_dim + v_dim) * itemsize              # one token of q and out
+    p = sh.world
+    best = None
+    for r in ranks:
+        local = sh.local_tokens(r)  # globals are replicated: never sent
+        halo = plan.tokens_sent(r) * kv
+        if not plan.dense and plan.prefix + plan.suffix:
+            g = plan.prefix + plan.suffix
+            lse_bytes = batch * heads * g * 4
+            halo += 2 * (p - 1) * (lse_bytes + batch * heads * g * (v_dim * itemsize + 4)) // p
+        ag = (p - 1) * local * kv
+        uly = None
+        if heads % p == 0 and (kv_heads % p == 0 or kv_heads < p):
+            uly = (p - 1) * local * (qo + kv) // p
+        row = Traffic(halo, ag, ag, uly, max(len(plan.peers(r)[0]), len(plan.peers(r)[1])))
+        if best is None or row.halo > best.halo:
+            best = row
+    return best
+
+
+def describe_plan(plan: AttentionPlan) -> str:
+    """One line: the cut of each rank and whom it exchanges with."""
+    if plan.dense:
+        return f"dense: all-gather k/v over {plan.sharding.world} ranks"
+    out = []
+    for r, (r0, r1) in enumerate(plan.sharding.rows):
+        e0, e1 = plan.ext[r]
+        recv = plan.peers(r)[0]
+        out.append(f"r{r} rows {r0}-{r1} halo -{r0 - e0}/+{e1 - r1}" + (f" from {recv}" if recv else ""))
+    return "; ".join(out)
