@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,8 @@ def _fmt_flops(f: float) -> str:
 class Report:
     decisions: list[Decision]
     policy_source: str = ""
+    #: one :class:`locattn.parallel.graph.ParallelReport` per graph with ``sequence_parallel``
+    parallel: list = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -75,7 +77,12 @@ class Report:
         return out
 
     def to_json(self, **kw) -> str:
-        return json.dumps({"policy": self.policy_source, "sites": self.rows()}, **kw)
+        out = {"policy": self.policy_source, "sites": self.rows()}
+        if self.parallel:
+            from .parallel.graph import report_dict
+
+            out["sequence_parallel"] = [report_dict(p) for p in self.parallel]
+        return json.dumps(out, **kw)
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -110,18 +117,22 @@ class Report:
         if dense:
             lines.append(f"attention FLOPs: dense {_fmt_flops(dense)}, with this policy {_fmt_flops(ours)} "
                          f"({ours / dense:.1%})")
+        lines += [p.describe() for p in self.parallel]
         return "\n".join(lines)
 
 
 def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: str = "", dynamic: bool | None = None,
-            inductor: bool = False, **kwargs) -> Report:
+            inductor: bool = False, sequence_parallel: Any = None, **kwargs) -> Report:
     """Compile ``model`` with the locattn backend, run it once on ``args``/``kwargs`` and report every site.
 
     Resets Dynamo's caches first (so the model is traced afresh). With ``inductor=False`` (default) the
     rewritten graphs run eagerly, which is enough to see every decision and much faster.
+    ``sequence_parallel={"world_size": 4}`` (one process, no process group) adds the plan for a group of that
+    size: shard and gather points, each site's cut per rank, and the bytes each rank sends vs all-gather, ring
+    and Ulysses attention (or why the graph would not be sharded).
     """
     torch._dynamo.reset()
-    b = LocattnBackend(policy, backend=backend, inductor=inductor)
+    b = LocattnBackend(policy, backend=backend, inductor=inductor, sequence_parallel=sequence_parallel)
     compiled = torch.compile(model, backend=b, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
@@ -129,4 +140,4 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source)
+    return Report(b.decisions, b.policy.source, list(b.parallel_reports))

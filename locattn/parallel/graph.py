@@ -81,9 +81,22 @@ class ParallelReport:
             uly = _fmt_bytes(t.ulysses) if t.ulysses is not None else "n/a (heads)"
             lines.append(f"  {s.path or '<root>'}: {s.mode}, sent per rank {_fmt_bytes(t.halo)} vs all-gather "
                          f"{_fmt_bytes(t.all_gather)}, ring {_fmt_bytes(t.ring)}, Ulysses {uly}"
-                         + (f"; halo spans {t.halo_ranks} ranks" if t.halo_ranks > 1 else ""))
+                         + (f"; the halo reaches {t.halo_ranks} ranks away" if t.halo_ranks > 1 else ""))
             lines.append(f"    {s.plan}")
         return "\n".join(lines)
+
+
+def report_dict(r: ParallelReport) -> dict:
+    """A :class:`ParallelReport` for JSON."""
+    sites = []
+    for s in r.sites:
+        t = s.traffic
+        sites.append({"path": s.path, "mode": s.mode, "plan": s.plan,
+                      "bytes_per_rank": None if t is None else {"halo": t.halo, "all_gather": t.all_gather,
+                                                                "ring": t.ring, "ulysses": t.ulysses,
+                                                                "halo_ranks": t.halo_ranks}})
+    return {"applied": r.applied, "reason": r.reason, "grid": list(r.grid), "axis": r.axis, "world": r.world,
+            "rows": [list(x) for x in r.rows], "shard_points": r.shard_points, "gathers": r.gathers, "sites": sites}
 
 
 def _fmt_bytes(n: int) -> str:

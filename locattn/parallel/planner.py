@@ -109,7 +109,7 @@ class Traffic:
     all_gather: int      # all-gather k / v
     ring: int            # ring attention: k / v passed P - 1 times
     ulysses: int | None  # all-to-all of q, k, v and out (None: heads not divisible by the group)
-    halo_ranks: int      # the most ranks one rank exchanges rows with
+    halo_ranks: int      # how many ranks away the farthest rank a rank exchanges rows with is (1: neighbours)
 
 
 def site_traffic(plan: AttentionPlan, batch: int, heads: int, kv_heads: int, head_dim: int, v_dim: int,
@@ -123,19 +123,26 @@ def site_traffic(plan: AttentionPlan, batch: int, heads: int, kv_heads: int, hea
     best = None
     for r in ranks:
         local = sh.local_tokens(r)  # globals are replicated: never sent
-        halo = plan.tokens_sent(r) * kv
-        if not plan.dense and plan.prefix + plan.suffix:
-            g = plan.prefix + plan.suffix
-            lse_bytes = batch * heads * g * 4
-            halo += 2 * (p - 1) * (lse_bytes + batch * heads * g * (v_dim * itemsize + 4)) // p
+        halo = plan.tokens_sent(r) * kv + merge_bytes(plan, batch, heads, v_dim, itemsize)
         ag = (p - 1) * local * kv
         uly = None
         if heads % p == 0 and (kv_heads % p == 0 or kv_heads < p):
             uly = (p - 1) * local * (qo + kv) // p
-        row = Traffic(halo, ag, ag, uly, max(len(plan.peers(r)[0]), len(plan.peers(r)[1])))
+        hops = max([abs(s - r) for s in plan.peers(r)[0] + plan.peers(r)[1]], default=0)
+        row = Traffic(halo, ag, ag, uly, hops)
         if best is None or row.halo > best.halo:
             best = row
     return best
+
+
+def merge_bytes(plan: AttentionPlan, batch: int, heads: int, v_dim: int, itemsize: int) -> int:
+    """Bytes a rank sends to merge the global queries (two ring all-reduces: the row max, then the weighted
+    outputs with their weights, in the lse dtype)."""
+    g = 0 if plan.dense else plan.prefix + plan.suffix
+    if not g:
+        return 0
+    p, lse_item = plan.sharding.world, 8 if itemsize == 8 else 4
+    return sum(2 * (p - 1) * n // p for n in (batch * heads * g * lse_item, batch * heads * g * (v_dim + 1) * lse_item))
 
 
 def describe_plan(plan: AttentionPlan) -> str:
