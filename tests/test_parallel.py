@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import spmd
+from locattn.parallel.launch import run as run_spmd
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
@@ -32,9 +32,9 @@ HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -43,9 +43,28 @@ class Block(nn.Module):
     def forward(self, x):
         b, s, c = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.out(o.transpose(1, 2).reshape(b, s, c))
         return x + self.ff(x)
+
+
+class CausalLM(nn.Module):
+    """Token ids -> embedding -> two causal blocks -> logits: a 1-D sequence sharded from its input ids."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([Block(dim, heads, causal=True) for _ in range(2)])
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids, scale):
+        x = self.emb(ids) * scale
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+CAUSAL_POLICY = {"version": 1, "default": {"pattern": "sliding_window", "window": 5, "causal": True}}
 
 
 class Toy(nn.Module):
@@ -230,6 +249,10 @@ def _suite(rank, world, which):
         torch._dynamo.reset()
         torch.manual_seed(0)
         out["models"][name] = _compare_model(Toy(n_text, mix).double(), _toy_inputs(), _toy_policy(n_text), {}, world)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    out["models"]["causal-1d"] = _compare_model(CausalLM().double(), {"ids": torch.randint(0, 50, (2, 29)),
+                                                "scale": torch.tensor(1.5, dtype=torch.float64)}, CAUSAL_POLICY, {}, world)
     if "inductor" in which:
         torch._dynamo.reset()
         torch.manual_seed(0)
@@ -271,7 +294,7 @@ _RESULTS: dict[int, list] = {}
 def _results(world: int):
     if world not in _RESULTS:
         which = ("inductor", "dit") if world == 2 else ("dit",)
-        _RESULTS[world] = spmd.run(_suite, world, which, timeout=600)
+        _RESULTS[world] = run_spmd(_suite, world, which, timeout=600)
     return _RESULTS[world]
 
 
@@ -302,7 +325,7 @@ def test_bytes_sent_equal_the_plan(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", ["toy", "toy-text-globals", "toy-inductor", "diffusers-dit"])
+@pytest.mark.parametrize("name", ["toy", "toy-text-globals", "causal-1d", "toy-inductor", "diffusers-dit"])
 def test_model_equals_single_process(world, name):
     if name == "diffusers-dit" and not HAVE_DIFFUSERS:
         pytest.skip("needs diffusers")

@@ -106,8 +106,25 @@ def _piece_shapes(plan: AttentionPlan, rank: int, peer: int, k: torch.Tensor, v:
     return out
 
 
-def _pack(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+#: send buffers kept per (site, peer, direction): a fresh CPU buffer of the halo's size costs more in page faults
+#: than the copy into it. Only send buffers are reused (the exchange completes before the op returns); received
+#: ones are saved for the backward.
+_SEND_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _pack(tensors, key: tuple) -> torch.Tensor:
+    """One flat buffer of ``tensors`` (strided views: one copy each, straight into the buffer)."""
+    n = sum(t.numel() for t in tensors)
+    like = tensors[0]
+    key = (*key, n, like.dtype, like.device)
+    buf = _SEND_BUFFERS.get(key)
+    if buf is None:
+        buf = _SEND_BUFFERS[key] = like.new_empty(n)
+    at = 0
+    for t in tensors:
+        buf[at:at + t.numel()].view(t.shape).copy_(t)
+        at += t.numel()
+    return buf
 
 
 def _unpack(buf: torch.Tensor, shapes) -> list[torch.Tensor]:
@@ -132,7 +149,7 @@ def _send_buffers(plan: AttentionPlan, z: _Sizes, k: torch.Tensor, v: torch.Tens
                 parts += [_rows(kg, sh.axis, lo - z.r0, hi - lo), _rows(vg, sh.axis, lo - z.r0, hi - lo)]
             else:
                 parts += [k.narrow(2, z.P, plan.sink_grid), v.narrow(2, z.P, plan.sink_grid)]
-        sends[peer] = _pack(parts)
+        sends[peer] = _pack(parts, (plan.label, me, peer, "fwd"))
     return sends
 
 
@@ -179,7 +196,7 @@ def _scatter_back(plan: AttentionPlan, z: _Sizes, d_ext: list[torch.Tensor], k: 
                     parts.append(_rows(_grid(g, z.P + z.C, z.ext_grid), sh.axis, rows[0] - z.e0, rows[1] - rows[0]))
                 else:
                     parts.append(g.narrow(2, z.P, z.C))
-        back[peer] = _pack(parts)
+        back[peer] = _pack(parts, (plan.label, me, peer, "bwd"))
     incoming = {peer: k.new_empty(sum(math.prod(ks) + math.prod(vs)
                                       for _, _, ks, vs in _piece_shapes(plan, peer, me, k, v)))
                 for peer in send_to}
@@ -195,6 +212,17 @@ def _scatter_back(plan: AttentionPlan, z: _Sizes, d_ext: list[torch.Tensor], k: 
             else:
                 dk.narrow(2, z.P, plan.sink_grid).add_(tk)
                 dv.narrow(2, z.P, plan.sink_grid).add_(tv)
+
+
+def _start_halo(plan: AttentionPlan, z: _Sizes, k: torch.Tensor, v: torch.Tensor) -> comm.Exchange:
+    return comm.start_exchange(z.sh.group, _send_buffers(plan, z, k, v), _recv_buffers(plan, z, k, v), plan.label)
+
+
+def start_halo(plan_json: str, k: torch.Tensor, v: torch.Tensor) -> comm.Exchange:
+    """Post this rank's halo exchange of ``k``, ``v`` (local, ``[B, Hk, S_loc, D]``) for a site's plan; ``wait()``
+    returns the received buffers by peer (what ``forward`` does first; benchmarks time it alone)."""
+    plan = parse_attention_plan(plan_json)
+    return _start_halo(plan, _Sizes(plan), k, v)
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -244,7 +272,7 @@ def forward(q, k, v, scale: float, is_causal: bool, spec: str, backend: str, pla
     z = _Sizes(plan)
     b, hq, s_loc, _ = q.shape
     dv_ = v.shape[-1]
-    ex = comm.start_exchange(z.sh.group, _send_buffers(plan, z, k, v), _recv_buffers(plan, z, k, v), plan.label)
+    ex = _start_halo(plan, z, k, v)
     if plan.dense:
         recvd = ex.wait()
         kf, vf = (_assemble_kv(plan, z, x, recvd, i, k, v) for i, x in enumerate((k, v)))

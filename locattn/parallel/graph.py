@@ -35,7 +35,7 @@ from ..passes.sites import example, module_path
 from ..patterns.spec import parse_spec
 from . import ops as _sp_ops  # noqa: F401  (registers torch.ops.locattn.sp_*)
 from .config import SPConfig
-from .planner import Traffic, describe_plan, make_sharding, plan_attention, site_traffic
+from .planner import Traffic, common_alignment, describe_plan, make_sharding, plan_attention, site_traffic
 from .sharding import AttentionPlan, SequenceParallelError, Sharding, TokenPlan, to_json
 from .tokenwise import Effect, Local, NotTokenwise, Seq, propagate
 
@@ -66,6 +66,9 @@ class ParallelReport:
     gathers: list[str] = field(default_factory=list)
     sites: list[SiteReport] = field(default_factory=list)
     live: bool = True
+    #: graph inputs (placeholder positions) used only inside the region: their gradients are summed over the
+    #: group around the compiled graph (runtime.wrap_compiled), which spares an in-graph copy of each weight
+    enter_inputs: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         if not self.applied:
@@ -185,7 +188,9 @@ def _trace_origins(start: fx.Node, seq: Seq, n_grid: int) -> set[tuple[fx.Node, 
             stack.append((node.args[0], ("item", node.args[1], want_seq)))
             continue
         carriers = []
-        if node.op in ("call_function", "call_method"):
+        if node.op == "call_function" and node.target is ATTENTION and item == 0:
+            carriers.append((node.args[0], Seq(2, want_seq.prefix, want_seq.suffix)))  # out carries q's tokens
+        elif node.op in ("call_function", "call_method"):
             total = want_seq.prefix + n_grid + want_seq.suffix
             for a in dict.fromkeys(node.all_input_nodes):
                 for hyp in _hypotheses(node, a, total, n_grid, want_seq):
@@ -284,6 +289,9 @@ def analyze(gm: fx.GraphModule, example_inputs) -> _Analysis:
     effects: dict[fx.Node, Effect] = {}
     boundary: dict[fx.Node, str] = {}
     for n in gm.graph.nodes:
+        if n in origins and any(isinstance(state.get(a), Seq) for a in n.all_input_nodes if a not in origins):
+            raise _Refused(f"{n.name} would be sharded where its inputs already are (its tokens come from the "
+                           f"sharded region through an op that is not token-wise)")
         if n in origins or n.op == "output":
             continue
         ins = [a for a in n.all_input_nodes if a in state]
@@ -333,7 +341,10 @@ def apply_sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, example_inputs) -
         a = analyze(gm, example_inputs)
     except _Refused as e:
         return _refuse(str(e), world, live)
-    sh = make_sharding(a.grid, cfg.axis, world, group, rank)
+    if not -len(a.grid) <= cfg.axis < len(a.grid):
+        make_sharding(a.grid, cfg.axis, world)  # raises with the reason
+    align = common_alignment([parse_spec(n.args[7]) for n in a.self_sites], len(a.grid), cfg.axis)
+    sh = make_sharding(a.grid, cfg.axis, world, group, rank, align)
     overlap = cfg.overlap_for(live)
     report = ParallelReport(True, grid=sh.grid, axis=sh.axis, world=world, rows=sh.rows, live=live)
     report.shard_points = sorted(f"{n.name}" + (f" ({module_path(n)})" if module_path(n) else "") for n in a.origins)
@@ -354,7 +365,7 @@ def apply_sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, example_inputs) -
     users_out = [n for n in a.state if any(u.op == "output" or u in a.boundary for u in n.users)]
     report.gathers = sorted({u.name for n in users_out for u in n.users if u in a.boundary or u.op == "output"})
     if live:
-        _rewrite(gm, a, sh, plans)
+        report.enter_inputs = _rewrite(gm, a, sh, plans)
     bump("sequence_parallel", "applied")
     log.info("locattn: %s", report.describe())
     return report
@@ -368,8 +379,11 @@ def _refuse(reason: str, world: int, live: bool) -> ParallelReport:
     return ParallelReport(False, reason, world=world, live=live)
 
 
-def _rewrite(gm: fx.GraphModule, a: _Analysis, sh: Sharding, plans: dict[fx.Node, AttentionPlan]) -> None:
+def _rewrite(gm: fx.GraphModule, a: _Analysis, sh: Sharding, plans: dict[fx.Node, AttentionPlan]) -> list[int]:
+    """Rewrite ``gm`` for this rank; returns the placeholder positions whose gradients the caller sums."""
     g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    outer: set[fx.Node] = set()
     local = _local(sh)
     region = set(a.state)
 
@@ -398,6 +412,9 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, sh: Sharding, plans: dict[fx.Node
                     made[key] = g.call_function(torch.ops.locattn.sp_shard.default, (x, token_plan(seq)))
             n.replace_input_with(x, made[key])
         for x in eff.enter:
+            if x.op == "placeholder" and all(u in a.effects for u in x.users):
+                outer.add(x)  # a weight used only in the region: summed outside the graph, no copy
+                continue
             key = ("enter", x)
             if key not in made:
                 with g.inserting_after(x):
@@ -433,6 +450,7 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, sh: Sharding, plans: dict[fx.Node
         n.args = (q, k, v, scale, is_causal, spec, backend, to_json(plan))
     g.lint()
     gm.recompile()
+    return [i for i, p in enumerate(placeholders) if p in outer]
 
 
 __all__ = ["ParallelReport", "SiteReport", "apply_sequence_parallel", "analyze", "SequenceParallelError"]

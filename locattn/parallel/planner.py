@@ -16,8 +16,10 @@ from ..patterns.spec import SiteSpec
 from .sharding import AttentionPlan, SequenceParallelError, Sharding, split_rows
 
 
-def make_sharding(grid: tuple[int, ...], axis: int, world: int, group: str = "", rank: int = 0) -> Sharding:
-    """Rows of ``grid[axis]`` split over ``world`` ranks; a group larger than the axis is an error."""
+def make_sharding(grid: tuple[int, ...], axis: int, world: int, group: str = "", rank: int = 0,
+                  align: tuple[int, int] = (1, 0)) -> Sharding:
+    """Rows of ``grid[axis]`` split over ``world`` ranks (at ``align = (unit, offset)`` boundaries when that keeps
+    the load within 25%, see :func:`split_rows`); a group larger than the axis is an error."""
     if not -len(grid) <= axis < len(grid):
         raise SequenceParallelError(f"sequence_parallel: axis {axis} does not exist on the {len(grid)}-D token grid "
                                     f"{'x'.join(map(str, grid))}")
@@ -27,7 +29,13 @@ def make_sharding(grid: tuple[int, ...], axis: int, world: int, group: str = "",
             f"sequence_parallel: the group has {world} ranks but axis {axis} of the token grid "
             f"{'x'.join(map(str, grid))} has only {grid[axis]} rows to shard; use a group of at most {grid[axis]} "
             f"ranks or another axis")
-    return Sharding(tuple(grid), axis, split_rows(grid[axis], world), group, rank)
+    return Sharding(tuple(grid), axis, split_rows(grid[axis], world, *align), group, rank)
+
+
+def common_alignment(specs, ndim: int, axis: int) -> tuple[int, int]:
+    """The ``Pattern.align`` every local head group of ``specs`` shares on ``axis`` (``(1, 0)`` if they differ)."""
+    found = {g.pattern.align(axis % ndim, ndim) for spec in specs for g in spec.groups if g.pattern.local}
+    return found.pop() if len(found) == 1 else (1, 0)
 
 
 def _union_cut(spec: SiteSpec, sh: Sharding, r0: int, r1: int) -> tuple[int, int]:
@@ -103,7 +111,7 @@ def _overlap_pieces(spec: SiteSpec, sh: Sharding, r0: int, r1: int, ext: tuple[i
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes one rank sends for one site's forward (the backward mirrors it), by scheme."""
+    """Bytes a rank sends for one site's forward (the backward mirrors it), by scheme."""
 
     halo: int            # this plan: halo rows (or all rows for a dense site) + the global queries' merge
     all_gather: int      # all-gather k / v
@@ -114,25 +122,18 @@ class Traffic:
 
 def site_traffic(plan: AttentionPlan, batch: int, heads: int, kv_heads: int, head_dim: int, v_dim: int,
                  itemsize: int, rank: int | None = None) -> Traffic:
-    """Per-rank bytes of the busiest rank (or of ``rank``)."""
+    """Bytes one rank sends (``rank``, or for each scheme the most any rank sends)."""
     sh = plan.sharding
     ranks = range(sh.world) if rank is None else [rank]
     kv = batch * kv_heads * (head_dim + v_dim) * itemsize          # one token of k and v
     qo = batch * heads * (head_dim + v_dim) * itemsize              # one token of q and out
     p = sh.world
-    best = None
-    for r in ranks:
-        local = sh.local_tokens(r)  # globals are replicated: never sent
-        halo = plan.tokens_sent(r) * kv + merge_bytes(plan, batch, heads, v_dim, itemsize)
-        ag = (p - 1) * local * kv
-        uly = None
-        if heads % p == 0 and (kv_heads % p == 0 or kv_heads < p):
-            uly = (p - 1) * local * (qo + kv) // p
-        hops = max([abs(s - r) for s in plan.peers(r)[0] + plan.peers(r)[1]], default=0)
-        row = Traffic(halo, ag, ag, uly, hops)
-        if best is None or row.halo > best.halo:
-            best = row
-    return best
+    uly_ok = heads % p == 0 and (kv_heads % p == 0 or kv_heads < p)
+    halo = max(plan.tokens_sent(r) * kv for r in ranks) + merge_bytes(plan, batch, heads, v_dim, itemsize)
+    local = max(sh.local_tokens(r) for r in ranks)                   # globals are replicated: never sent
+    hops = max([abs(s - r) for r in ranks for s in plan.peers(r)[0] + plan.peers(r)[1]], default=0)
+    return Traffic(halo, (p - 1) * local * kv, (p - 1) * local * kv,
+                   (p - 1) * local * (qo + kv) // p if uly_ok else None, hops)
 
 
 def merge_bytes(plan: AttentionPlan, batch: int, heads: int, v_dim: int, itemsize: int) -> int:

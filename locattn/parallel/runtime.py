@@ -1,4 +1,8 @@
-"""What runs around a sharded graph at every call: the debug check that every rank got the same inputs.
+"""What runs around a sharded graph at every call: gradient sums of its weights, and the debug input check.
+
+Weights used only inside the sharded region get a gradient from each rank's rows: :class:`_SumGrad` (identity
+forward) sums it over the group in the backward, around the compiled graph rather than as an in-graph op (a
+custom op may not return its input, so that would copy every weight at every call).
 
 Sequence parallelism assumes every rank calls the model with the same inputs (as data-parallel replicas do):
 each rank keeps its rows of them. Inputs that differ would give each rank a different model, silently. With
@@ -48,16 +52,36 @@ def check_same_inputs(args, names: list[str], group) -> None:
                                     f"must call the model with the same inputs")
 
 
+class _SumGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 def wrap_compiled(compiled, gm: fx.GraphModule, cfg: SPConfig, report):
-    """``compiled`` with the debug input check in front (when asked and the graph is sharded)."""
-    if not (cfg.debug and report.applied and report.live):
+    """``compiled`` with the gradient sums of ``report.enter_inputs`` and the debug input check (when asked)."""
+    if not (report.applied and report.live and (cfg.debug or report.enter_inputs)):
         return compiled
     import torch.distributed as dist
 
     group = cfg.group if cfg.group is not None else dist.group.WORLD
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    summed = set(report.enter_inputs)
 
     def call(*args):  # Dynamo calls the compiled graph with positional inputs
-        check_same_inputs(args, names, group)
+        if cfg.debug:
+            check_same_inputs(args, names, group)
+        if summed and torch.is_grad_enabled():
+            args = tuple(_SumGrad.apply(a, group) if i in summed and a.requires_grad else a
+                         for i, a in enumerate(args))
         return compiled(*args)
     return call

@@ -24,15 +24,30 @@ class SequenceParallelError(RuntimeError):
     """A sequence-parallel configuration or input that cannot run (raised alike on every rank)."""
 
 
-def split_rows(n: int, world: int) -> tuple[tuple[int, int], ...]:
-    """``n`` rows cut into ``world`` contiguous runs, the first ``n % world`` one row longer."""
+def split_rows(n: int, world: int, unit: int = 1, offset: int = 0,
+               slack: float = 1.25) -> tuple[tuple[int, int], ...]:
+    """``n`` rows cut into ``world`` contiguous runs: evenly (the first ``n % world`` one row longer), or, with a
+    ``unit``, at the positions ``p % unit == offset % unit`` nearest the even cuts (tile / window boundaries, where
+    the halo is smallest) when no run then exceeds ``slack`` times the longest even run."""
     base, extra = divmod(n, world)
-    out, r0 = [], 0
+    even, r0 = [], 0
     for r in range(world):
-        r1 = r0 + base + (r < extra)
-        out.append((r0, r1))
-        r0 = r1
-    return tuple(out)
+        even.append((r0, r0 + base + (r < extra)))
+        r0 = even[-1][1]
+    if unit <= 1:
+        return tuple(even)
+    points = [p for p in range(1, n) if (p - offset) % unit == 0]
+    bounds = [0]
+    for i in range(1, world):
+        cands = [p for p in points if p > bounds[-1] and n - p >= world - i]
+        if not cands:
+            return tuple(even)
+        bounds.append(min(cands, key=lambda p: (abs(p - i * n / world), p)))
+    bounds.append(n)
+    rows = tuple(zip(bounds, bounds[1:]))
+    if max(b - a for a, b in rows) > slack * (base + (extra > 0)):
+        return tuple(even)
+    return rows
 
 
 @dataclass(frozen=True)

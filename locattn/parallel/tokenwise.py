@@ -238,7 +238,7 @@ def _elementwise(n, st, n_grid) -> Effect:
     out = _shape(n)
     name = _fn_name(n)
     data = list(n.args) + [v for v in n.kwargs.values()]
-    if name == "type_as":
+    if name in ("type_as", "to"):  # the other argument gives a dtype / device only
         data = [n.args[0]]
     seqs = _seq_in(n, st, data)
     if not seqs:

@@ -217,6 +217,11 @@ class Pattern:
         """The fewest positions of ``axis`` the pattern is defined on (its :meth:`validate` minimum)."""
         return 1
 
+    def align(self, axis: int, ndim: int) -> tuple[int, int]:
+        """``(unit, offset)``: positions ``p`` of ``axis`` with ``p % unit == offset % unit`` are where the pattern's
+        groups (tiles, stride groups, windows) start; a shard boundary there needs the smallest halo."""
+        return 1, 0
+
     def on_subrange(self, axis: int, ndim: int, e0: int) -> "Pattern":
         """The same pattern on the grid whose ``axis`` starts at position ``e0`` (patterns anchored to positions
         other than the borders move their anchors)."""

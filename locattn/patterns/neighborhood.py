@@ -61,6 +61,10 @@ class Neighborhood(Pattern):
         s, d = self._stride(axis, ndim), self.dilation_of(axis, ndim)
         return fit_range(n, r0 - left, r1 + right, s * d if s > 1 else 1, 1, self.min_extent(axis, ndim))
 
+    def align(self, axis, ndim):
+        s = self._stride(axis, ndim)
+        return (s * self.dilation_of(axis, ndim), 0) if s > 1 else (1, 0)
+
     def min_extent(self, axis, ndim):
         return self.axis_param("kernel", ndim)[axis] * self.dilation_of(axis, ndim)
 

@@ -45,6 +45,9 @@ class ShiftedWindow(Pattern):
         w, s = self.axis_param("window", ndim)[axis], self.axis_param("shift", ndim)[axis]
         return max((r0 - s) // w * w + s, 0), min((r1 - 1 - s) // w * w + s + w, n)
 
+    def align(self, axis, ndim):
+        return self.axis_param("window", ndim)[axis], self.axis_param("shift", ndim)[axis]
+
     def on_subrange(self, axis, ndim, e0):
         # windows stay where they were: the cut's first full window starts (shift - e0) mod window after it
         w, shifts = self.axis_param("window", ndim)[axis], list(self.axis_param("shift", ndim))

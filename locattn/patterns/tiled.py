@@ -48,6 +48,9 @@ class Tiled(Pattern):
         return fit_range(n, (r0 // t - w // 2) * t, (-(-r1 // t) + w - 1 - w // 2) * t, t, t,
                          self.min_extent(axis, ndim), end_from_border=False)
 
+    def align(self, axis, ndim):
+        return self.axis_param("tile", ndim)[axis], 0
+
     def min_extent(self, axis, ndim):
         return self.axis_param("tile", ndim)[axis] * self.axis_param("window", ndim)[axis]
 
