@@ -246,8 +246,7 @@ def _refresh_shapes(gm: fx.GraphModule, example_inputs) -> None:
         raise _Refused("a graph input is not a tensor (symbolic sizes?): sequence parallelism needs static shapes")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
-            FakeTensorProp(gm, mode).propagate(*example_inputs)
+        FakeTensorProp(gm, mode).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure means: do not shard
         raise _Refused(f"shape propagation failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     for n in gm.graph.nodes:
@@ -301,6 +300,9 @@ def analyze(gm: fx.GraphModule, example_inputs) -> _Analysis:
             eff = propagate(n, state, n_grid)
         except NotTokenwise as e:
             boundary[n] = str(e)
+            continue
+        except Exception as e:  # noqa: BLE001 - an op form the rules do not expect: not token-wise, say why
+            boundary[n] = f"{n.name}: the token-axis rules failed on it ({type(e).__name__}: {e})"
             continue
         effects[n] = eff
         if eff.state is not None:

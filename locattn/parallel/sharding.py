@@ -101,13 +101,6 @@ class TokenPlan:
     prefix: int = 0
     suffix: int = 0
 
-    def local_len(self, rank: int | None = None) -> int:
-        return self.prefix + self.sharding.local_tokens(rank) + self.suffix
-
-    @property
-    def global_len(self) -> int:
-        return self.prefix + self.sharding.n_grid + self.suffix
-
 
 @dataclass(frozen=True)
 class AttentionPlan:

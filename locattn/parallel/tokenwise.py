@@ -131,10 +131,6 @@ def _fn_name(n: fx.Node) -> str:
     return n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
 
 
-def _tensor_inputs(n: fx.Node, state) -> list[fx.Node]:
-    return [a for a in n.all_input_nodes if isinstance(example(a), torch.Tensor)]
-
-
 # ------------------------------------------------------------------------------------------------ rules
 
 
