@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..counters import bump, log
-from ..passes.sites import example, module_path
+from ..passes.sites import ancestors, example, module_path
 from ..patterns.spec import parse_spec
 from . import ops as _sp_ops  # noqa: F401  (registers torch.ops.locattn.sp_*)
 from .config import SPConfig
@@ -211,18 +211,6 @@ def _trace_origins(start: fx.Node, seq: Seq, n_grid: int) -> set[tuple[fx.Node, 
     return origins
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
 @dataclass
 class _Analysis:
     grid: tuple[int, ...]
@@ -309,7 +297,7 @@ def analyze(gm: fx.GraphModule, example_inputs) -> _Analysis:
             state[n] = eff.state
     self_sites = [n for n in sites if isinstance(state.get(n.args[1]), Seq)]
     cross_sites = [n for n in sites if n in effects and n not in self_sites]
-    site_ancestors = _ancestors([a for n in sites for a in n.all_input_nodes])
+    site_ancestors = ancestors([a for n in sites for a in n.all_input_nodes])
     for b, why in boundary.items():
         if b in site_ancestors:
             raise _Refused(f"{why} — between the shard point and an attention site (module "
