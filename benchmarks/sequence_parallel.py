@@ -12,6 +12,9 @@ window, and 2 / 4 / 8 ranks:
    Ulysses' four all-to-alls of the same tensors. Communication only: on this machine the ranks share 2 CPU
    cores (and other work: the load average is recorded), so the times show the ratio of schemes, not what a
    GPU interconnect does.
+3. **One site's forward** (``sp_attention`` with the ``cpu`` implementation, small enough for CPU): the sharded
+   forward with and without ``overlap`` (interior rows computed while the halo travels) next to the
+   single-process op.
 
 Usage::
 
@@ -165,6 +168,56 @@ def time_rows(quick: bool, ranks: list[int], heads: int, reps: int) -> list[dict
     return rows
 
 
+def e2e_cases(quick: bool) -> list[Case]:
+    """Sites small enough to compute on CPU: one site's forward, halo + attention, with and without overlap."""
+    if quick:
+        return [Case("na2d-16x16", Neighborhood(kernel=(5, 5)), (16, 16), 2, 32)]
+    return [Case("na2d-64x64", Neighborhood(kernel=(13, 13)), (64, 64), 4, 64),
+            Case("sw1d-16k", SlidingWindow(window=256), (16384,), 4, 64)]
+
+
+def _e2e_worker(rank: int, world: int, quick: bool, reps: int) -> list[dict]:
+    from locattn.parallel.ops import shard_local
+    from locattn.parallel.sharding import TokenPlan
+
+    out = []
+    group = dist.group.WORLD
+    for case in e2e_cases(quick):
+        torch.manual_seed(0)
+        layout = Layout(grid=case.grid)
+        spec = SiteSpec((HeadGroup(None, case.pattern, layout),))
+        q, k, v = (torch.randn(1, case.heads, layout.seq_len, case.dim) for _ in range(3))
+        row = {"case": case.name, "ranks": world}
+        if world == 1:
+            sj = spec.to_json()
+            row["single_ms"] = _median_ms(lambda: torch.ops.locattn.attention(q, k, v, None, None, 0.125, False, sj,
+                                                                              ""), reps, group)
+        else:
+            for overlap in (False, True):
+                sh = make_sharding(case.grid, 0, world, "", rank)
+                plan = plan_attention(spec, sh, 0, 0, overlap=overlap, label=case.name)
+                tp = TokenPlan(sh, 2)
+                ql, kl, vl = (shard_local(t, tp) for t in (q, k, v))
+                args = (0.125, False, spec.to_json(), "", to_json(plan))
+                row["overlap_ms" if overlap else "halo_ms"] = _median_ms(
+                    lambda: torch.ops.locattn.sp_attention(ql, kl, vl, *args), reps, group)
+        out.append(row)
+    return out
+
+
+def e2e_rows(quick: bool, ranks: list[int], reps: int) -> list[dict]:
+    rows = []
+    for world in [1, *ranks]:
+        per_rank = run_spmd(_e2e_worker, world, quick, reps, timeout=1800, threads=0 if world == 1 else 1)
+        for i, row in enumerate(per_rank[0]):
+            merged = dict(row)
+            for key in ("halo_ms", "overlap_ms"):
+                if key in row:
+                    merged[key] = max(r[i][key] for r in per_rank)
+            rows.append(merged)
+    return rows
+
+
 def _mb(x) -> str:
     return "n/a" if x is None else f"{x / 1e6:.1f}"
 
@@ -206,9 +259,22 @@ def main(argv=None) -> int:
         for r in timed:
             print(f"| {r['case']} | {r['ranks']} | {_ms(r['halo_ms'])} | {_ms(r['all_gather_ms'])} | "
                   f"{_ms(r['ring_ms'])} | {_ms(r['ulysses_ms'])} |")
+    e2e = []
+    if not args.no_time:
+        e2e = e2e_rows(args.quick, ranks, 1 if args.quick else args.reps)
+        print(f"\none site's forward on CPU processes (sp_attention: halo exchange + cpu attention; fp32; the "
+              f"single-process op with torch's default threads, each rank with 1 thread; slowest rank; load "
+              f"average now {os.getloadavg()[0]:.1f}):\n")
+        print("| case | ranks | single process ms | sharded ms | sharded, interior first ms |")
+        print("|---|---|---|---|---|")
+        single = {r["case"]: r["single_ms"] for r in e2e if r["ranks"] == 1}
+        for r in e2e:
+            if r["ranks"] > 1:
+                print(f"| {r['case']} | {r['ranks']} | {_ms(single.get(r['case']))} | {_ms(r['halo_ms'])} | "
+                      f"{_ms(r['overlap_ms'])} |")
     meta = {"torch": torch.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),
             "load_before": load0, "load_after": os.getloadavg(), "command": " ".join(sys.argv)}
-    write_results("sequence_parallel", args.quick, meta, [{"bytes": rows, "time": timed}], args.out)
+    write_results("sequence_parallel", args.quick, meta, [{"bytes": rows, "time": timed, "e2e": e2e}], args.out)
     return 0
 
 

@@ -53,3 +53,4 @@ def test_sequence_parallel_quick(tmp_path):
     for r in rows["bytes"]:
         assert 0 <= r["halo_bytes"] <= r["all_gather_bytes"]
     assert all(r["halo_ms"] > 0 and r["all_gather_ms"] > 0 for r in rows["time"])
+    assert {r["ranks"] for r in rows["e2e"]} == {1, 2} and all(r.get("overlap_ms", 1) > 0 for r in rows["e2e"])

@@ -186,7 +186,7 @@ def _run_op_case(rank, world, name, case):
 # ------------------------------------------------------------------------------------------------ model cases
 
 
-def _compare_model(model, inputs, policy, sp, world, inductor=False, kwargs=False):
+def _compare_model(model, inputs, policy, sp, inductor=False, kwargs=False):
     """Single-process vs sequence-parallel compile of ``model``: max errors of the output, the inputs' and the
     parameters' gradients (relative to the largest gradient), the report, warnings."""
     import locattn
@@ -224,7 +224,7 @@ def _toy_inputs():
     return {"img": torch.randn(2, 4, 16, 12, dtype=torch.float64), "text": torch.randn(2, 3, 8, dtype=torch.float64)}
 
 
-def _dit_case(world):
+def _dit_case():
     import diffusers as D
 
     torch.manual_seed(0)
@@ -233,7 +233,7 @@ def _dit_case(world):
     inputs = {"hidden_states": torch.randn(2, 4, 16, 16, dtype=torch.float64), "timestep": torch.tensor([3, 5]),
               "class_labels": torch.tensor([1, 2])}
     policy = {"version": 1, "default": {"pattern": "neighborhood", "kernel": [3, 3], "grid": "auto"}}
-    return _compare_model(m, inputs, policy, {}, world, kwargs=True)
+    return _compare_model(m, inputs, policy, {}, kwargs=True)
 
 
 def _suite(rank, world, which):
@@ -248,26 +248,34 @@ def _suite(rank, world, which):
                                 "refuse-pool": (0, "pool")}.items():
         torch._dynamo.reset()
         torch.manual_seed(0)
-        out["models"][name] = _compare_model(Toy(n_text, mix).double(), _toy_inputs(), _toy_policy(n_text), {}, world)
+        out["models"][name] = _compare_model(Toy(n_text, mix).double(), _toy_inputs(), _toy_policy(n_text), {})
     torch._dynamo.reset()
     torch.manual_seed(0)
     out["models"]["causal-1d"] = _compare_model(CausalLM().double(), {"ids": torch.randint(0, 50, (2, 29)),
-                                                "scale": torch.tensor(1.5, dtype=torch.float64)}, CAUSAL_POLICY, {}, world)
+                                                "scale": torch.tensor(1.5, dtype=torch.float64)}, CAUSAL_POLICY, {})
     if "inductor" in which:
         torch._dynamo.reset()
         torch.manual_seed(0)
         out["models"]["toy-inductor"] = _compare_model(Toy(3, layers=1).double(), _toy_inputs(), _toy_policy(3), {},
-                                                       world, inductor=True)
+                                                       inductor=True)
     if "dit" in which and HAVE_DIFFUSERS:
         torch._dynamo.reset()
-        out["models"]["diffusers-dit"] = _dit_case(world)
+        out["models"]["diffusers-dit"] = _dit_case()
+    if world == 4:  # two groups of two ranks each, sharding independently
+        import torch.distributed as dist
+
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        out["models"]["subgroup"] = _compare_model(Toy(3).double(), _toy_inputs(), _toy_policy(3),
+                                                   {"group": pairs[rank // 2]})
     # bad input: inputs that differ across ranks (debug mode)
     torch._dynamo.reset()
     torch.manual_seed(0)
     inputs = _toy_inputs()
     inputs["img"] = inputs["img"] + rank
     try:
-        _compare_model(Toy().double(), inputs, _toy_policy(0), {"debug": True}, world)
+        _compare_model(Toy().double(), inputs, _toy_policy(0), {"debug": True})
         out["differ"] = "no error"
     except Exception as e:  # noqa: BLE001
         out["differ"] = f"{type(e).__name__}: {e}"
@@ -325,13 +333,14 @@ def test_bytes_sent_equal_the_plan(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", ["toy", "toy-text-globals", "causal-1d", "toy-inductor", "diffusers-dit"])
+@pytest.mark.parametrize("name", ["toy", "toy-text-globals", "causal-1d", "subgroup", "toy-inductor",
+                                  "diffusers-dit"])
 def test_model_equals_single_process(world, name):
     if name == "diffusers-dit" and not HAVE_DIFFUSERS:
         pytest.skip("needs diffusers")
     for rank, res in enumerate(_results(world)):
         if name not in res["models"]:
-            pytest.skip(f"{name} runs with 2 ranks only (one Inductor compile is enough)")
+            pytest.skip(f"{name} runs in the {'4' if name == 'subgroup' else '2'}-rank suite only")
         r = res["models"][name]
         assert r["applied"], r["reason"]
         bad = {k: v for k, v in r["errs"].items() if not v <= 1e-10}

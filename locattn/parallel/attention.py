@@ -249,9 +249,9 @@ def _queries_on_cut(z: _Sizes, q: torch.Tensor, q0: int, q1: int, a0: int, a1: i
 def _local_rows(z: _Sizes, t: torch.Tensor, q0: int, q1: int, a0: int, a1: int) -> torch.Tensor:
     """Rows ``[q0, q1)`` of a piece's result ``[B, H, S_cut, ...]``, flattened: ``[B, H, tokens, ...]``."""
     grid = z.sh.cut_grid(a0, a1)
-    if t.dim() == 3:
-        return _rows(_grid(t.unsqueeze(-1), z.P + z.C, grid), z.sh.axis, q0 - a0, q1 - q0).flatten(2, 1 + len(grid))[..., 0]
-    return _rows(_grid(t, z.P + z.C, grid), z.sh.axis, q0 - a0, q1 - q0).flatten(2, 1 + len(grid))
+    x = t.unsqueeze(-1) if t.dim() == 3 else t  # lse: [B, H, S]
+    out = _rows(_grid(x, z.P + z.C, grid), z.sh.axis, q0 - a0, q1 - q0).flatten(2, 1 + len(grid))
+    return out[..., 0] if t.dim() == 3 else out
 
 
 def _put_rows(z: _Sizes, dst: torch.Tensor, src: torch.Tensor, q0: int, q1: int) -> None:
@@ -276,8 +276,8 @@ def forward(q, k, v, scale: float, is_causal: bool, spec: str, backend: str, pla
     if plan.dense:
         recvd = ex.wait()
         kf, vf = (_assemble_kv(plan, z, x, recvd, i, k, v) for i, x in enumerate((k, v)))
-        out, lse = torch.ops.locattn.attention.default(q, kf, vf, _causal_mask(plan_json, True) if is_causal else None,
-                                                       None, scale, False, spec, backend)
+        mask = _causal_mask(plan_json, True, q.device) if is_causal else None
+        out, lse = torch.ops.locattn.attention.default(q, kf, vf, mask, None, scale, False, spec, backend)
         return out, lse, _halo(recvd, k), q.new_empty(0, dtype=lse.dtype)
 
     out = q.new_empty(b, s_loc, hq, dv_).transpose(1, 2)
@@ -315,16 +315,16 @@ def _run_piece(z, plan_json, q, kc, vc, scale, is_causal, spec, backend, q0, q1,
 
 
 @functools.lru_cache(maxsize=256)
-def _causal_mask(plan_json: str, dense: bool) -> torch.Tensor:
+def _causal_mask(plan_json: str, dense: bool, device: torch.device) -> torch.Tensor:
     """``is_causal`` on whole-sequence token indices: for a dense site, local queries x all keys ``[S_loc, S]``;
-    for the global queries, ``[G, own keys]``."""
+    for the global queries, ``[G, own keys]``. Made once per device (no host-to-device copy per call)."""
     plan = parse_attention_plan(plan_json)
     sh = plan.sharding
     idx = _global_index(plan_json)
     if dense:
-        return idx[:, None] >= torch.arange(plan.prefix + sh.n_grid + plan.suffix)[None, :]
+        return (idx[:, None] >= torch.arange(plan.prefix + sh.n_grid + plan.suffix)[None, :]).to(device)
     qi, ki = _global_query_index(plan), _own_key_index(plan, plan_json)
-    return qi[:, None] >= ki[None, :]
+    return (qi[:, None] >= ki[None, :]).to(device)
 
 
 def _global_query_index(plan: AttentionPlan) -> torch.Tensor:
@@ -356,7 +356,7 @@ def _set_global_rows(z: _Sizes, dst: torch.Tensor, src: torch.Tensor) -> None:
 def _global_queries(plan, plan_json, z, q, k, v, scale, is_causal, backend, out, lse) -> torch.Tensor:
     """The global queries over every rank's keys: a partial attention per rank merged by log-sum-exp; writes the
     merged rows of ``out`` / ``lse`` and returns this rank's partial lse (for the backward)."""
-    mask = _causal_mask(plan_json, False).to(q.device) if is_causal else None
+    mask = _causal_mask(plan_json, False, q.device) if is_causal else None
     o_r, l_r = torch.ops.locattn.attention.default(_global_rows(z, q), _own_keys(z, k), _own_keys(z, v), mask, None,
                                                    scale, False, DENSE_JSON, backend)
     m = comm.all_reduce(l_r.clone(), z.sh.group, torch.distributed.ReduceOp.MAX, plan.label + ":globals")
@@ -382,7 +382,7 @@ def backward(grad_out, q, k, v, out, lse, halo, lse_part, scale: float, is_causa
     recvd = _split_halo(plan, z, halo, k, v)
     kc, vc = (_assemble_kv(plan, z, x, recvd, i, k, v) for i, x in enumerate((k, v)))
     if plan.dense:
-        mask = _causal_mask(plan_json, True) if is_causal else None
+        mask = _causal_mask(plan_json, True, q.device) if is_causal else None
         dq, dkc, dvc, _ = torch.ops.locattn.attention_backward.default(
             grad_out, q, kc, vc, out, lse, mask, None, scale, False, spec, backend, False)
     else:
@@ -437,7 +437,7 @@ def _global_queries_backward(plan, plan_json, z, grad_out, q, k, v, out, lse, ls
     l_all = _global_rows(z, lse.unsqueeze(-1))[..., 0]
     w = torch.exp(lse_part - torch.where(torch.isinf(l_all), torch.zeros_like(l_all), l_all))
     w = torch.where(torch.isneginf(lse_part), torch.zeros_like(w), w)
-    mask = _causal_mask(plan_json, False).to(q.device) if is_causal else None
+    mask = _causal_mask(plan_json, False, q.device) if is_causal else None
     dqg, dko, dvo, _ = torch.ops.locattn.attention_backward.default(
         (g.to(w.dtype) * w[..., None]).to(g.dtype), _global_rows(z, q), _own_keys(z, k), _own_keys(z, v),
         _global_rows(z, out).contiguous(), lse_part, mask, None, scale, False, DENSE_JSON, backend, False)

@@ -318,8 +318,8 @@ def _local(sh: Sharding) -> Local:
         return s.prefix + L + s.suffix
 
     def boundary(s: Seq, g: int) -> int:
-        n = sh.n_grid
-        return {0: 0, s.prefix: s.prefix, s.prefix + n: s.prefix + L, s.prefix + n + s.suffix: s.prefix + L + s.suffix}[g]
+        n, p = sh.n_grid, s.prefix
+        return {0: 0, p: p, p + n: p + L, p + n + s.suffix: p + L + s.suffix}[g]
     return Local(length, boundary)
 
 
@@ -327,6 +327,10 @@ def apply_sequence_parallel(gm: fx.GraphModule, cfg: SPConfig, example_inputs) -
     """Shard ``gm`` in place per ``cfg`` (or leave it as it is, with the reason). Bad configurations raise
     :class:`SequenceParallelError` (identically on every rank)."""
     group, rank, world, live = cfg.resolve()
+    if world == 1:
+        return ParallelReport(False, "a group of one rank: nothing to shard", world=1, live=live)
+    if not _site_nodes(gm):  # a graph without attention (after a graph break): nothing to do, nothing to warn
+        return ParallelReport(False, "no rewritten attention site in this graph", world=world, live=live)
     try:
         a = analyze(gm, example_inputs)
     except _Refused as e:

@@ -43,8 +43,8 @@ def shard_local(x: torch.Tensor, tp: TokenPlan) -> torch.Tensor:
     sh = tp.sharding
     pre, grid, suf = _parts(x, tp, sh.n_grid)
     r0, r1 = sh.rows[sh.rank]
-    own = grid.unflatten(tp.dim, sh.grid).narrow(tp.dim + sh.axis, r0, r1 - r0).flatten(tp.dim, tp.dim + len(sh.grid) - 1)
-    return torch.cat([pre, own, suf], tp.dim)
+    own = grid.unflatten(tp.dim, sh.grid).narrow(tp.dim + sh.axis, r0, r1 - r0)
+    return torch.cat([pre, own.flatten(tp.dim, tp.dim + len(sh.grid) - 1), suf], tp.dim)
 
 
 @torch.library.custom_op("locattn::sp_shard", mutates_args=())

@@ -92,7 +92,8 @@ def plan_attention(spec: SiteSpec, sh: Sharding, prefix: int, suffix: int, overl
 def _overlap_pieces(spec: SiteSpec, sh: Sharding, r0: int, r1: int, ext: tuple[int, int]):
     """``(q0, q1, a0, a1, after_halo)`` pieces: the interior rows (their cut inside ``[r0, r1)``) first, then the
     two boundary strips on their own cuts. ``()`` (one piece) when no row is interior."""
-    inner = [x for x in range(r0, r1) if r0 <= _union_cut(spec, sh, x, x + 1)[0] and _union_cut(spec, sh, x, x + 1)[1] <= r1]
+    cuts = {x: _union_cut(spec, sh, x, x + 1) for x in range(r0, r1)}
+    inner = [x for x, (a0, a1) in cuts.items() if r0 <= a0 and a1 <= r1]
     if not inner:
         return ()
     i0, i1 = inner[0], inner[-1] + 1

@@ -614,8 +614,9 @@ def _sdpa(n, st) -> Effect:
     q, k, v = args["query"], args["key"], args["value"]
     mask = args.get("attn_mask")
     sq = st(q)
-    if isinstance(sq, Seq) and st(k) is None and st(v) is None and not args.get("is_causal") and \
-            (not isinstance(mask, fx.Node) or (st(mask) is None and _shape(mask)[-2] == 1)) and sq.dim == len(_shape(q)) - 2:
+    mask_ok = not isinstance(mask, fx.Node) or (st(mask) is None and _shape(mask)[-2] == 1)
+    if isinstance(sq, Seq) and st(k) is None and st(v) is None and not args.get("is_causal") and mask_ok \
+            and sq.dim == len(_shape(q)) - 2:
         return Effect(Seq(sq.dim, sq.prefix, sq.suffix), enter=[x for x in (k, v, mask) if isinstance(x, fx.Node)
                                                                  and _requires_grad(x)])
     raise NotTokenwise(f"{_name(n)}: an attention site left to SDPA (self-attention needs the rewritten op)")

@@ -291,8 +291,8 @@ def subrange_exact(pattern: Pattern, grid: tuple[int, ...], axis: int, e0: int, 
     bad = (empty != empty2) | (~empty & ((lo != lo2) | (hi != hi2)))
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        return (f"{pattern.describe()} on axis {axis}: query at {r0 + i} sees [{int(lo[i])}, {int(hi[i])}] on the whole "
-                f"axis of {n} but [{int(lo2[i])}, {int(hi2[i])}] on [{e0}, {e1})")
+        return (f"{pattern.describe()} on axis {axis}: query at {r0 + i} sees [{int(lo[i])}, {int(hi[i])}] on the "
+                f"whole axis of {n} but [{int(lo2[i])}, {int(hi2[i])}] on [{e0}, {e1})")
     return ""
 
 
