@@ -216,9 +216,11 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
         spec_json = d.spec.to_json()
         scale = site.effective_scale()
 
-        def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend):
-            return g.call_function(torch.ops.locattn.attention.default,
+        def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend, _d=d):
+            node = g.call_function(torch.ops.locattn.attention.default,
                                    (q, k, v, mask, bias, float(_scale), bool(_site.is_causal), _spec, _be))
+            node.meta["locattn_decision"] = _d  # later passes (sequence parallelism) find the site's decision
+            return node
 
         site.replace(op_call)
         bump("rewrite", site.form)
