@@ -7,6 +7,7 @@ entry point to :func:`locattn_backend`. Options:
 * ``backend``: implementation override for every site (``"reference"``, ``"blocked"``, ...),
 * ``timestep_arg``: the model input holding the diffusion timestep for ``timesteps`` rules (default
   ``"timestep"``, diffusers' name),
+* ``sequence_parallel``: shard the token sequence over a process group (:mod:`locattn.parallel`),
 * any other key is an Inductor config patch, passed to ``compile_fx``.
 
 ``locattn.backend(policy=...)`` returns a :class:`LocattnBackend` object for users who prefer objects; it
@@ -24,15 +25,18 @@ from . import ops  # noqa: F401  (registers torch.ops.locattn)
 from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
 from .policy import Policy
 
-OUR_OPTIONS = {"policy", "backend", "timestep_arg"}
+OUR_OPTIONS = {"policy", "backend", "timestep_arg", "sequence_parallel"}
 
 
 class LocattnBackend:
     """A torch.compile backend: rewrite attention sites per ``policy``, then Inductor (or eager)."""
 
     def __init__(self, policy: Any = None, backend: str = "", inductor: bool = True,
-                 inductor_config: dict | None = None, timestep_arg: str = "timestep"):
+                 inductor_config: dict | None = None, timestep_arg: str = "timestep",
+                 sequence_parallel: Any = None):
         self.policy = Policy.coerce(policy)
+        self.sequence_parallel = _parallel_config(sequence_parallel)
+        self.parallel_reports: list = []  # one locattn.parallel.graph.ParallelReport per graph, when sharding
         self.backend = backend
         self.timestep_arg = timestep_arg
         self.inductor = inductor
@@ -46,13 +50,24 @@ class LocattnBackend:
         decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg,
                                   example_inputs=example_inputs)
         self.decisions.extend(decisions)
+        if self.sequence_parallel is not None:
+            from .parallel.graph import apply_sequence_parallel
+
+            self.parallel_reports.append(apply_sequence_parallel(gm, self.sequence_parallel, example_inputs))
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
             if self.inductor_config:
-                return compile_fx(gm, example_inputs, config_patches=self.inductor_config)
-            return compile_fx(gm, example_inputs)
-        return gm.forward
+                compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_config)
+            else:
+                compiled = compile_fx(gm, example_inputs)
+        else:
+            compiled = gm.forward
+        if self.sequence_parallel is not None:
+            from .parallel.runtime import wrap_compiled
+
+            compiled = wrap_compiled(compiled, gm, self.sequence_parallel, self.parallel_reports[-1])
+        return compiled
 
     def warn_unmatched(self) -> None:
         warn_unmatched(self.policy, self.decisions)
@@ -62,10 +77,18 @@ class LocattnBackend:
 
 
 def backend(policy: Any = None, backend: str = "", inductor: bool = True, timestep_arg: str = "timestep",
-            **inductor_config) -> LocattnBackend:
+            sequence_parallel: Any = None, **inductor_config) -> LocattnBackend:
     """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``."""
     return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config,
-                          timestep_arg=timestep_arg)
+                          timestep_arg=timestep_arg, sequence_parallel=sequence_parallel)
+
+
+def _parallel_config(value: Any):
+    if value is None or value is False:
+        return None
+    from .parallel.config import SPConfig
+
+    return SPConfig.coerce(value)
 
 
 def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None,
@@ -80,7 +103,7 @@ def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
         options = {**list_mode_options(mode), **options}
     ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
     b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options,
-                       timestep_arg=ours.get("timestep_arg", "timestep"))
+                       timestep_arg=ours.get("timestep_arg", "timestep"), sequence_parallel=ours.get("sequence_parallel"))
     compiled = b(gm, example_inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("default")

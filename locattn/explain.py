@@ -44,6 +44,8 @@ class Report:
     policy_source: str = ""
     #: measured densities of sites whose pattern is chosen per call (``dynamic``), from the explained run
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: one :class:`locattn.parallel.graph.ParallelReport` per graph with ``sequence_parallel``
+    parallel: list = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -96,7 +98,12 @@ class Report:
         return out
 
     def to_json(self, **kw) -> str:
-        return json.dumps({"policy": self.policy_source, "sites": self.rows()}, **kw)
+        out = {"policy": self.policy_source, "sites": self.rows()}
+        if self.parallel:
+            from .parallel.graph import report_dict
+
+            out["sequence_parallel"] = [report_dict(p) for p in self.parallel]
+        return json.dumps(out, **kw)
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -141,18 +148,24 @@ class Report:
             most = " (timestep-dependent sites counted at their densest phase)" if any(r["phases"] for r in rows) else ""
             lines.append(f"attention FLOPs: dense {_fmt_flops(dense)}, with this policy {_fmt_flops(ours)} "
                          f"({ours / dense:.1%}){most}")
+        lines += [p.describe() for p in self.parallel]
         return "\n".join(lines)
 
 
 def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: str = "", dynamic: bool | None = None,
-            inductor: bool = False, timestep_arg: str = "timestep", **kwargs) -> Report:
+            inductor: bool = False, timestep_arg: str = "timestep", sequence_parallel: Any = None,
+            **kwargs) -> Report:
     """Compile ``model`` with the locattn backend, run it once on ``args``/``kwargs`` and report every site.
 
     Resets Dynamo's caches first (so the model is traced afresh). With ``inductor=False`` (default) the
     rewritten graphs run eagerly, which is enough to see every decision and much faster.
+    ``sequence_parallel={"world_size": 4}`` (one process, no process group) adds the plan for a group of that
+    size: shard and gather points, each site's cut per rank, and the bytes each rank sends vs all-gather, ring
+    and Ulysses attention (or why the graph would not be sharded).
     """
     torch._dynamo.reset()
-    b = LocattnBackend(policy, backend=backend, inductor=inductor, timestep_arg=timestep_arg)
+    b = LocattnBackend(policy, backend=backend, inductor=inductor, timestep_arg=timestep_arg,
+                       sequence_parallel=sequence_parallel)
     compiled = torch.compile(model, backend=b, dynamic=dynamic)
     before = _DENSITY.copy()
     _DENSITY.clear()  # measure this run's dynamic sites alone
@@ -167,4 +180,4 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source, measured)
+    return Report(b.decisions, b.policy.source, measured, list(b.parallel_reports))

@@ -42,3 +42,15 @@ def test_e2e_dit_quick(tmp_path):
     assert v["locattn-na"]["counters"]["dispatch"].get("cpu")                 # the fast CPU path ran
     assert v["locattn-dense"]["error_vs_inductor"]["max_abs"] < 1e-3
     assert v["locattn-na"]["error_vs_blocked"]["max_abs"] < 1e-4
+
+
+@pytest.mark.slow
+def test_sequence_parallel_quick(tmp_path):
+    data, stdout = _run("sequence_parallel.py", tmp_path / "sp.json", 240)
+    assert "| case | axis | ranks |" in stdout and "| case | ranks | halo ms |" in stdout
+    rows = data["rows"][0]
+    assert {r["case"] for r in rows["bytes"]} == {"na3d-6x8x10", "tiled3d-6x8x10"}
+    for r in rows["bytes"]:
+        assert 0 <= r["halo_bytes"] <= r["all_gather_bytes"]
+    assert all(r["halo_ms"] > 0 and r["all_gather_ms"] > 0 for r in rows["time"])
+    assert {r["ranks"] for r in rows["e2e"]} == {1, 2} and all(r.get("overlap_ms", 1) > 0 for r in rows["e2e"])

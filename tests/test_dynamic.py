@@ -426,3 +426,14 @@ def test_dynamic_triton_is_captured_by_a_cuda_graph():
     torch.cuda.synchronize()
     want, _ = op()
     torch.testing.assert_close(out, want)
+
+
+def test_sequence_parallel_refuses_dynamic_sites():
+    """A shard's halo rows carry no queries, so a dynamic site's pooled queries would differ from the single
+    process: the graph is not sharded, and says why."""
+    import locattn
+    model = _CausalLM()
+    policy = {"rule": [{"match": "*", "pattern": "dynamic", "block": 16, "top_p": 0.6, "causal": True}]}
+    rep = locattn.explain(model, torch.randn(1, 64, 48), policy=policy, sequence_parallel={"world_size": 2})
+    assert rep.parallel and not rep.parallel[0].applied
+    assert "dynamic pattern" in rep.parallel[0].reason

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .sites import AttentionSite, example, module_path
+from .sites import AttentionSite, ancestors, example, module_path
 
 CONV_TARGETS = {torch.conv2d, torch.conv3d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
 CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
@@ -134,14 +134,7 @@ def _ancestors_cache(site: AttentionSite, roots) -> set[fx.Node]:
     cached = _ANCESTORS.get(id(site))
     if cached is not None and cached[0] is site:
         return cached[1]
-    seen: set[fx.Node] = set()
-    stack = [site.q]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
+    seen = ancestors([site.q])
     _ANCESTORS[id(site)] = (site, seen)
     return seen
 

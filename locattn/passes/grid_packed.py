@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .grid_infer import CAT_TARGETS, _ancestors_cache, _cat_parts, _is_conv, _ANCESTORS
-from .sites import AttentionSite, example, module_path
+from .grid_infer import CAT_TARGETS, _cat_parts, _is_conv
+from .sites import AttentionSite, ancestors, example, module_path
 
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "type_as"}
 _MOVE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -403,14 +403,14 @@ def _depends(gm: fx.GraphModule, roots: list[_Root]) -> dict[fx.Node, frozenset[
     return deps
 
 
-def _layout(site: AttentionSite, root: _Root, deps, cats) -> tuple[int, int, str] | None:
-    """``(prefix, suffix, where)`` of the root's tokens inside the site's sequence."""
+def _layout(site: AttentionSite, root: _Root, deps, cats, anc: set[fx.Node]) -> tuple[int, int, str] | None:
+    """``(prefix, suffix, where)`` of the root's tokens inside the site's sequence (``anc``: the nodes its
+    queries depend on)."""
     n = math.prod(root.grid)
     if site.s_q == root.tokens:
         return root.prefix, root.suffix, ""
     if root.prefix or root.suffix:
         return None
-    anc = _ancestors_cache(site, deps)
     for cat in cats:
         if root.node not in deps.get(cat, ()) or cat not in anc:
             continue
@@ -429,16 +429,15 @@ def infer_packed_grids(gm: fx.GraphModule, sites: list[AttentionSite], example_i
     roots = _chain_roots(gm) + _ids_roots(gm, example_inputs) + _table_roots(gm)
     if not roots:
         return
-    _ANCESTORS.clear()
     deps = _depends(gm, roots)
     cats = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CAT_TARGETS]
     checks = {}
     for site in todo:
-        anc = _ancestors_cache(site, deps)
+        anc = ancestors([site.q])
         for kind in (1, 2, 3):   # the strongest kind of evidence that places the site decides; it must agree
             found = [(root, lay) for root in roots if root.kind == kind and root.node in anc and
                      (root.evidence is None or root.evidence in anc)
-                     for lay in [_layout(site, root, deps, cats)] if lay is not None]
+                     for lay in [_layout(site, root, deps, cats, anc)] if lay is not None]
             if not found:
                 continue
             if len({(root.grid, lay[:2]) for root, lay in found}) == 1:
@@ -448,7 +447,6 @@ def infer_packed_grids(gm: fx.GraphModule, sites: list[AttentionSite], example_i
                 if root.ids is not None:
                     checks[root.ids[0]] = (root.ids[1], root.grid)
             break
-    _ANCESTORS.clear()
     for ids, (cols, grid) in checks.items():
         _insert_ids_check(gm, ids, cols, grid)
 

@@ -259,16 +259,21 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
                                                f"{policy.timestep_rules[0].where(policy.source)}: key 'timesteps'")
             payload = phased_specs([pd.spec.to_json() for _, pd in d.phases], [pd.backend for _, pd in d.phases])
 
-            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _p=payload, _scale=scale, _ph=phase_node):
-                return g.call_function(torch.ops.locattn.attention_phased.default,
+            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _p=payload, _scale=scale, _ph=phase_node, _d=d):
+                node = g.call_function(torch.ops.locattn.attention_phased.default,
                                        (q, k, v, mask, bias, _ph, float(_scale), bool(_site.is_causal), _p, ""))
+                node.meta["locattn_decision"] = _d
+                return node
             what = "; ".join(f"{label}: {pd.spec.describe()}" for label, pd in d.phases)
         else:
             spec_json = d.spec.to_json()
 
-            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend):
-                return g.call_function(torch.ops.locattn.attention.default,
+            def op_call(g: fx.Graph, q, k, v, mask, bias, _site=site, _spec=spec_json, _scale=scale, _be=d.backend,
+                        _d=d):
+                node = g.call_function(torch.ops.locattn.attention.default,
                                        (q, k, v, mask, bias, float(_scale), bool(_site.is_causal), _spec, _be))
+                node.meta["locattn_decision"] = _d  # later passes (sequence parallelism) find the site's decision
+                return node
             what = d.spec.describe()
 
         site.replace(op_call)

@@ -61,6 +61,19 @@ def keep_views_valid(g: fx.Graph, old: fx.Node, out: fx.Node) -> fx.Node:
     return out
 
 
+def ancestors(nodes) -> set[fx.Node]:
+    """``nodes`` and every node they depend on."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
 def static_int(x) -> int | None:
     """``x`` as a Python int if it is static (or a SymInt with a hint we may use for reporting), else None."""
     if isinstance(x, int):

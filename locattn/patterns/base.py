@@ -205,6 +205,43 @@ class Pattern:
         lo, hi = self.key_interval(axis, len(grid), p, n_g)
         return offset + lo, offset + hi
 
+    # -- sequence parallelism: exact sub-ranges of one axis (locattn.parallel) --------------------------------
+    def reach(self, axis: int, ndim: int) -> tuple[int, int] | None:
+        """``(left, right)``: how many positions before / after a query on ``axis`` its keys can lie, windows
+        shifted inward at the borders aside (those are covered by :meth:`halo`); ``None``: anywhere (dense)."""
+        return None
+
+    def halo(self, axis: int, ndim: int, n: int, r0: int, r1: int) -> tuple[int, int]:
+        """``[e0, e1) ⊇ [r0, r1)``: positions of ``axis`` (of ``n``) on which this pattern, run alone on the grid
+        cut to them (with :meth:`on_subrange`), gives every query of ``[r0, r1)`` exactly the keys it has on the
+        whole axis. The queries of the added positions (the halo) are computed and discarded.
+
+        The default (any pattern with a :meth:`reach`): the reach, clipped to the axis and widened to at least
+        :meth:`min_extent` positions, so that a window shifted inward at a border (which a query near it has
+        only when the cut reaches that border) stays inside. Dilation needs no alignment: a cut keeps each
+        dilation group a contiguous run of it, and a window clamped at a group's first (last) position can
+        only be a query's whose reach already spans that position. Patterns anchored elsewhere (tiles, stride
+        groups, shifted windows) override it. :func:`subrange_exact` checks a range; the tests check the rules
+        against it on random cases."""
+        r = self.reach(axis, ndim)
+        if r is None:
+            return 0, n
+        return fit_range(n, r0 - r[0], r1 + r[1], min_len=self.min_extent(axis, ndim))
+
+    def min_extent(self, axis: int, ndim: int) -> int:
+        """The fewest positions of ``axis`` the pattern is defined on (its :meth:`validate` minimum)."""
+        return 1
+
+    def align(self, axis: int, ndim: int) -> tuple[int, int]:
+        """``(unit, offset)``: positions ``p`` of ``axis`` with ``p % unit == offset % unit`` are where the pattern's
+        groups (tiles, stride groups, windows) start; a shard boundary there needs the smallest halo."""
+        return 1, 0
+
+    def on_subrange(self, axis: int, ndim: int, e0: int) -> "Pattern":
+        """The same pattern on the grid whose ``axis`` starts at position ``e0`` (patterns anchored to positions
+        other than the borders move their anchors)."""
+        return self
+
     def to_params(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -220,6 +257,58 @@ class Pattern:
                 continue
             ps.append(f"{f.name}={'x'.join(map(str, v)) if isinstance(v, tuple) else v}")
         return f"{self.name}({', '.join(ps)})" if ps else self.name
+
+
+def fit_range(n: int, lo: int, hi: int, start_unit: int = 1, end_unit: int = 1, min_len: int = 1,
+              end_from_border: bool = True) -> tuple[int, int]:
+    """``[lo, hi)`` clipped to ``[0, n)``, its start rounded down to a multiple of ``start_unit``, its end rounded up
+    so that ``n - end`` is a multiple of ``end_unit`` (``end_from_border``) or the end is a multiple of it (or
+    ``n``), then widened to ``min_len`` positions (toward the end first)."""
+    def start(x):
+        return max(x, 0) // start_unit * start_unit
+
+    def end(x):
+        x = min(x, n)
+        return n - (n - x) // end_unit * end_unit if end_from_border else min(-(-x // end_unit) * end_unit, n)
+
+    e0, e1 = start(lo), end(hi)
+    if e1 - e0 < min_len:
+        e1 = end(e0 + min_len)
+        if e1 - e0 < min_len:
+            e0 = start(e1 - min_len)
+    return e0, e1
+
+
+def subrange_exact(pattern: Pattern, grid: tuple[int, ...], axis: int, e0: int, e1: int, r0: int, r1: int) -> str:
+    """``""`` if ``pattern.on_subrange(axis, ndim, e0)`` on ``grid`` with ``axis`` cut to ``[e0, e1)`` gives every
+    query whose ``axis`` coordinate lies in ``[r0, r1)`` the key set it has on the whole grid, else the first
+    difference. Patterns are separable, so only ``axis`` is compared: O(r1 - r0)."""
+    ndim, n = len(grid), grid[axis]
+    if not (0 <= e0 <= r0 < r1 <= e1 <= n):
+        return f"range [{e0}, {e1}) does not hold rows [{r0}, {r1}) inside [0, {n})"
+    sub = pattern.on_subrange(axis, ndim, e0)
+    sub_grid = grid[:axis] + (e1 - e0,) + grid[axis + 1:]
+    try:
+        sub.validate(sub_grid)
+    except PatternError as e:
+        return f"{sub.describe()} does not fit the cut grid {sub_grid}: {e}"
+
+    def coord_bounds(pat, c, size, base):
+        d = pat.dilation_of(axis, ndim)
+        _, _, p, n_g = dilation_groups(c, size, d)
+        lo, hi = pat.key_interval(axis, ndim, p, n_g)
+        g = c % d
+        return base + g + lo * d, base + g + hi * d, lo > hi
+
+    c = torch.arange(r0, r1)
+    lo, hi, empty = coord_bounds(pattern, c, n, 0)
+    lo2, hi2, empty2 = coord_bounds(sub, c - e0, e1 - e0, e0)
+    bad = (empty != empty2) | (~empty & ((lo != lo2) | (hi != hi2)))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        return (f"{pattern.describe()} on axis {axis}: query at {r0 + i} sees [{int(lo[i])}, {int(hi[i])}] on the "
+                f"whole axis of {n} but [{int(lo2[i])}, {int(hi2[i])}] on [{e0}, {e1})")
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------------

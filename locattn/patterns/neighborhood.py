@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Pattern, PatternError
+from .base import Pattern, PatternError, fit_range
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,33 @@ class Neighborhood(Pattern):
             if ks[a] * ds[a] > n:
                 raise PatternError(
                     f"kernel {ks[a]} x dilation {ds[a]} = {ks[a] * ds[a]} on axis {a} exceeds the axis size {n}")
+
+    def _stride(self, axis: int, ndim: int) -> int:
+        return 1
+
+    def reach(self, axis, ndim):
+        # a query's window is placed by its stride group's leader L (the query itself at stride 1), which lies
+        # within s - 1 - s // 2 before (centre leader) / s // 2 after it, or up to s - 1 after it (causal: the
+        # group's last query); windows shifted inward at a border need min_extent and a cut reaching that border
+        k, d = self.axis_param("kernel", ndim)[axis], self.dilation_of(axis, ndim)
+        s = self._stride(axis, ndim)
+        if self.axis_param("causal", ndim)[axis]:
+            return (k - 1) * d, (s - 1) * d
+        return (k // 2 + s - 1 - s // 2) * d, (s // 2 + k - 1 - k // 2) * d
+
+    def halo(self, axis, ndim, n, r0, r1):
+        # stride groups are counted from position 0 of each dilation group: a cut must start on a boundary of
+        # them in every dilation group (a multiple of stride x dilation), or their leaders move
+        left, right = self.reach(axis, ndim)
+        s, d = self._stride(axis, ndim), self.dilation_of(axis, ndim)
+        return fit_range(n, r0 - left, r1 + right, s * d if s > 1 else 1, 1, self.min_extent(axis, ndim))
+
+    def align(self, axis, ndim):
+        s = self._stride(axis, ndim)
+        return (s * self.dilation_of(axis, ndim), 0) if s > 1 else (1, 0)
+
+    def min_extent(self, axis, ndim):
+        return self.axis_param("kernel", ndim)[axis] * self.dilation_of(axis, ndim)
 
     def key_interval(self, axis, ndim, p, n):
         k = self.axis_param("kernel", ndim)[axis]

@@ -10,6 +10,7 @@ Example (1-D, n=10, window=4, shift=2): windows {0,1} {2..5} {6..9}.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +35,24 @@ class ShiftedWindow(Pattern):
         for a in range(len(grid)):
             if ss[a] >= ws[a]:
                 raise PatternError(f"shift {ss[a]} on axis {a} must be smaller than the window {ws[a]}")
+
+    def reach(self, axis, ndim):
+        w = self.axis_param("window", ndim)[axis]
+        return w - 1, w - 1
+
+    def halo(self, axis, ndim, n, r0, r1):
+        # whole windows: from the start of r0's window to the end of (r1 - 1)'s
+        w, s = self.axis_param("window", ndim)[axis], self.axis_param("shift", ndim)[axis]
+        return max((r0 - s) // w * w + s, 0), min((r1 - 1 - s) // w * w + s + w, n)
+
+    def align(self, axis, ndim):
+        return self.axis_param("window", ndim)[axis], self.axis_param("shift", ndim)[axis]
+
+    def on_subrange(self, axis, ndim, e0):
+        # windows stay where they were: the cut's first full window starts (shift - e0) mod window after it
+        w, shifts = self.axis_param("window", ndim)[axis], list(self.axis_param("shift", ndim))
+        shifts[axis] = (shifts[axis] - e0) % w
+        return dataclasses.replace(self, shift=tuple(shifts))
 
     def key_interval(self, axis, ndim, p, n):
         w = self.axis_param("window", ndim)[axis]

@@ -37,6 +37,14 @@ class SlidingWindow(Pattern):
             if self.dilation_of(a, len(grid)) > n:
                 raise PatternError(f"dilation {self.dilation_of(a, len(grid))} on axis {a} exceeds the axis size {n}")
 
+    def reach(self, axis, ndim):
+        # |c_i - c_j| <= (window // d) * d; translation-invariant and clipped (never shifted) at the borders
+        r = self.axis_param("window", ndim)[axis] // self.dilation_of(axis, ndim) * self.dilation_of(axis, ndim)
+        return r, 0 if self.axis_param("causal", ndim)[axis] else r
+
+    def min_extent(self, axis, ndim):
+        return self.dilation_of(axis, ndim)
+
     def key_interval(self, axis, ndim, p, n):
         # |c_i - c_j| <= w with c_j = c_i (mod d)  <=>  |p_i - p_j| <= w // d inside the dilation group
         r = self.axis_param("window", ndim)[axis] // self.dilation_of(axis, ndim)

@@ -34,6 +34,9 @@ class Strided(Neighborhood):
             if ss[a] > ks[a]:
                 raise PatternError(f"stride {ss[a]} on axis {a} exceeds the kernel {ks[a]}")
 
+    def _stride(self, axis, ndim):
+        return self.axis_param("stride", ndim)[axis]
+
     def key_interval(self, axis, ndim, p, n):
         return na_window(p, n, self.axis_param("kernel", ndim)[axis], self.axis_param("stride", ndim)[axis],
                          self.axis_param("causal", ndim)[axis])

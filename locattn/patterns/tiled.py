@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Pattern, PatternError
+from .base import Pattern, PatternError, fit_range
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,23 @@ class Tiled(Pattern):
             if ws[a] > n_tiles:
                 raise PatternError(f"window of {ws[a]} tiles on axis {a} exceeds the {n_tiles} tiles of size {ts[a]} "
                                    f"on an axis of {n}")
+
+    def reach(self, axis, ndim):
+        t, w = self.axis_param("tile", ndim)[axis], self.axis_param("window", ndim)[axis]
+        return (w // 2 + 1) * t - 1, (w - w // 2) * t - 1
+
+    def halo(self, axis, ndim, n, r0, r1):
+        # neighborhood attention of kernel `window` on the tile axis: the cut starts and ends on tile boundaries
+        # (counted from position 0; the last, partial tile only at the axis end) and holds `window` tiles
+        t, w = self.axis_param("tile", ndim)[axis], self.axis_param("window", ndim)[axis]
+        return fit_range(n, (r0 // t - w // 2) * t, (-(-r1 // t) + w - 1 - w // 2) * t, t, t,
+                         self.min_extent(axis, ndim), end_from_border=False)
+
+    def align(self, axis, ndim):
+        return self.axis_param("tile", ndim)[axis], 0
+
+    def min_extent(self, axis, ndim):
+        return self.axis_param("tile", ndim)[axis] * self.axis_param("window", ndim)[axis]
 
     def key_interval(self, axis, ndim, p, n):
         t = self.axis_param("tile", ndim)[axis]
