@@ -15,8 +15,8 @@ import torch.fx as fx
 
 from ..counters import bump, log
 from ..patterns import PATTERNS
-from ..patterns.base import Layout, PatternError
-from ..patterns.plan import build_plan, count_pairs
+from ..patterns.base import Layout, PatternError, count_allowed
+from ..patterns.plan import build_plan
 from ..patterns.spec import HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
@@ -43,10 +43,29 @@ class Decision:
     spec: SiteSpec | None = None
     backend: str = ""
     rules: tuple[int, ...] = ()          # indices of the rules used (-1: default)
-    density: float | None = None         # fraction of the dense score matrix computed
-    blocks_full: int = 0
-    blocks_partial: int = 0
     notes: list[str] = field(default_factory=list)
+    #: (density, blocks_full, blocks_partial), computed on first read: compiling never pays for statistics
+    _stats: tuple[float | None, int, int] | None = field(default=None, repr=False)
+
+    @property
+    def density(self) -> float | None:
+        """Fraction of the dense score matrix computed (pattern & causal; the site mask is not counted), exact,
+        averaged over head groups; None for a site left alone."""
+        return self._measure()[0]
+
+    @property
+    def blocks_full(self) -> int:
+        """Full 64 x 64 blocks of the block plan, summed over heads."""
+        return self._measure()[1]
+
+    @property
+    def blocks_partial(self) -> int:
+        return self._measure()[2]
+
+    def _measure(self) -> tuple[float | None, int, int]:
+        if self._stats is None:
+            self._stats = _measure(self)
+        return self._stats
 
     @property
     def attn_flops_dense(self) -> int:
@@ -149,31 +168,26 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         head_groups.append((heads, rule, pattern, layout))
     all_heads = len(head_groups) == 1
     spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups))
-    d = Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
-                 rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
-    _measure(d)
-    return d
+    return Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
+                    rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
 
 
-def _measure(d: Decision, block: int = 64) -> None:
-    """Density (pattern & causal, site mask not counted) and visited blocks, averaged over head groups."""
+def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
+    """``(density, full blocks, partial blocks)`` of a rewritten site: density exact in O(S) per head group
+    (:func:`count_allowed`, pattern & causal), blocks from the block plan in O(blocks visited)."""
     s = d.site
     if d.spec is None or s.s_q <= 0 or s.s_k <= 0:
-        return
+        return None, 0, 0
     total, full, partial = 0.0, 0, 0
     for g in d.spec.groups:
         n_h = len(g.heads) if g.heads is not None else s.heads
         layout = g.layout.resolve(s.s_q) if g.pattern.local else g.layout
         plan = build_plan(g.pattern, layout, s.s_q, s.s_k, block, block, s.is_causal)
-        if s.s_q * s.s_k <= (1 << 26) or g.pattern.local:
-            pairs = count_pairs(plan, g.pattern, layout, s.is_causal)
-        else:  # huge dense site: only the causal triangle matters
-            pairs = s.s_q * s.s_k
+        pairs = count_allowed(g.pattern, layout, s.s_q, s.s_k, s.is_causal)
         total += n_h * pairs / (s.s_q * s.s_k)
         full += plan.n_full * n_h
         partial += (plan.nnz - plan.n_full) * n_h
-    d.density = total / s.heads
-    d.blocks_full, d.blocks_partial = full, partial
+    return total / s.heads, full, partial
 
 
 def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
