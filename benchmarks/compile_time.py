@@ -20,7 +20,7 @@ time locattn's own graph pass took (``rewrite``: find sites, decide, rewrite; th
 Usage::
 
     python benchmarks/compile_time.py                 # all models, 3 rounds, writes benchmarks/out/compile_time.json
-    python benchmarks/compile_time.py --quick         # tiny configs, 1 round (the test suite runs this)
+    python benchmarks/compile_time.py --quick         # tiny configs, 1 round, variants share one process (tests)
     python benchmarks/compile_time.py --profile DiT locattn-local   # cProfile of one child, locattn's functions
 
 Timings on a shared machine are noisy: the script records the load average next to them; compare ratios.
@@ -113,15 +113,14 @@ def build(name: str, quick: bool):
 
 # ------------------------------------------------------------------------------------------------ one child
 
-def child(name: str, variant: str, quick: bool, profile: bool) -> dict:
-    import torch
-
+def child(name: str, variants: list[str], quick: bool, profile: bool) -> list[dict]:
     import importlib
+
+    import torch
 
     import locattn
 
     lb = importlib.import_module("locattn.backend")    # the module (``locattn.backend`` is also a function)
-
     model, x, local_policy, tokens = build(name, quick)
     with torch.no_grad():
         model(**x)                                        # eager warm-up: lazy inits, allocator
@@ -136,50 +135,78 @@ def child(name: str, variant: str, quick: bool, profile: bool) -> dict:
             spent[0] += time.perf_counter() - t
 
     lb.rewrite_graph = timed
-    if variant == "inductor":
-        compiled = torch.compile(model)
-    else:
-        policy = {"version": 1, "default": {"pattern": "dense"}} if variant == "locattn-dense" else local_policy
-        compiled = torch.compile(model, backend="locattn", options={"policy": policy})
-    locattn.reset_counters()
-    prof = None
-    if profile:
-        import cProfile
+    out = []
+    for variant in variants:
+        torch._dynamo.reset()
+        spent[0] = 0.0
+        if variant == "inductor":
+            compiled = torch.compile(model)
+        else:
+            policy = {"version": 1, "default": {"pattern": "dense"}} if variant == "locattn-dense" else local_policy
+            compiled = torch.compile(model, backend="locattn", options={"policy": policy})
+        locattn.reset_counters()
+        prof = None
+        if profile:
+            import cProfile
 
-        prof = cProfile.Profile()
-        prof.enable()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled(**x)
-    first = time.perf_counter() - t0
-    if prof is not None:
-        import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(**x)
+        first = time.perf_counter() - t0
+        if prof is not None:
+            import pstats
 
-        prof.disable()
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats("locattn", 40)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled(**x)
-    second = time.perf_counter() - t0
-    c = locattn.counters()
-    return {"model": name, "variant": variant, "tokens": tokens, "first_s": first, "second_s": second,
-            "rewrite_s": spent[0], "rewrites": sum(c.get("rewrite", {}).values()),
-            "fallbacks": dict(c.get("fallback", {}))}
+            prof.disable()
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats("locattn", 40)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(**x)
+        second = time.perf_counter() - t0
+        c = locattn.counters()
+        out.append({"model": name, "variant": variant, "tokens": tokens, "first_s": first, "second_s": second,
+                    "rewrite_s": spent[0], "rewrites": sum(c.get("rewrite", {}).values()),
+                    "fallbacks": dict(c.get("fallback", {}))})
+    return out
 
 
-def run_child(name: str, variant: str, quick: bool, profile: bool = False, timeout: int = 1800) -> dict:
+def run_child(name: str, variants: list[str], quick: bool, profile: bool = False, timeout: int = 1800) -> list[dict]:
+    """Run ``variants`` of one model in a child process with an empty Inductor cache (one variant per child for
+    cold compiles; several share one child, and its caches, in ``--quick`` mode)."""
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory(prefix="locattn_ct_") as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, variant] + (["--quick"] if quick else []) \
-            + (["--profile-child"] if profile else [])
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, ",".join(variants)] + \
+            (["--quick"] if quick else []) + (["--profile-child"] if profile else [])
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if profile:
         sys.stderr.write(res.stderr[-20000:])
     if res.returncode != 0:
-        raise RuntimeError(f"{name}/{variant} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"{name}/{variants} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def site_3d(quick: bool) -> dict:
+    """One 3-D neighborhood site (a video model's, 30x48x80 latent tokens; ``--quick`` 6x8x10): the rewrite alone
+    (what every compile pays) and the explain statistics read afterwards (what only ``explain`` pays)."""
+    from locattn.passes.rewrite import rewrite_graph
+    from locattn.policy import Policy
+    from locattn.testing import fake_sdpa_graph
+
+    grid = (6, 8, 10) if quick else (30, 48, 80)
+    gm = fake_sdpa_graph((1, 24, grid[0] * grid[1] * grid[2], 64), path="blocks.0.attn1")
+    pol = Policy.from_dict({"default": {"pattern": "neighborhood", "kernel": [3, 7, 9], "grid": list(grid)}})
+    t0 = time.perf_counter()
+    (d,) = rewrite_graph(gm, pol)
+    t1 = time.perf_counter()
+    density = d.density
+    t2 = time.perf_counter()
+    blocks = (d.blocks_full, d.blocks_partial)
+    t3 = time.perf_counter()
+    return {"grid": list(grid), "rewrite_s": t1 - t0, "density_s": t2 - t1, "blocks_s": t3 - t2, "density": density,
+            "blocks_full_partial": list(blocks)}
 
 
 def _load() -> str:
@@ -200,10 +227,10 @@ def main() -> None:
     ap.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], a.child[1], a.quick, a.profile_child)))
+        print(json.dumps(child(a.child[0], a.child[1].split(","), a.quick, a.profile_child)))
         return
     if a.profile:
-        print(json.dumps(run_child(a.profile[0], a.profile[1], a.quick, profile=True)))
+        print(json.dumps(run_child(a.profile[0], [a.profile[1]], a.quick, profile=True)))
         return
     from _results import write_results
 
@@ -213,11 +240,12 @@ def main() -> None:
     loads = [_load()]
     for _ in range(reps):
         for name in models:
-            for variant in VARIANTS:
-                r = run_child(name, variant, a.quick)
+            # --quick: one child per model (later variants reuse its warm caches: checks the script, not the times)
+            batches = [list(VARIANTS)] if a.quick else [[v] for v in VARIANTS]
+            for r in (r for batch in batches for r in run_child(name, batch, a.quick)):
                 r["load"] = _load()
-                runs.setdefault((name, variant), []).append(r)
-                print(f"  {name:8s} {variant:14s} first call {r['first_s']:7.2f} s  (rewrite {r['rewrite_s']:.3f} s, "
+                runs.setdefault((name, r["variant"]), []).append(r)
+                print(f"  {name:8s} {r['variant']:14s} first call {r['first_s']:7.2f} s  (rewrite {r['rewrite_s']:.3f} s, "
                       f"load {r['load']})", flush=True)
     loads.append(_load())
     rows = []
@@ -235,9 +263,12 @@ def main() -> None:
         print(f"| {name} | {row['tokens']} | {med['inductor']:.2f} | {med['locattn-dense']:.2f} | "
               f"{row['ratio_dense']:.2f}x | {med['locattn-local']:.2f} | {row['ratio_local']:.2f}x | "
               f"{rw['locattn-dense']:.3f} / {rw['locattn-local']:.3f} |")
+    site = site_3d(a.quick)
+    print(f"\n3-D neighborhood site {'x'.join(map(str, site['grid']))}: rewrite {site['rewrite_s']:.3f} s (every "
+          f"compile); explain statistics: density {site['density_s']:.3f} s, blocks {site['blocks_s']:.3f} s")
     import torch
 
-    meta = {"torch": torch.__version__, "reps": reps, "quick": a.quick, "load_before_after": loads,
+    meta = {"site_3d": site, "torch": torch.__version__, "reps": reps, "quick": a.quick, "load_before_after": loads,
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
     write_results("compile_time", a.quick, meta, rows, a.out)
 
