@@ -17,7 +17,7 @@ from ..counters import bump, log
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, PatternError, count_allowed
 from ..patterns.plan import build_plan
-from ..patterns.spec import HeadGroup, SiteSpec
+from ..patterns.spec import HeadGroup, SiteSpec, head_ranges
 from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
@@ -141,6 +141,26 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     return layout
 
 
+def _site_backend(site: AttentionSite, groups, policy: Policy, backend: str) -> str:
+    """The one implementation override of a site: ``options={"backend": ...}`` (``backend``) first, then the
+    rules' ``backend`` key, then the policy's top-level one. The op runs one backend per call, so head groups whose
+    rules name different backends are an error; a rule's backend that the option overrides is a warning."""
+    named = {rule.backend for _, rule in groups}
+    if len(named) > 1:
+        parts = "; ".join(f"heads {head_ranges(heads)}: {rule.backend or '(none)'} from {rule.where(policy.source)}"
+                          for heads, rule in groups)
+        raise PolicyError(f"site {site.path or '<root>'!r}: its head groups name different backends ({parts}); a "
+                          f"site runs one backend: give every rule that matches it the same 'backend', or set the "
+                          f"top-level one")
+    rule_backend = named.pop() if named else ""
+    if backend and backend != "auto":
+        if rule_backend and rule_backend != backend:
+            warnings.warn(f"locattn: site {site.path or '<root>'!r}: options backend={backend!r} overrides "
+                          f"backend={rule_backend!r} of its policy rule", LocattnWarning, stacklevel=3)
+        return backend
+    return rule_backend or policy.backend
+
+
 def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     """The policy's decision for one site (no graph change)."""
     if site.blocker:
@@ -150,12 +170,10 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         return Decision(site, False, reason=f"policy: skip ({skip.where(policy.source)})", rules=(skip.index,))
     notes: list[str] = []
     head_groups = []
-    chosen_backend = ""
+    chosen_backend = _site_backend(site, groups, policy, backend)
     for heads, rule in groups:
         pattern = rule.pattern
         assert pattern is not None
-        if rule.backend and not chosen_backend:
-            chosen_backend = rule.backend
         if pattern.local and site.s_q != site.s_k:
             msg = (f"cross-attention (Sq={site.s_q} != Sk={site.s_k}): {pattern.name} from "
                    f"{rule.where(policy.source)} needs self-attention; kept dense")
@@ -168,7 +186,7 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         head_groups.append((heads, rule, pattern, layout))
     all_heads = len(head_groups) == 1
     spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups))
-    return Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
+    return Decision(site, True, spec=spec, backend=chosen_backend,
                     rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
 
 
