@@ -641,6 +641,49 @@ def test_folded_layout_recovers_heads():
     assert s.layout == "(BH)SD"
 
 
+class FoldedBmm(Heads):
+    """``[B, S, H*D]`` folded into ``[B*H, S, D]`` (``head_major=False``) or ``[H*B, S, D]`` (``True``: heads
+    outer, as ``permute(2, 0, 1, 3)`` gives), bmm attention, unfolded back the same way."""
+
+    def __init__(self, head_major: bool):
+        super().__init__()
+        self.head_major = head_major
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        order = (2, 0, 1, 3) if self.head_major else (0, 2, 1, 3)
+
+        def fold(t):
+            return t.view(b, s, HEADS, DH).permute(*order).reshape(-1, s, DH)
+
+        q, k, v = fold(self.q(x)), fold(self.k(x)), fold(self.v(x))
+        o = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * DH ** -0.5, dim=-1), v)
+        o = o.view(HEADS, b, s, DH).permute(1, 2, 0, 3) if self.head_major else o.view(b, HEADS, s, DH).transpose(1, 2)
+        return self.o(o.reshape(b, s, HEADS * DH))
+
+
+@pytest.mark.parametrize("head_major", [False, True], ids=["batch-major", "head-major"])
+def test_folded_layout_heads_proven_from_the_graph(head_major):
+    """Heads are recovered from a ``[B*H]`` fold only when the graph shows which axis they came from: a head-major
+    fold keeps them folded into the batch (exact), and a per-head rule then names the reason instead of applying
+    to batch elements."""
+    model = FoldedBmm(head_major).eval()
+    backend = Recording(inductor=False)
+    _check_close(model, (_x(),), backend)
+    s = backend.decisions[0].site
+    if head_major:
+        assert (s.batch, s.heads) == (B * HEADS, 1) and "head-major" in s.notes[0]
+    else:
+        assert (s.batch, s.heads) == (B, HEADS) and not s.notes
+    torch._dynamo.reset()
+    per_head = {"rule": [{"match": "*", "heads": [0, 1], "pattern": "sliding_window", "window": 2}]}
+    if head_major:
+        with pytest.raises(Exception, match=r"heads \[1\] do not exist .*it has 1 heads; a head-major fold"):
+            locattn.explain(model, _x(), policy=per_head)
+    else:
+        assert locattn.explain(model, _x(), policy=per_head).decisions[0].spec.groups[0].heads == (0, 1)
+
+
 def test_gqa_passes_unrepeated_kv():
     backend = Recording(inductor=False)
     torch.compile(GQARepeatKV().eval(), backend=backend)(_x(), _causal())

@@ -870,7 +870,7 @@ def _operand_recipe(op: _Operand, w: _Walk, F_, C, allow: set[int]) -> tuple[_Re
         # a [B*H, S, D] operand reshaped from a [B, H, S, D] tensor: use that tensor
         factor, casts = w.factor, []
         for i, v in enumerate(w.vals):
-            if _shape(v) == target:
+            if _shape(v) == target and _head_axis(v) == 1:   # its [B, H] order is the fold's (heads inner)
                 return _Recipe(v, [("replay", n) for n in reversed(casts)], target), factor
             if i == len(w.steps):
                 break
@@ -999,17 +999,89 @@ def _canon_lead(lead: tuple[int, ...]) -> tuple[int, int]:
     return (math.prod(lead[:-1]), lead[-1])
 
 
-def _recover_heads(w: _Walk, n_bh: int, last2) -> tuple[int, int] | None:
-    """``(B, H)`` of a ``[B, H, S, D]`` tensor the ``[B*H, S, D]`` operand was reshaped from."""
+def _recover_heads(w: _Walk, n_bh: int, last2) -> tuple[tuple[int, int] | None, str]:
+    """``((B, H), note)``: the batch and head counts of a ``[B, H, S, D]`` tensor the ``[B*H, S, D]`` operand was
+    reshaped from, when :func:`_head_axis` proves its axis 1 holds the heads; else ``(None, why)`` (heads stay
+    folded into the batch: exact for every pattern, but per-head rules cannot address them)."""
     for i, v in enumerate(w.vals):
         sh = _shape(v)
         if sh is not None and len(sh) == 4 and sh[0] * sh[1] == n_bh and sh[-2:] == tuple(last2):
-            return sh[0], sh[1]
+            axis = _head_axis(v)
+            if axis == 1:
+                return (sh[0], sh[1]), ""
+            why = "a head-major fold ([H, B, S, D] reshaped to [H*B, S, D])" if axis == 0 else \
+                f"a [{sh[0]}*{sh[1]}, S, D] fold whose head axis the graph does not show"
+            return None, f"{why}: heads kept folded into the batch (per-head rules cannot address them)"
         if i == len(w.steps):
             break
         n, kind, _ = w.steps[i]
         if kind not in ("scalar", "cast", "copy", "view"):
             break
+    return None, ""
+
+
+def _index_axes(n: fx.Node) -> list[int | None] | None:
+    """For ``x[idx]`` with ``idx`` of ints, slices, ``None`` and ``...``: the input axis of every output axis
+    (``None`` for an inserted axis), else None."""
+    if not _is_fn(n, {operator.getitem}) or len(n.args) != 2 or not isinstance(n.args[0], fx.Node):
+        return None
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    rank = len(_shape(n.args[0]) or ())
+    if any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in idx):
+        return None
+    used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out, axis = [], 0
+    for i in idx:
+        if i is Ellipsis:
+            out += list(range(axis, axis + rank - used))
+            axis += rank - used
+        elif i is None:
+            out.append(None)
+        elif isinstance(i, slice):
+            out.append(axis)
+            axis += 1
+        else:
+            axis += 1
+    return out + list(range(axis, rank))
+
+
+def _head_axis(n: fx.Node) -> int | None:
+    """Which of axes 0 / 1 of the 4-D tensor ``n [*, *, S, D]`` holds the heads, proven from the graph: the one
+    that a view split off the same feature axis as ``D`` (``[.., H*D] -> [.., H, D]``, the head split every
+    projection makes), followed back through permutes, copies, casts, scalar factors, size-preserving views and
+    basic indexing. None when no such split is found (a placeholder, a merge, an unknown op)."""
+    pos = {0: 0, 1: 1, 3: 3}                  # axis of n -> its axis in the current node
+    cur = n
+    for _ in range(_MAX_WALK):
+        c = _classify(cur)
+        if c is None:
+            back = _index_axes(cur)
+            if back is None or any(back[p] is None for p in pos.values()):
+                return None
+            pos = {a: back[p] for a, p in pos.items()}
+            cur = cur.args[0]
+            continue
+        kind, x, extra = c
+        if kind == "perm":
+            pos = {a: extra[p] for a, p in pos.items()}
+        elif kind == "view":
+            src, dst = _shape(x), _shape(cur)
+            groups = _group(src, dst) if src is not None and dst is not None and -1 not in src + dst else None
+            if groups is None:
+                return None
+            group = {a: next(g for g in groups if p in g[1]) for a, p in pos.items()}
+            fi, ci = group[3]
+            if len(ci) > 1:                  # D is part of a split: the heads' split if it is the feature axis's
+                if len(fi) != 1 or fi[0] != len(src) - 1 or ci[-1] != pos[3]:
+                    return None
+                heads = [h for h in (0, 1) if pos[h] in ci]
+                return heads[0] if len(heads) == 1 else None
+            if any(len(g[0]) != 1 or len(g[1]) != 1 for g in group.values()):
+                return None                  # a tracked axis merged or split elsewhere
+            pos = {a: g[0][0] for a, g in group.items()}
+        cur = x
+        if not isinstance(cur, fx.Node):
+            return None
     return None
 
 
@@ -1109,11 +1181,13 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         raise _Reject("non-positive scale on the scores")
     wq, wk, wv = _walk_operand(con.a), _walk_operand(con.b), _walk_operand(vcon.b, strip_scalars=False)
     C = _canon_lead(bs)
-    recovered = False
+    recovered, notes = False, ()
     if len(bs) == 1:
-        bh = _recover_heads(wq, bs[0], con.a.aligned[-2:])
+        bh, why = _recover_heads(wq, bs[0], con.a.aligned[-2:])
         if bh is not None:
             C, recovered = bh, True
+        elif why:
+            notes = (why,)
     q_r, fq = _operand_recipe(con.a, wq, bs, C, set())
     k_r, fk = _operand_recipe(con.b, wk, bs, C, {1})
     v_r, _ = _operand_recipe(vcon.b, wv, tuple(vcon.lead), C, {1})
@@ -1162,7 +1236,7 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         q_shape=tuple(q_r.shape), k_shape=tuple(k_r.shape), v_shape=tuple(v_r.shape),
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
-        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
+        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes)
 
     def replace(op_call) -> None:
         g = gm.graph

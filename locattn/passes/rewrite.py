@@ -95,7 +95,8 @@ def _assign_heads(site: AttentionSite, policy: Policy) -> tuple[list[tuple[tuple
             bad = [h for h in rule.heads if h >= n_heads]
             if bad:
                 raise PolicyError(f"{rule.where(policy.source)}: key 'heads': heads {bad} do not exist at site "
-                                  f"{site.path or '<root>'!r} (it has {n_heads} heads)")
+                                  f"{site.path or '<root>'!r} (it has {n_heads} heads"
+                                  + "".join(f"; {n}" for n in site.notes) + ")")
             take = tuple(h for h in remaining if h in rule.heads)
         else:
             take = tuple(remaining)
@@ -168,7 +169,7 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     groups, skip = _assign_heads(site, policy)
     if skip is not None:
         return Decision(site, False, reason=f"policy: skip ({skip.where(policy.source)})", rules=(skip.index,))
-    notes: list[str] = []
+    notes: list[str] = list(site.notes)
     head_groups = []
     chosen_backend = _site_backend(site, groups, policy, backend)
     for heads, rule in groups:

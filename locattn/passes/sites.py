@@ -104,6 +104,8 @@ class AttentionSite:
     #: inferred token layout ``(grid, prefix, suffix)`` and where it came from (:mod:`.grid_infer`)
     token_grid: tuple[tuple[int, ...], int, int] | None = None
     token_grid_desc: str | None = None
+    #: what a finder could not do but did not need to block on (e.g. heads it kept folded into the batch)
+    notes: tuple[str, ...] = ()
 
     @property
     def heads(self) -> int:
