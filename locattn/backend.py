@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn)
 from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
+from .passes.sites import SoftmaxLeft
 from .policy import Policy
 
 OUR_OPTIONS = {"policy", "backend"}
@@ -35,12 +36,14 @@ class LocattnBackend:
         self.inductor = inductor
         self.inductor_config = dict(inductor_config or {})
         self.decisions: list[Decision] = []
+        #: softmaxes of the compiled graphs that are not attention, with the reason (``explain`` lists them)
+        self.softmax_left: list[SoftmaxLeft] = []
         self._graphs = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
         graph_id = self._graphs
         self._graphs += 1
-        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id)
+        decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, left=self.softmax_left)
         self.decisions.extend(decisions)
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx

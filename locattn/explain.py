@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .backend import LocattnBackend
 from .passes.rewrite import Decision
+from .passes.sites import SoftmaxLeft
 
 
 def _fmt_shape(s) -> str:
@@ -33,6 +35,8 @@ def _fmt_flops(f: float) -> str:
 class Report:
     decisions: list[Decision]
     policy_source: str = ""
+    #: softmaxes that are not attention sites, each with its reason
+    softmax_left: list[SoftmaxLeft] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -75,7 +79,8 @@ class Report:
         return out
 
     def to_json(self, **kw) -> str:
-        return json.dumps({"policy": self.policy_source, "sites": self.rows()}, **kw)
+        return json.dumps({"policy": self.policy_source, "sites": self.rows(),
+                           "softmax_left": [dataclasses.asdict(x) for x in self.softmax_left]}, **kw)
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -105,6 +110,10 @@ class Report:
         if notes:
             lines.append("")
             lines += [f"  [{i}] {n}" for i, n in sorted(notes, key=lambda x: x[0])]
+        if self.softmax_left:
+            lines.append("")
+            lines.append(f"{len(self.softmax_left)} softmax(es) not attention, left alone:")
+            lines += [f"  {x.path or '<root>'} ({x.node}): {x.reason}" for x in self.softmax_left]
         dense = sum(r["attn_flops_dense"] for r in rows)
         ours = sum(r["attn_flops"] for r in rows)
         if dense:
@@ -129,4 +138,4 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source)
+    return Report(b.decisions, b.policy.source, b.softmax_left)

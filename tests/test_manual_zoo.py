@@ -566,9 +566,10 @@ NEGATIVE = [
     ("learned-temperature", LearnedTemperature, lambda: (_x(),), 1, "non-constant scale"),
     ("dropout-training", TrainingDropout, lambda: (_x(),), 1, "training"),
     ("head-mask-after-softmax", HeadMaskAfterSoftmax, lambda: (_x(), torch.rand(1, HEADS, 1, 1)), 1, "mul"),
-    ("classifier-head", ClassifierHead, lambda: (_x(),), 0, ""),
-    ("moe-router", MoERouter, lambda: (_x(),), 0, ""),
-    ("softmax-over-queries", SoftmaxOverQueries, lambda: (_x(),), 0, ""),
+    # not attention: no site, but the softmax is listed with its reason (none is left alone silently)
+    ("classifier-head", ClassifierHead, lambda: (_x(),), 0, "reaches no `p @ v`"),
+    ("moe-router", MoERouter, lambda: (_x(),), 0, "reaches no `p @ v`"),
+    ("softmax-over-queries", SoftmaxOverQueries, lambda: (_x(),), 0, "not the last"),
 ]
 
 
@@ -715,9 +716,11 @@ def test_negative_left_alone(factory, make_inputs, n_sites, why):
     for d in backend.decisions:
         assert not d.rewritten and why in d.reason, d.reason
     assert "locattn.attention" not in backend.codes[0]
-    if n_sites:
-        report = locattn.explain(factory().eval(), *make_inputs())
-        assert why in str(report) and "left alone" in str(report)
+    if not n_sites:
+        assert [why in x.reason for x in backend.softmax_left] == [True], backend.softmax_left
+        assert sum(locattn.counters()["softmax_left"].values()) == 1
+    report = locattn.explain(factory().eval(), *make_inputs())
+    assert why in str(report) and "left alone" in str(report)
 
 
 @pytest.mark.parametrize("factory,make_inputs", [(GQARepeatKV, lambda: (_x(), _causal())),

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, example, keep_views_valid, module_path, static_int
+from .sites import AttentionSite, SoftmaxLeft, example, keep_views_valid, module_path, static_int
 
 #: a fill value at or below this (after the factors applied later) blocks the key: exp() of it is 0
 MASK_FILL_MAX = -1e4
@@ -353,9 +353,10 @@ def _score_contraction(n: fx.Node) -> _Contraction | None:
     if mm is not None:
         return _matmul_like(n, mm[0], mm[1], mm[2], swap_b=True)
     if _is_fn(n, _BADDBMM_FNS) or _is_method(n, {"baddbmm"}):
-        if len(n.args) < 3:
+        # positional or keyword: BLOOM writes ``alibi.baddbmm(batch1=q, batch2=kᵀ, beta=, alpha=)``
+        inp, a, b = _arg(n, 0, "input"), _arg(n, 1, "batch1"), _arg(n, 2, "batch2")
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
             return None
-        inp, a, b = n.args[:3]
         c = _matmul_like(n, "baddbmm", a, b, swap_b=True)
         if c is None:
             return None
@@ -975,8 +976,9 @@ def _bias_recipe(t: _Term, F_, C) -> _Recipe:
 # the finder
 # ---------------------------------------------------------------------------------------------------------
 
-def _softmax_input(n: fx.Node):
-    """The input of a softmax over the last dim, else None."""
+def _softmax_input(n: fx.Node) -> tuple[fx.Node | None, str] | None:
+    """``(input, "")`` of a softmax over the last dim, ``(None, why)`` of another softmax, None if ``n`` is no
+    softmax."""
     if _is_method(n, {"softmax"}):
         x, dim = n.args[0], _arg(n, 1, "dim")
     elif _is_fn(n, _SOFTMAX_FNS):
@@ -984,9 +986,13 @@ def _softmax_input(n: fx.Node):
     else:
         return None
     sh = _shape(x) if isinstance(x, fx.Node) else None
-    if sh is None or not isinstance(dim, int) or len(sh) < 2:
-        return None
-    return x if _norm_dim(dim, len(sh)) == len(sh) - 1 else None
+    if sh is None or len(sh) < 2:
+        return None, "softmax of a tensor of unknown or rank < 2 shape"
+    if not isinstance(dim, int):
+        return None, f"softmax over a non-constant dim ({dim!r})"
+    if _norm_dim(dim, len(sh)) != len(sh) - 1:
+        return None, f"softmax over dim {dim}, not the last (attention normalises over keys, the last dim)"
+    return x, ""
 
 
 def _canon_lead(lead: tuple[int, ...]) -> tuple[int, int]:
@@ -1092,17 +1098,21 @@ def _layout_name(con: _Contraction, C, recovered: bool) -> str:
     return {0: "SD", 1: "(BH)SD" if recovered else "BSD", 2: "BHSD"}.get(n, "(B" + "*" * (n - 1) + ")HSD")
 
 
-def find_manual_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionSite]:
-    """Every hand-written softmax attention in ``gm`` as an :class:`AttentionSite` (see the module doc)."""
+def find_manual_sites(gm: fx.GraphModule, start_index: int = 0, left: list | None = None) -> list[AttentionSite]:
+    """Every hand-written softmax attention in ``gm`` as an :class:`AttentionSite` (see the module doc). Every other
+    softmax is appended to ``left`` as a :class:`SoftmaxLeft` with the reason it is not attention."""
     matcher = _Matcher(gm)
     sites: list[AttentionSite] = []
     for node in list(gm.graph.nodes):
-        x = _softmax_input(node)
-        if x is None:
+        found = _softmax_input(node)
+        if found is None:
             continue
-        site = _match(gm, matcher, node, x, start_index + len(sites))
-        if site is not None:
+        x, why = found
+        site = _match(gm, matcher, node, x, start_index + len(sites)) if x is not None else why
+        if isinstance(site, AttentionSite):
             sites.append(site)
+        elif left is not None:
+            left.append(SoftmaxLeft(module_path(node), node.name, site))
     return sites
 
 
@@ -1145,7 +1155,8 @@ def _blocked_site(index, sm, con: _Contraction, vcon: _Contraction | None, reaso
         scale=None, blocker=reason, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
 
 
-def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index: int) -> AttentionSite | None:
+def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index: int) -> AttentionSite | str:
+    """The site of softmax ``sm`` (rewritable or blocked with a reason), or why ``sm`` is not attention."""
     last2 = _shape(x)[-2:]
     try:
         sc = matcher._sub(x, sm, -1)
@@ -1153,13 +1164,14 @@ def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index
     except _Reject as e:
         sc, back_err = None, e
     fwd = matcher.probs(sm)
-    if fwd is None:
-        return None           # the probabilities feed no contraction: not attention (router, classifier)
+    if fwd is None:           # the probabilities feed no contraction: not attention (router, classifier)
+        return "its output reaches no `p @ v` contraction within 6 ops: not attention (a classifier, router, ...)"
     vcon, pnodes, blocker = fwd
     if sc is None:
         con = _near_contraction(x, last2)
         if con is None:
-            return None
+            return (f"it feeds a `p @ v` contraction but no `q @ kᵀ` contraction of the same shape feeds it "
+                    f"(following the scores back: {back_err})")
         return _blocked_site(index, sm, con, vcon, str(back_err))
     con = sc.con
     replaced = [n.name for n in sc.nodes] + [sm.name] + [n.name for n in pnodes]

@@ -7,6 +7,7 @@ alone, always with a reason. Every outcome is counted (``locattn.counters()``).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from ..policy import Globals, Policy, PolicyError, Rule
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
 from .match_manual import find_manual_sites
-from .sites import AttentionSite
+from .sites import AttentionSite, SoftmaxLeft
 
 
 class LocattnWarning(UserWarning):
@@ -209,19 +210,31 @@ def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
     return total / s.heads, full, partial
 
 
-def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
+def find_sites(gm: fx.GraphModule, graph_id: int = 0, left: list[SoftmaxLeft] | None = None) -> list[AttentionSite]:
+    """Every site of ``gm``; softmaxes that are not attention go to ``left`` with their reason."""
     sites: list[AttentionSite] = []
     for finder in FINDERS:
-        for site in finder(gm, start_index=len(sites)):
+        found = finder(gm, start_index=len(sites), left=left) if finder is find_manual_sites else \
+            finder(gm, start_index=len(sites))
+        for site in found:
             site.graph_id = graph_id
             sites.append(site)
     return sites
 
 
-def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0) -> list[Decision]:
-    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions."""
+def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0,
+                  left: list[SoftmaxLeft] | None = None) -> list[Decision]:
+    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions; softmaxes that
+    are not attention are appended to ``left`` (each counted and logged with its reason)."""
     decisions = []
-    sites = find_sites(gm, graph_id)
+    mine: list[SoftmaxLeft] = []
+    sites = find_sites(gm, graph_id, mine)
+    for sm in mine:
+        sm = dataclasses.replace(sm, graph_id=graph_id)
+        bump("softmax_left", sm.reason.split(":")[0])
+        log.info("locattn: softmax %s in %s is not attention: %s", sm.node, sm.path or "<root>", sm.reason)
+        if left is not None:
+            left.append(sm)
     if any(r.grid == "auto" or r.globals == "auto" for r in (*policy.rules, policy.default)):
         infer_token_grids(gm, sites)
     for site in sites:
@@ -245,7 +258,7 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
         gm.graph.lint()
         gm.recompile()
     for body in _checkpoint_bodies(gm):  # attention inside activation checkpointing: its own subgraph
-        decisions += rewrite_graph(body, policy, backend, graph_id)
+        decisions += rewrite_graph(body, policy, backend, graph_id, left)
     return decisions
 
 

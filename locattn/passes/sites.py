@@ -148,3 +148,14 @@ class AttentionSite:
 
     def effective_scale(self) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+
+@dataclass(frozen=True)
+class SoftmaxLeft:
+    """A softmax the finders did not take as attention, and why (``explain`` lists them: no softmax is left
+    alone silently)."""
+
+    path: str
+    node: str
+    reason: str
+    graph_id: int = 0
