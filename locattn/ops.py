@@ -6,7 +6,7 @@
   mask: bool broadcastable to [B, Hq, Sq, Sk] (True = attend) or None
   bias: float broadcastable to [B, Hq, Sq, Sk], added to the scaled scores, or None (differentiable)
   scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
-  spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
+  spec: the site's pattern per head group (and its ``softcap``), :meth:`locattn.patterns.spec.SiteSpec.to_json`
   backend: "" / "auto" for registry order, or an implementation name that must run
   out: [B, Hq, Sq, Dv] in SDPA's memory layout ([B, Sq, Hq, Dv] contiguous, transposed), q's dtype
   lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
@@ -121,7 +121,8 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             layout = layout.resolve(s_q)
             g.pattern.validate(layout.grid)
         if g.heads is None:
-            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
+                                                  spec.softcap)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -131,7 +132,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, spec.softcap)
         out.append((tuple(heads), tuple(kv), call))
     return out
 

@@ -2,8 +2,8 @@
 
 Every positive module is checked four ways: the rewrite fired (counter), the compiled graph calls the op and no
 softmax, compiled == eager against an fp64 golden (forward), and the same for the gradients of inputs and
-parameters. Negative modules (probabilities returned, soft-capping, training dropout, classifier heads, MoE
-routers) are left alone — reported with a reason where they are attention — and still compute the same.
+parameters. Negative modules (probabilities returned, soft-capping after a bias, training dropout, classifier
+heads, MoE routers) are left alone — reported with a reason where they are attention — and still compute the same.
 """
 
 from __future__ import annotations
@@ -426,10 +426,21 @@ class ReturnsWeights(Heads):
 
 
 class SoftCapTanh(Heads):
-    def forward(self, x):
+    """Gemma 2's logit soft-capping, then a causal mask: the op's ``softcap``."""
+
+    def forward(self, x, mask):
         q, k, v = self.split(x)
-        a = q @ k.transpose(-1, -2) * DH ** -0.5
-        a = torch.tanh(a / 5.0) * 5.0
+        a = q @ k.transpose(-1, -2) * (4 * DH ** -0.5)
+        a = torch.tanh(a / 2.0) * 2.0
+        return self.merge((a + mask).softmax(-1) @ v)
+
+
+class SoftCapAfterBias(Heads):
+    """tanh of scores that already carry a bias: not the op's ``softcap`` (which caps before the bias)."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        a = torch.tanh((q @ k.transpose(-1, -2) * DH ** -0.5 + mask) / 5.0) * 5.0
         return self.merge(a.softmax(-1) @ v)
 
 
@@ -528,6 +539,7 @@ def _pad_bias():
 # (id, factory, inputs factory, expected sites rewritten, expected form)
 POSITIVE = [
     ("matmul-transpose-mul", MatmulTransposeMul, lambda: (_x(),), "matmul"),
+    ("tanh-softcap-then-mask", SoftCapTanh, lambda: (_x(), _add_mask()), "matmul"),
     ("torch.matmul-mT-div-sqrt", TorchMatmulMTDivSqrt, lambda: (_x(),), "matmul"),
     ("method-matmul-permute-two-scales", MethodMatmulPermute, lambda: (_x(),), "matmul"),
     ("scale-on-q-dropout-eval", ScaleOnQ, lambda: (_x(),), "matmul"),
@@ -562,7 +574,7 @@ POSITIVE = [
 # (id, factory, inputs factory, expected reported sites, expected words in the reason)
 NEGATIVE = [
     ("returns-weights", ReturnsWeights, lambda: (_x(),), 1, "also used"),
-    ("tanh-softcap", SoftCapTanh, lambda: (_x(),), 1, "tanh"),
+    ("tanh-after-bias", SoftCapAfterBias, lambda: (_x(), _add_mask()), 1, "already carry a bias"),
     ("learned-temperature", LearnedTemperature, lambda: (_x(),), 1, "non-constant scale"),
     ("dropout-training", TrainingDropout, lambda: (_x(),), 1, "training"),
     ("head-mask-after-softmax", HeadMaskAfterSoftmax, lambda: (_x(), torch.rand(1, HEADS, 1, 1)), 1, "mul"),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns.plan import BlockPlan, build_plan
-from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to
+from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to, softcap_scores
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 #: scores of one chunk are kept below this many elements (fp32): bounds peak memory
@@ -102,14 +102,14 @@ class Blocked(Implementation):
         n = tk_c.shape[1]
         qb = q_flat.index_select(2, tq_c.clamp_min(0).flatten()).view(b, h, c, bm, d).to(ct)
         kb = k_flat.index_select(2, tk_c.clamp_min(0).flatten()).view(b, h, c, n, d).to(ct)
-        s = (qb @ kb.transpose(-2, -1)) * call.scale
+        s, dcap = softcap_scores((qb @ kb.transpose(-2, -1)) * call.scale, call.softcap)
         bias_c, mask_c = self._site_terms(call, tq_c, tk_c)
         if bias_c is not None:
             s = s + bias_scores(bias_c, ct)
         if keep_c is None:
             keep_c = _keep(call.pattern, call.layout, call.is_causal, tq_c, tk_c)
         keep = keep_c if mask_c is None else keep_c & mask_c
-        return s.masked_fill(~keep, float("-inf")), qb, kb
+        return s.masked_fill(~keep, float("-inf")), qb, kb, dcap
 
     def forward(self, call):
         plan, tq, tk, keep, chunk = self._setup(call)
@@ -123,7 +123,7 @@ class Blocked(Implementation):
         for m0 in range(0, plan.n_qblocks, chunk):
             sl = slice(m0, m0 + chunk)
             tq_c, tk_c = tq[sl], tk[sl]
-            s, _, _ = self._chunk_scores(call, ct, call.q, k, tq_c, tk_c, keep[sl] if keep is not None else None)
+            s = self._chunk_scores(call, ct, call.q, k, tq_c, tk_c, keep[sl] if keep is not None else None)[0]
             c, bm = tq_c.shape
             vb = v.index_select(2, tk_c.clamp_min(0).flatten()).view(b, hq, c, -1, dv_).to(ct)
             mx = s.amax(-1, keepdim=True)
@@ -157,7 +157,8 @@ class Blocked(Implementation):
             sl = slice(m0, m0 + chunk)
             tq_c, tk_c = tq[sl], tk[sl]
             c, bm = tq_c.shape
-            s, qb, kb = self._chunk_scores(call, ct, call.q, k, tq_c, tk_c, keep[sl] if keep is not None else None)
+            s, qb, kb, dcap = self._chunk_scores(call, ct, call.q, k, tq_c, tk_c,
+                                                 keep[sl] if keep is not None else None)
             qidx = tq_c.clamp_min(0).flatten()
             p, _ = masked_softmax(s)  # a chunk holds whole rows: exact, not normalised by the stored lse
             do = grad_out.index_select(2, qidx).view(b, hq, c, bm, dv_).to(ct)
@@ -166,9 +167,10 @@ class Blocked(Implementation):
             vb = v.index_select(2, tk_c.clamp_min(0).flatten()).view(b, hq, c, -1, dv_).to(ct)
             kidx = tk_c.clamp_min(0).flatten()
             dv.index_add_(2, kidx, (p.transpose(-2, -1) @ do).reshape(b, hq, -1, dv_))
-            ds = p * (do @ vb.transpose(-2, -1) - delta)
-            dk.index_add_(2, kidx, (ds.transpose(-2, -1) @ qb).reshape(b, hq, -1, d) * call.scale)
-            dq_c = (ds @ kb) * call.scale
+            ds = p * (do @ vb.transpose(-2, -1) - delta)   # d loss / d scores (the bias's gradient)
+            ds_qk = ds if dcap is None else ds * dcap       # through the soft cap
+            dk.index_add_(2, kidx, (ds_qk.transpose(-2, -1) @ qb).reshape(b, hq, -1, d) * call.scale)
+            dq_c = (ds_qk @ kb) * call.scale
             valid = (tq_c >= 0).flatten()
             dq.index_copy_(2, tq_c.flatten()[valid], dq_c.reshape(b, hq, c * bm, d)[:, :, valid])
             if dbias is not None:

@@ -522,6 +522,8 @@ class CpuFast(Implementation):
             return False, "site mask is not bool"
         if call.empty:
             return False, "empty tensor"
+        if call.softcap:
+            return False, "softcap: ATen's flash kernel takes no score modifier"
         if call.is_causal and call.scale <= 0 and not call.pattern.local:
             return False, "causal with scale <= 0 (ATen's CPU flash kernel returns NaN rows)"
         return True, ""

@@ -31,6 +31,8 @@ class AttentionCall:
     mask: bool, broadcastable to [B, Hq, Sq, Sk] (True = attend) or None;
     bias: float, broadcastable to [B, Hq, Sq, Sk] (added to the scaled scores) or None.
     ``layout`` is resolved (concrete grid) for local patterns.
+    ``softcap``: c > 0 caps the scaled scores before the bias, ``s = c * tanh(scale * q·k / c)`` (Gemma 2's
+    logit soft-capping, FlexAttention's ``score_mod``); 0 = none.
     """
 
     q: torch.Tensor
@@ -42,6 +44,7 @@ class AttentionCall:
     is_causal: bool
     pattern: Pattern
     layout: Layout
+    softcap: float = 0.0
 
     @property
     def empty(self) -> bool:

@@ -62,6 +62,10 @@ VISIT        instrumented mode: every visit adds 1 (full) or 16 (partial) to ``V
 PRECISION    ``tl.dot`` input precision: "ieee" for fp32 inputs (matches eager fp32), "tf32" otherwise
              (ignored for fp16/bf16 operands)
 UPCAST       interpreter + bf16 only: multiply exact fp32 copies (the interpreter's bf16 ``tl.dot`` is wrong)
+SOFTCAP      the site's soft cap c (0.0: none; a constexpr, so uncapped kernels are compiled exactly as before):
+             scaled scores become ``c * tanh(s / c)`` before the site bias / mask (computed in log2 units with
+             ``c * log2(e)``); the backward multiplies dS by ``1 - tanh^2`` for dQ / dK (dBias takes dS itself).
+             FOLD is off with it (the cap needs the scaled score)
 WS           ``attn_fwd_tma`` only (the forward of all-full plans whose q/k/v tiles are tensor-descriptor boxes):
              the key-block loop asks Triton for warp specialization
 
@@ -463,12 +467,14 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   HAS_GLOBALS: tl.constexpr,
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
-                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
-    """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
-    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate; the key tile
-    of a block without padding keys (full, or NOPAD bit 1) loads without a row mask. ``FOLD``
-    (no bias, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2 argument.
-    Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
+                  FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0,
+                  SOFTCAP: tl.constexpr = 0.0):
+    """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, caps
+    them (``SOFTCAP``), adds the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern
+    predicate; the key tile of a block without padding keys (full, or NOPAD bit 1) loads without a row mask.
+    ``FOLD`` (no bias, no cap, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2
+    argument. Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key
+    valid, t)``: ``t`` the cap's tanh (``s`` itself without a cap: unused)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     real = IS_FULL or (NOPAD & 2) != 0  # no padding key in this block
@@ -483,6 +489,9 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     s = _mma(q, kT, None, PRECISION, UPCAST)
     if not FOLD:
         s = s * qk_scale
+    t = s
+    if SOFTCAP > 0:
+        s, t = _softcap(s, SOFTCAP)
     if HAS_MASK or HAS_BIAS:
         s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
     if not IS_FULL:
@@ -490,7 +499,24 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
                      NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY, NOPAD)
         s = tl.where(keep, s, float("-inf"))
-    return s, kT, kj, kv
+    return s, kT, kj, kv, t
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2 (no tanh in ``tl.math``; libdevice's has no interpreter implementation): absolute error
+    ~1e-7 in fp32, like ``torch.tanh``'s."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)   # exp(-2|x|) = exp2(-2 log2(e) |x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(s, SOFTCAP: tl.constexpr):
+    """Soft-capped log2 scores ``cl * tanh(s / cl)`` with ``cl = SOFTCAP * log2(e)`` (the cap in log2 units) and
+    the tanh itself (the backward's ``1 - t^2``)."""
+    t = _tanh(s * (1.0 / (SOFTCAP * LOG2E)))
+    return t * (SOFTCAP * LOG2E), t
 
 
 @triton.jit
@@ -516,16 +542,16 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr,
-               WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr):
+               WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
-                                      k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
-                                      CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD,
-                                      WINDOW_ONLY, NOPAD)
+        s, kT, kj, kv, _ = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
+                                         k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
+                                         n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
+                                         CAUSAL, HAS_GLOBALS,
+                                         HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
+                                         FOLD, WINDOW_ONLY, NOPAD, SOFTCAP=SOFTCAP)
         if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
@@ -589,7 +615,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
              KADDR: tl.constexpr,
              RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr,
-             WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+             WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, SOFTCAP: tl.constexpr = 0.0):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -617,14 +643,14 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
                                qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
                                BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False,
-                               NOPAD)
+                               NOPAD, SOFTCAP=SOFTCAP)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
                                    k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
                                    stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
-                                   FOLD, WINDOW_ONLY, NOPAD)
+                                   FOLD, WINDOW_ONLY, NOPAD, SOFTCAP=SOFTCAP)
     _fwd_store(acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, LSE + b * stride_lb + h * stride_lh, qi, qv,
                stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
@@ -747,16 +773,16 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-              NOPAD: tl.constexpr, FOLD: tl.constexpr):
+              NOPAD: tl.constexpr, FOLD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n = _block_id(kv_idx, i, jump, gap, DIRECT)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
-                                      k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
-                                      n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
-                                      CAUSAL, HAS_GLOBALS,
-                                      HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
-                                      FOLD, WINDOW_ONLY, NOPAD)
+        s, kT, kj, kv, t = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
+                                         k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
+                                         n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
+                                         CAUSAL, HAS_GLOBALS,
+                                         HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
+                                         FOLD, WINDOW_ONLY, NOPAD, SOFTCAP=SOFTCAP)
         vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                  KADDR, NDIM, True), kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
@@ -766,6 +792,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
             p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP > 0:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION, UPCAST)
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
@@ -790,7 +818,7 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 VISIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QADDR: tl.constexpr,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
-                NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False):
+                NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; ``LD`` holds (lse2, delta) per
     query row (``attn_bwd_preprocess``)."""
     pid_m = tl.program_id(0)
@@ -824,13 +852,13 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD)
+                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD, SOFTCAP=SOFTCAP)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD, SOFTCAP=SOFTCAP)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -845,7 +873,7 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
                 BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-                NOPAD: tl.constexpr):
+                NOPAD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0):
     offs_m = tl.arange(0, BLOCK_M)
     real = IS_FULL or (NOPAD & 1) != 0  # no padding query in a visited block
     offs_d = tl.arange(0, BLOCK_D)
@@ -865,6 +893,9 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         # no padding query (real): no masked loads (the loop's largest saving); else padding rows get p = 0
         lse2, delta = _row_stats(LD_bh, qi, qv, not real)
         sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
+        tT = sT
+        if SOFTCAP > 0:
+            sT, tT = _softcap(sT, SOFTCAP)
         if HAS_MASK or HAS_BIAS:
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
                              True)
@@ -878,7 +909,10 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpT = _mma(v, tl.trans(do), None, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        if SOFTCAP > 0:  # dK through the cap; dBias below takes dS itself
+            dk = _mma((dsT * (1.0 - tT * tT)).to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        else:
+            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
         if NEED_DBIAS:
             kv = kt >= 0
             kj = tl.where(kv, kt, 0).to(tl.int64)
@@ -908,7 +942,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                   NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
-                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0):
+                  HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0,
+                  SOFTCAP: tl.constexpr = 0.0):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -949,7 +984,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD)
+                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD, SOFTCAP=SOFTCAP)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
                                  q_slots, q_iv, qb_idx, s1, e1, j1, gap1, Visits_h, n_kblocks, pid_n, stride_qs,
@@ -957,7 +992,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
                                  BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES,
-                                 WINDOW_ONLY, NOPAD)
+                                 WINDOW_ONLY, NOPAD, SOFTCAP=SOFTCAP)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))

@@ -53,6 +53,7 @@ _BMM_FNS = {torch.bmm}
 _BADDBMM_FNS = {torch.baddbmm}
 _EINSUM_FNS = {torch.einsum, torch.functional.einsum}
 _DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_TANH_FNS = {torch.tanh, F.tanh, torch.nn.functional.tanh}
 
 _MUL_FNS = {operator.mul, torch.mul, operator.imul}
 _DIV_FNS = {operator.truediv, torch.div, torch.true_divide, operator.itruediv}
@@ -463,13 +464,16 @@ class _Scores:
     terms: list[_Term] = field(default_factory=list)
     masks: list[_Mask] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)     # chain nodes, contraction first
+    #: soft-capping: the scores are ``mult * tanh(cap_inner * q·kᵀ) + terms`` (None: ``mult * q·kᵀ + terms``)
+    cap_inner: float | None = None
 
     def copy(self) -> "_Scores":
         return self.scaled(1.0)
 
     def scaled(self, f: float) -> "_Scores":
         return _Scores(self.con, self.mult * f, [_Term(t.node, t.coef * f, t.frame) for t in self.terms],
-                       [_Mask(m.node, m.keep_if_true, m.frame, m.fill * f) for m in self.masks], list(self.nodes))
+                       [_Mask(m.node, m.keep_if_true, m.frame, m.fill * f) for m in self.masks], list(self.nodes),
+                       self.cap_inner)
 
 
 class _Matcher:
@@ -591,10 +595,28 @@ class _Matcher:
             s = self._with_mask(s, n, cond, fill, keep_if_true=keep, frame=sh)
             s.nodes.append(n)
             return s
+        if _is_fn(n, _TANH_FNS) or _is_method(n, {"tanh"}):
+            return self._softcap(n, depth)
         if _is_fn(n, {operator.mul, operator.truediv, torch.mul, torch.div}) or _is_method(n, {"mul", "div"}):
             raise _Reject(f"`{_opname(n)}` by a tensor on the scores: a non-constant scale (a learned "
                           "temperature, a buffer or a computed tensor) is not rewritten")
         raise _Reject(f"`{_opname(n)}` between the scores and the softmax is not affine")
+
+    def _softcap(self, n: fx.Node, depth: int) -> _Scores:
+        """``tanh`` of the scaled scores, as Gemma 2 soft-caps them (``c * tanh(s / c)``; the factor ``c`` after the
+        tanh folds into ``mult`` like any scale). Sound only on ``mult * q·kᵀ`` itself: a bias or mask already added
+        would be capped too, which the op's ``softcap`` (applied before the bias) does not express."""
+        x = _arg(n, 0, "input")
+        s = self._sub(x, n, depth)
+        if s.cap_inner is not None:
+            raise _Reject("`tanh` applied twice to the scores")
+        if s.terms or s.masks:
+            raise _Reject("`tanh` soft-capping of scores that already carry a bias or mask (the op caps before "
+                          "the bias)")
+        if _shape(x) != _shape(n):
+            raise _Reject("`tanh` broadcasts the scores")
+        out = _Scores(s.con, 1.0, nodes=list(s.nodes) + [n], cap_inner=s.mult)
+        return out
 
     def _add(self, n: fx.Node, is_sub: bool, depth: int) -> _Scores:
         x, y = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
@@ -1219,7 +1241,9 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
             if r.shape[1] == 1 and C[1] != 1:
                 r.steps.append(("method", "expand", C[0], C[1], *r.shape[2:]))
                 r.shape = (C[0], C[1], *r.shape[2:])
-    scale = sc.mult * fq * fk
+    # soft-capped scores: mult * tanh(inner * q·kᵀ) = c * tanh(scale * q·kᵀ / c) with c = mult, scale = inner * c
+    softcap = sc.mult if sc.cap_inner is not None else 0.0
+    scale = (sc.cap_inner * sc.mult if sc.cap_inner is not None else sc.mult) * fq * fk
     if not math.isfinite(scale) or scale <= 0:
         raise _Reject(f"scale {scale:g} is not positive")
     masks = [_mask_recipe(m, m.frame[:-2], C) for m in sc.masks]
@@ -1248,7 +1272,7 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         q_shape=tuple(q_r.shape), k_shape=tuple(k_r.shape), v_shape=tuple(v_r.shape),
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
-        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes)
+        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes, softcap=softcap)
 
     def replace(op_call) -> None:
         g = gm.graph

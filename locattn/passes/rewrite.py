@@ -187,7 +187,8 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         layout = _layout_for(site, rule, policy) if pattern.local else Layout()
         head_groups.append((heads, rule, pattern, layout))
     all_heads = len(head_groups) == 1
-    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups))
+    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups),
+                    softcap=site.softcap)
     return Decision(site, True, spec=spec, backend=chosen_backend,
                     rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
 

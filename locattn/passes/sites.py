@@ -93,6 +93,7 @@ class AttentionSite:
     bias_shape: tuple[int, ...] | None = None
     is_causal: bool = False
     scale: float | None = None
+    softcap: float = 0.0               # c > 0: scores c * tanh(scale * q·kᵀ / c) before bias / mask (Gemma 2)
     enable_gqa: bool = False
     dropout_p: float = 0.0
     replaced: tuple[str, ...] = ()     # names of the nodes a manual site replaces (explain)
@@ -144,6 +145,8 @@ class AttentionSite:
             parts.append("float" + ("[" + "x".join(map(str, self.bias_shape)) + "]" if self.bias_shape else ""))
         if self.is_causal:
             parts.append("causal")
+        if self.softcap:
+            parts.append(f"softcap {self.softcap:g}")
         return "+".join(parts) or "-"
 
     def effective_scale(self) -> float:

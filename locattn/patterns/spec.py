@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 from . import PATTERNS
@@ -26,9 +27,15 @@ class HeadGroup:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """Per-head plan of one site: disjoint head groups covering every query head."""
+    """Per-head plan of one site: disjoint head groups covering every query head. ``softcap`` (c > 0, every
+    group): the site's scores are ``c * tanh(scale * q·k / c)`` before its bias / mask (0: none)."""
 
     groups: tuple[HeadGroup, ...]
+    softcap: float = 0.0
+
+    def __post_init__(self):
+        if not (self.softcap >= 0 and math.isfinite(self.softcap)):
+            raise ValueError(f"softcap must be a finite number >= 0, got {self.softcap}")
 
     @property
     def is_dense(self) -> bool:
@@ -44,7 +51,10 @@ class SiteSpec:
                 "grid": list(g.layout.grid) if g.layout.grid is not None else None,
                 "prefix": g.layout.prefix, "suffix": g.layout.suffix, "sinks": g.layout.sinks,
             })
-        return json.dumps({"v": 1, "groups": out}, sort_keys=True, separators=(",", ":"))
+        d = {"v": 1, "groups": out}
+        if self.softcap:  # omitted when 0: spec strings without a score modifier stay as they were
+            d["softcap"] = float(self.softcap)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def describe(self) -> str:
         parts = []
@@ -63,7 +73,7 @@ class SiteSpec:
             if g.heads is not None:
                 s = f"h{head_ranges(g.heads)}:" + s
             parts.append(s)
-        return "; ".join(parts)
+        return "; ".join(parts) + (f" [softcap={self.softcap:g}]" if self.softcap else "")
 
 
 def head_ranges(heads: tuple[int, ...]) -> str:
@@ -97,7 +107,7 @@ def parse_spec(text: str) -> SiteSpec:
                         prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
         groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
                                 _pattern_from_params(g["pattern"], g["params"]), layout))
-    return SiteSpec(tuple(groups))
+    return SiteSpec(tuple(groups), float(d.get("softcap", 0.0)))
 
 
 DENSE_SPEC = SiteSpec((HeadGroup(None, PATTERNS["dense"](), Layout()),))
