@@ -91,7 +91,8 @@ def find_sdpa_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionS
             return s
 
         site = AttentionSite(
-            index=start_index + len(sites), path=module_path(node), form="sdpa", q=q, k=k, v=v,
+            index=start_index + len(sites), path=module_path(node), form=node.meta.get("locattn_form", "sdpa"),
+            q=q, k=k, v=v,
             q_shape=canon(qs), k_shape=canon(ks), v_shape=canon(vs), layout="BHSD" if rank == 4 else f"rank{rank}",
             mask=mask_node, bias=bias_node, mask_shape=mask_shape if mask_node is not None else None,
             bias_shape=mask_shape if bias_node is not None else None,

@@ -20,6 +20,7 @@ from ..patterns.base import Layout, PatternError, count_allowed
 from ..patterns.plan import build_plan
 from ..patterns.spec import HeadGroup, SiteSpec, head_ranges
 from ..policy import Globals, Policy, PolicyError, Rule
+from .expand_mha import expand_mha
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
 from .match_manual import find_manual_sites
@@ -213,13 +214,13 @@ def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
 
 def find_sites(gm: fx.GraphModule, graph_id: int = 0, left: list[SoftmaxLeft] | None = None) -> list[AttentionSite]:
     """Every site of ``gm``; softmaxes that are not attention go to ``left`` with their reason."""
-    sites: list[AttentionSite] = []
+    sites: list[AttentionSite] = expand_mha(gm)        # F.multi_head_attention_forward -> SDPA (or reported)
     for finder in FINDERS:
         found = finder(gm, start_index=len(sites), left=left) if finder is find_manual_sites else \
             finder(gm, start_index=len(sites))
-        for site in found:
-            site.graph_id = graph_id
-            sites.append(site)
+        sites += found
+    for site in sites:
+        site.graph_id = graph_id
     return sites
 
 
