@@ -203,6 +203,8 @@ def test_transformers(name, impl):
     report = _check_model(model, inputs, 2, "sdpa" if impl == "sdpa" else "matmul")
     if impl == "eager" and name in ("Llama", "Gemma3"):
         assert all(d.site.kv_heads == 2 and d.site.heads == 4 for d in report.decisions), "GQA un-repeated"
+    if name in ("Llama", "Gemma3"):   # the [B, 1, S, S] mask built from position comparisons is proven causal
+        assert all(d.site.is_causal and d.site.mask_desc.endswith("+causal") for d in report.decisions), str(report)
 
 
 def test_bloom_alibi_baddbmm():

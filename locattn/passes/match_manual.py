@@ -37,7 +37,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, SoftmaxLeft, example, keep_views_valid, module_path, static_int
+from .causal_mask import prove_causal
+from .sites import (AttentionSite, SoftmaxLeft, adopt_causal_proof, example, keep_views_valid, module_path,
+                    static_int)
 
 #: a fill value at or below this (after the factors applied later) blocks the key: exp() of it is 0
 MASK_FILL_MAX = -1e4
@@ -1273,6 +1275,9 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
         enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes, softcap=softcap)
+
+    adopt_causal_proof(site, prove_causal([(m.node, m.keep_if_true) for m in sc.masks],
+                                          [(t.node, t.coef) for t in sc.terms], gm))
 
     def replace(op_call) -> None:
         g = gm.graph

@@ -20,6 +20,7 @@ from ..patterns.base import Layout, PatternError, count_allowed
 from ..patterns.plan import build_plan
 from ..patterns.spec import HeadGroup, SiteSpec, head_ranges
 from ..policy import Globals, Policy, PolicyError, Rule
+from .causal_mask import emit_guards
 from .expand_mha import expand_mha
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
@@ -253,6 +254,9 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
             return g.call_function(torch.ops.locattn.attention.default,
                                    (q, k, v, mask, bias, float(_scale), bool(_site.is_causal), _spec, _be))
 
+        if site.causal_proof is not None:   # before the rewrite, while the mask's nodes are certainly alive
+            emit_guards(gm.graph, site.causal_proof)
+            bump("causal_proven", site.form)
         site.replace(op_call)
         bump("rewrite", site.form)
         log.info("locattn: site %s (%s) -> %s", site.path or "<root>", site.form, d.spec.describe())

@@ -105,8 +105,11 @@ class AttentionSite:
     #: inferred token layout ``(grid, prefix, suffix)`` and where it came from (:mod:`.grid_infer`)
     token_grid: tuple[tuple[int, ...], int, int] | None = None
     token_grid_desc: str | None = None
-    #: what a finder could not do but did not need to block on (e.g. heads it kept folded into the batch)
+    #: what a finder could not do but did not need to block on (e.g. heads it kept folded into the batch), and
+    #: what it proved (a causal mask)
     notes: tuple[str, ...] = ()
+    #: run-time checks the rewrite must add (:class:`locattn.passes.causal_mask.CausalProof` of a buffer mask)
+    causal_proof: Any = field(default=None, repr=False)
 
     @property
     def heads(self) -> int:
@@ -162,3 +165,13 @@ class SoftmaxLeft:
     node: str
     reason: str
     graph_id: int = 0
+
+
+def adopt_causal_proof(site: AttentionSite, proof) -> None:
+    """``site.is_causal`` when its mask / bias is proven causal (:func:`locattn.passes.causal_mask.prove_causal`):
+    the op then skips the blocks above the diagonal, and still applies the mask (nothing of it is lost)."""
+    if proof.why and not site.is_causal:
+        site.is_causal = True
+        site.causal_proof = proof
+        site.notes = site.notes + (f"causal: {proof.why}; the op skips the blocks above the diagonal, the mask is "
+                                   "kept",)
