@@ -768,6 +768,41 @@ class _Recipe:
         """Does the recipe bake explicit sizes (a problem under dynamic shapes)?"""
         return any(st[0] == "method" and st[1] in ("reshape", "expand") for st in self.steps)
 
+    def source_axis(self, axis: int) -> int | None:
+        """The axis of ``base`` that becomes axis ``axis`` of the emitted tensor (None when a reshape merges or
+        splits it): how grid inference finds the sequence axis of a site's query in the graph."""
+        shape = _shape(self.base)
+        if shape is None:
+            return None
+        origin = list(range(len(shape)))          # origin[a]: base axis of current axis a (None: inserted)
+        for st in self.steps:
+            if st[0] != "method":
+                continue                          # replayed casts, functions on masks: shape kept
+            name, args = st[1], st[2:]
+            if name == "permute":
+                origin, shape = [origin[p] for p in args], tuple(shape[p] for p in args)
+            elif name == "unsqueeze":
+                d = _norm_dim(args[0], len(shape) + 1)
+                origin.insert(d, None)
+                shape = shape[:d] + (1,) + shape[d:]
+            elif name == "squeeze":
+                d = _norm_dim(args[0], len(shape))
+                del origin[d]
+                shape = shape[:d] + shape[d + 1:]
+            elif name == "expand":
+                shape = tuple(args)
+            elif name == "reshape":
+                groups = _group(tuple(shape), tuple(args))
+                if groups is None:
+                    return None
+                new: list[int | None] = [None] * len(args)
+                for fi, ci in groups:
+                    if len(fi) == 1 and len(ci) == 1:
+                        new[ci[0]] = origin[fi[0]]
+                origin, shape = new, tuple(args)
+        axis = _norm_dim(axis, len(origin))
+        return origin[axis] if 0 <= axis < len(origin) else None
+
 
 def _group(F_: tuple[int, ...], C: tuple[int, ...]):
     """Pair up dims of two shapes with equal products into groups of equal product (row-major)."""
@@ -1274,7 +1309,8 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         q_shape=tuple(q_r.shape), k_shape=tuple(k_r.shape), v_shape=tuple(v_r.shape),
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
-        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes, softcap=softcap)
+        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes, softcap=softcap,
+        q_seq_axis=q_r.source_axis(2))
 
     adopt_causal_proof(site, prove_causal([(m.node, m.keep_if_true) for m in sc.masks],
                                           [(t.node, t.coef) for t in sc.terms], gm))

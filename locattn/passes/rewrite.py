@@ -118,8 +118,9 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     if grid == "auto" or rule.globals == "auto":
         inferred = site.token_grid
         if inferred is None:
+            why = f" ({site.token_grid_why})" if site.token_grid_why else ""
             raise PolicyError(f"{where}: grid/globals = \"auto\" but no token grid could be inferred for this "
-                              f"site; give 'grid' (and 'globals') explicitly")
+                              f"site{why}; give 'grid' (and 'globals') explicitly")
         auto_grid, auto_prefix, auto_suffix = inferred
         if grid == "auto":
             grid = auto_grid

@@ -105,6 +105,9 @@ class AttentionSite:
     #: inferred token layout ``(grid, prefix, suffix)`` and where it came from (:mod:`.grid_infer`)
     token_grid: tuple[tuple[int, ...], int, int] | None = None
     token_grid_desc: str | None = None
+    #: the axis of the ``q`` node that holds the sequence (None: not known); why no grid was inferred
+    q_seq_axis: int | None = -2
+    token_grid_why: str = ""
     #: what a finder could not do but did not need to block on (e.g. heads it kept folded into the batch), and
     #: what it proved (a causal mask)
     notes: tuple[str, ...] = ()
