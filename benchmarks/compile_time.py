@@ -249,8 +249,8 @@ def main() -> None:
                       f"load {r['load']})", flush=True)
     loads.append(_load())
     rows = []
-    print(f"\n| model | tokens | inductor first call (s) | locattn-dense (s) | ratio | locattn-local (s) | ratio | "
-          f"locattn rewrite (s) dense / local |")
+    print("\n| model | tokens | inductor first call (s) | locattn-dense (s) | ratio | locattn-local (s) | ratio | "
+          "locattn rewrite (s) dense / local |")
     print("|---|---|---|---|---|---|---|---|")
     for name in models:
         med = {v: statistics.median(r["first_s"] for r in runs[(name, v)]) for v in VARIANTS}

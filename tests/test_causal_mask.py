@@ -115,13 +115,19 @@ POSITIVE = [("tril-in-forward", TrilInForward, ()), ("triu-bool-negated", TriuBo
             ("tril-buffer", TrilBuffer, ())]
 
 
-@pytest.mark.parametrize("name,factory,extra", POSITIVE, ids=[p[0] for p in POSITIVE])
-def test_causal_proven_mask_kept(name, factory, extra):
+def _compile_one(factory, extra):
+    """(model, args, compiled output, the one decision) of an uncompiled-Inductor run."""
     model = factory()
     args = (*_qkv(), *extra)
     backend = LocattnBackend(inductor=False)
     out = torch.compile(model, backend=backend)(*args)
     (d,) = backend.decisions
+    return model, args, out, d
+
+
+@pytest.mark.parametrize("name,factory,extra", POSITIVE, ids=[p[0] for p in POSITIVE])
+def test_causal_proven_mask_kept(name, factory, extra):
+    model, args, out, d = _compile_one(factory, extra)
     assert d.rewritten and d.site.is_causal and any(n.startswith("causal:") for n in d.notes), d.notes
     assert locattn.counters()["causal_proven"] == {d.site.form: 1}
     torch.testing.assert_close(out, model(*args), rtol=1e-5, atol=1e-6)   # the padding / window parts survive
@@ -146,10 +152,6 @@ NEGATIVE = [("shifted-by-one", ShiftedByOne, ()), ("anti-causal-triu", AntiCausa
 
 @pytest.mark.parametrize("name,factory,extra", NEGATIVE, ids=[n[0] for n in NEGATIVE])
 def test_not_proven(name, factory, extra):
-    model = factory()
-    args = (*_qkv(), *extra)
-    backend = LocattnBackend(inductor=False)
-    out = torch.compile(model, backend=backend)(*args)
-    (d,) = backend.decisions
+    model, args, out, d = _compile_one(factory, extra)
     assert d.rewritten and not d.site.is_causal, d.notes
     torch.testing.assert_close(out, model(*args), rtol=1e-5, atol=1e-6)

@@ -390,45 +390,27 @@ def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple 
 # helpers
 
 
-def _site_additive(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor, dtype) -> torch.Tensor | None:
+def _site_additive(call: AttentionCall, qi: torch.Tensor | None, kj: torch.Tensor | None, dtype
+                   ) -> torch.Tensor | None:
     """Site bias + mask (-inf) at token pairs ``qi [..., 1]`` x ``kj [..., N]`` -> ``[Bm, Hm, *pairs]``, in
     ``dtype``, or in fp32 when a wider bias would be rounded to a half ``dtype`` (ATen's flash kernels take an
-    fp32 mask beside half q / k / v; the other implementations add the bias in fp32 too)."""
+    fp32 mask beside half q / k / v; the other implementations add the bias in fp32 too). ``qi`` / ``kj`` None (a
+    dense call): the terms in their own broadcast 4-D shape (a key-padding mask stays ``[B, 1, 1, Sk]``: ATen's
+    flash kernel broadcasts it), never expanded to ``Sq x Sk``."""
     s_q, s_k = call.q.shape[-2], call.k.shape[-2]
-    dtype = _half_bias_dtype(call, dtype)
+    if call.bias is not None and dtype in (torch.float16, torch.bfloat16) and call.bias.dtype != dtype:
+        dtype = torch.float32
     out = None
     for t in (call.bias, call.mask):
         if t is None:
             continue
-        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-        g = t4.expand(*t4.shape[:2], s_q, s_k)[:, :, qi, kj]
+        g = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+        if qi is not None:
+            g = g.expand(*g.shape[:2], s_q, s_k)[:, :, qi, kj]
         if t.dtype == torch.bool:
             g = torch.zeros(g.shape, dtype=dtype).masked_fill_(~g, NEG_INF)
         else:
             g = bias_scores(g, dtype)
-        out = g if out is None else out + g
-    return out
-
-
-def _half_bias_dtype(call: AttentionCall, dtype):
-    """fp32 when a wider bias would be rounded to a half ``dtype`` (ATen's flash kernels take an fp32 mask beside
-    half q / k / v; the other implementations add the bias in fp32 too), else ``dtype``."""
-    if call.bias is not None and dtype in (torch.float16, torch.bfloat16) and call.bias.dtype != dtype:
-        return torch.float32
-    return dtype
-
-
-def _dense_additive(call: AttentionCall, dtype) -> torch.Tensor | None:
-    """Site bias + mask (-inf) of a dense call as one additive 4-D tensor in their broadcast shape (a key-padding
-    mask stays ``[B, 1, 1, Sk]``: ATen's flash kernel broadcasts it), or None. Never expanded to ``Sq x Sk``."""
-    dtype = _half_bias_dtype(call, dtype)
-    out = None
-    for t in (call.bias, call.mask):
-        if t is None:
-            continue
-        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-        g = torch.zeros(t4.shape, dtype=dtype).masked_fill_(~t4, NEG_INF) if t.dtype == torch.bool \
-            else bias_scores(t4, dtype)
         out = g if out is None else out + g
     return out
 
@@ -539,7 +521,7 @@ class CpuFast(Implementation):
         return o[..., :dv].to(call.q.dtype), l.to(lse_dtype(call.q.dtype))
 
     def _dense_fwd(self, call, q, k, v):
-        add = _dense_additive(call, q.dtype)
+        add = _site_additive(call, None, None, q.dtype)
         o, l = _FLASH(q, k, v, 0.0, call.is_causal, attn_mask=add, scale=call.scale)
         if add is not None:
             l = l.masked_fill(_dense_empty_rows(add, q.shape[-2], call.is_causal).expand_as(l), NEG_INF)
@@ -789,7 +771,7 @@ class CpuFast(Implementation):
         return dq[..., :d], dk[..., :d], dv[..., :dvd], None
 
     def _dense_bwd(self, call, q, k, v, go, o, l):
-        add = _dense_additive(call, q.dtype)
+        add = _site_additive(call, None, None, q.dtype)
         return _FLASH_BWD(go, q, k, v, o, l, 0.0, call.is_causal, attn_mask=add, scale=call.scale)
 
     def _local_bwd(self, call, q, k, v, go, o, l):
