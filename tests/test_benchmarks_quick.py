@@ -42,3 +42,19 @@ def test_e2e_dit_quick(tmp_path):
     assert v["locattn-na"]["counters"]["dispatch"].get("cpu")                 # the fast CPU path ran
     assert v["locattn-dense"]["error_vs_inductor"]["max_abs"] < 1e-3
     assert v["locattn-na"]["error_vs_blocked"]["max_abs"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None,
+                    reason="needs diffusers and transformers")
+def test_compile_time_quick(tmp_path):
+    data, stdout = _run("compile_time.py", tmp_path / "ct.json", 600)
+    assert "| model | tokens | inductor first call (s)" in stdout
+    rows = {r["model"]: r for r in data["rows"]}
+    assert set(rows) == {"DiT", "SmolLM2"}
+    for r in rows.values():
+        assert set(r["median_first_s"]) == {"inductor", "locattn-dense", "locattn-local"}
+        assert r["runs"]["locattn-dense"][0]["rewrites"] > 0 and r["runs"]["locattn-local"][0]["rewrites"] > 0
+        assert r["runs"]["inductor"][0]["rewrites"] == 0
+    site = data["meta"]["site_3d"]
+    assert 0 < site["density"] < 1 and sum(site["blocks_full_partial"]) > 0

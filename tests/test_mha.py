@@ -146,7 +146,9 @@ def test_transformer_encoder_layer():
     x = torch.randn(N, L, E)
     with torch.no_grad():
         rep = locattn.explain(enc, x)
-        assert [d.site.form for d in rep.decisions] == ["mha-fused"] and "set_fastpath_enabled" in rep.decisions[0].reason
+        (d,) = rep.decisions
+        assert d.site.form == "mha-fused" and "set_fastpath_enabled" in d.reason
+        assert (d.site.batch, d.site.heads, d.site.s_q) == (N, H, L)
         old = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:

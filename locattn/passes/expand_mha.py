@@ -30,8 +30,9 @@ from .sites import AttentionSite, example, module_path, static_int
 
 _MHA = F.multi_head_attention_forward
 _MHA_SIG = inspect.signature(_MHA)
-_FUSED = {torch._native_multi_head_attention: "torch._native_multi_head_attention",
-          torch._transformer_encoder_layer_fwd: "torch._transformer_encoder_layer_fwd"}
+#: fused fast paths -> (name, argument index of the head count); their inputs are batch-first [N, L, E]
+_FUSED = {torch._native_multi_head_attention: ("torch._native_multi_head_attention", 4),
+          torch._transformer_encoder_layer_fwd: ("torch._transformer_encoder_layer_fwd", 2)}
 _META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
@@ -61,13 +62,15 @@ class _Emit:
         return self("call_method", name, *args, **kwargs)
 
 
-def _left_alone(node: fx.Node, query, num_heads, reason: str, index: int, form: str = "mha") -> AttentionSite | None:
-    """A reported, not rewritten site for an MHA call (shapes from ``query`` ``[L, N, E]`` / ``[L, E]``)."""
+def _left_alone(node: fx.Node, query, num_heads, reason: str, index: int, form: str = "mha",
+                batch_first: bool = False) -> AttentionSite | None:
+    """A reported, not rewritten site for an MHA call (shapes from ``query`` ``[L, N, E]`` / ``[L, E]``, or
+    ``[N, L, E]`` when ``batch_first``)."""
     ev = example(query)
     if not isinstance(ev, torch.Tensor) or ev.dim() not in (2, 3):
         return None
     dims = [static_int(s) or -1 for s in ev.shape]
-    l, n, e = (dims[0], 1, dims[1]) if ev.dim() == 2 else dims
+    l, n, e = (dims[0], 1, dims[1]) if ev.dim() == 2 else (dims[1], dims[0], dims[2]) if batch_first else dims
     h = num_heads if isinstance(num_heads, int) and num_heads > 0 else 1
     shape = (n, h, l, e // h if e > 0 else -1)
     return AttentionSite(index=index, path=module_path(node), form=form, q=query, k=query, v=query, q_shape=shape,
@@ -211,10 +214,12 @@ def expand_mha(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionSite]:
         if node.op != "call_function":
             continue
         if node.target in _FUSED:
-            site = _left_alone(node, node.args[0] if node.args else None, node.args[2] if len(node.args) > 2 else 0,
-                               f"{_FUSED[node.target]}: nn.TransformerEncoderLayer's fused fast path (eval under "
-                               "no_grad); torch.backends.mha.set_fastpath_enabled(False) lets locattn see its "
-                               "attention", start_index + len(left), form="mha-fused")
+            name, heads_at = _FUSED[node.target]
+            site = _left_alone(node, node.args[0] if node.args else None,
+                               node.args[heads_at] if len(node.args) > heads_at else 0,
+                               f"{name}: a fused fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer "
+                               "(eval under no_grad); torch.backends.mha.set_fastpath_enabled(False) lets locattn see "
+                               "its attention", start_index + len(left), form="mha-fused", batch_first=True)
             if site is not None:
                 left.append(site)
             continue
