@@ -129,15 +129,17 @@ def _compile_one(factory, extra):
 def test_causal_proven_mask_kept(name, factory, extra):
     model, args, out, d = _compile_one(factory, extra)
     assert d.rewritten and d.site.is_causal and any(n.startswith("causal:") for n in d.notes), d.notes
+    assert len(d.site.causal_proof.guards) == (name == "tril-buffer")   # only a buffer can change: checked
     assert locattn.counters()["causal_proven"] == {d.site.form: 1}
     torch.testing.assert_close(out, model(*args), rtol=1e-5, atol=1e-6)   # the padding / window parts survive
     assert d.blocks_full + d.blocks_partial == 3 * H      # 2 x 2 blocks of 64: the lower triangle only
 
 
-def test_buffer_changed_after_compile_raises():
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager", "inductor"])
+def test_buffer_changed_after_compile_raises(inductor):
     model = TrilBuffer()
-    compiled = torch.compile(model, backend=LocattnBackend(inductor=False))
-    compiled(*_qkv())
+    compiled = torch.compile(model, backend=LocattnBackend(inductor=inductor))
+    torch.testing.assert_close(compiled(*_qkv()), model(*_qkv()), rtol=1e-5, atol=1e-6)
     model.bias.fill_(1.0)                       # no longer causal: the proof no longer holds
     with pytest.raises(Exception, match="proven causal at compile time"):
         compiled(*_qkv())

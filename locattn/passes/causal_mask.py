@@ -44,6 +44,9 @@ _NOT = {operator.invert, torch.logical_not, torch.bitwise_not, "logical_not", "_
 _SAME = {"to", "contiguous", "clone", "long", "int", "float", "double", "half", "bfloat16", "type_as", "cpu",
          "cuda"}
 _ONES = {torch.ones, torch.ones_like, "new_ones"}
+_TRI = {torch.tril: True, "tril": True, torch.triu: False, "triu": False}
+#: dtypes that hold every index exactly (up to 2**24 tokens for float32)
+_EXACT = {torch.int64, torch.int32, torch.float32, torch.float64}
 
 
 def _target(n) -> object:
@@ -184,6 +187,8 @@ class _Prover:
                 return None
             start, step = (0, 1) if len(ints) == 1 else (ints[0], ints[2] if len(ints) > 2 else 1)
             return _Form(start, ((-1, step),) if sh[-1] > 1 else ())
+        if n.kwargs and t not in ("to", "type") and t is not torch.arange:
+            return None                               # e.g. add(x, y, alpha=2)
         if t in _ADD | _SUB and len(a) == 2:
             x, y = self.form(a[0], depth + 1), self.form(a[1], depth + 1)
             return x.plus(y, -1 if t in _SUB else 1) if x is not None and y is not None else None
@@ -195,6 +200,11 @@ class _Prover:
             return None
         if t is operator.getitem and isinstance(a[0], fx.Node):
             return self._getitem_form(n, depth)
+        if t in ("to", "type") and any(isinstance(x, torch.dtype) and x not in _EXACT for x in
+                                      list(a[1:]) + list(n.kwargs.values())):
+            return None                               # a narrow dtype may not hold every index
+        if t in ("half", "bfloat16", "short", "char", "byte", "bool"):
+            return None
         if isinstance(a[0] if a else None, fx.Node):
             m = _passthrough_axes(n, a[0])
             f = self.form(a[0], depth + 1) if m is not None else None
@@ -207,7 +217,9 @@ class _Prover:
         f = self.form(src, depth + 1)
         if f is None or ss is None:
             return None
-        if isinstance(idx, tuple) and idx and all(isinstance(i, fx.Node) for i in idx) and len(idx) == len(ss):
+        if isinstance(idx, tuple) and idx and len(idx) == len(ss) and all(
+                isinstance(i, fx.Node) and isinstance(example(i), torch.Tensor) and not example(i).is_floating_point()
+                and example(i).dtype != torch.bool for i in idx):
             out = _Form(f.c)                      # src[i0(x), ..., i_{r-1}(x)] = c + sum coef_d * i_d(x)
             for d, i in enumerate(idx):
                 k = f.get(d - len(ss))
@@ -245,8 +257,8 @@ class _Prover:
             x, z = (a[0], a[1]) if _number(a[1]) == 0 else (a[1], a[0]) if _number(a[0]) == 0 else (None, None)
             eq = t in (operator.eq, torch.eq, "eq", "__eq__")
             return x is not None and self.nonzero(x, neg != eq, depth + 1)
-        if t == "bool" and a:
-            return self.nonzero(a[0], neg, depth + 1)
+        if (t == "bool" or t in _TRI) and a:
+            return self.nonzero(n if t in _TRI else a[0], neg, depth + 1)
         if a and isinstance(a[0], fx.Node) and _shape(n) is not None and _shape(a[0]) is not None:
             m = _passthrough_axes(n, a[0])
             if m is not None and _keeps_last2(m, _shape(a[0]), _shape(n)):
@@ -270,13 +282,11 @@ class _Prover:
         if not isinstance(n, fx.Node) or depth > _MAX_DEPTH:
             return False
         t, a = _target(n), n.args
-        if _shape(n) is not None and example(n).dtype == torch.bool:
-            return self.subset(n, neg, depth + 1)
-        if t in (torch.tril, "tril", torch.triu, "triu") and a:
+        if t in _TRI and a:
             k = a[1] if len(a) > 1 else n.kwargs.get("diagonal", 0)
             if not isinstance(k, int):
                 return False
-            lower = t in (torch.tril, "tril")
+            lower = _TRI[t]
             if not neg:                 # nonzero only where j - i <= k (tril)
                 return lower and k <= 0
             # zeros where j - i > k (tril) / j - i < k (triu), and wherever x is 0: x must have none
@@ -291,6 +301,8 @@ class _Prover:
             if dst.get(r - 1) != rank - 1 or dst.get(r - 2) != rank - 2 or start[r - 1] != start[r - 2]:
                 return False            # both last axes kept and sliced from the same offset: diagonal kept
             return self.nonzero(a[0], neg, depth + 1)
+        if _shape(n) is not None and example(n).dtype == torch.bool:
+            return self.subset(n, neg, depth + 1)
         if a and isinstance(a[0], fx.Node) and _shape(n) is not None and _shape(a[0]) is not None:
             m = _passthrough_axes(n, a[0])
             if m is not None and _keeps_last2(m, _shape(a[0]), _shape(n)):
@@ -308,13 +320,15 @@ class _Prover:
 
     # -- buffers: by value, checked at run time --------------------------------------------------------------
     def _by_value(self, n: fx.Node, neg: bool, nonzero: bool = False) -> bool:
-        val = _concrete(n, self.gm, {})
+        memo: dict = {}
+        val = _concrete(n, self.gm, memo)
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
             return False
         keep = ~val.bool() if neg else val.bool()          # bool(): nonzero for numbers
         if bool(keep.triu(1).any()):
             return False
-        self.guards.append((n, neg))
+        if any(x.op == "placeholder" and v is not None for x, v in memo.items()):
+            self.guards.append((n, neg))                   # from a buffer: it could change after compiling
         return True
 
     # -- float biases ------------------------------------------------------------------------------------------
@@ -380,7 +394,7 @@ def _concrete(n, gm: fx.GraphModule | None, memo: dict):
             val = ga.example
     elif n.op == "get_attr" and gm is not None:
         val = getattr(gm, n.target, None)
-    elif n.op in ("call_function", "call_method"):
+    elif n.op in ("call_function", "call_method") and _deterministic_pure(n):
         ins = [_concrete(x, gm, memo) for x in n.all_input_nodes]
         if all(isinstance(v, torch.Tensor) and v.numel() <= _CONCRETE_ELEMS for v in ins):
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda x: memo[x])
@@ -392,6 +406,19 @@ def _concrete(n, gm: fx.GraphModule | None, memo: dict):
                 val = None
     memo[n] = val
     return val
+
+
+def _deterministic_pure(n: fx.Node) -> bool:
+    """May ``n`` run at compile time: no randomness, no uninitialised memory, no in-place write (it would write
+    the module's buffer)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if n.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand,
+                    operator.ior):
+        return False
+    if name.endswith("_") and not name.endswith("__"):
+        return False
+    return not any(w in name for w in ("rand", "bernoulli", "multinomial", "normal", "dropout", "uniform",
+                                       "exponential", "poisson", "cauchy", "geometric", "empty", "manual_seed"))
 
 
 @dataclass
