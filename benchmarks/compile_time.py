@@ -238,10 +238,12 @@ def main() -> None:
     reps = a.reps or (1 if a.quick else 3)
     runs: dict[tuple[str, str], list[dict]] = {}
     loads = [_load()]
-    for _ in range(reps):
+    for rep in range(reps):
         for name in models:
-            # --quick: one child per model (later variants reuse its warm caches: checks the script, not the times)
-            batches = [list(VARIANTS)] if a.quick else [[v] for v in VARIANTS]
+            # --quick: one child per model (later variants reuse its warm caches: checks the script, not the times);
+            # otherwise the variants' order rotates from round to round (no variant always runs first)
+            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            batches = [list(VARIANTS)] if a.quick else [[v] for v in order]
             for r in (r for batch in batches for r in run_child(name, batch, a.quick)):
                 r["load"] = _load()
                 runs.setdefault((name, r["variant"]), []).append(r)
