@@ -13,8 +13,8 @@ How it is measured: every (model, variant) runs in its own child process with an
 directory (``TORCHINDUCTOR_CACHE_DIR``) and the FX-graph / autograd caches off, so each compile is as cold as a
 new user's and none reuses kernels another variant compiled (in one process, the second compile of the same
 model reuses Inductor's compiled C++ kernels and looks 3-5x cheaper, whichever backend it uses). Imports, model
-construction and one eager forward happen before the clock starts. Variants run interleaved, ``--reps`` rounds;
-the table shows the median. Also reported: the second call (steady state; ``compile ≈ first - second``) and the
+construction and one eager forward happen before the clock starts. Variants run interleaved, ``--reps`` rounds
+in an order that rotates from round to round; the table shows the median. Also reported: the second call (steady state; ``compile ≈ first - second``) and the
 time locattn's own graph pass took (``rewrite``: find sites, decide, rewrite; the rest is Dynamo + Inductor).
 
 Usage::
