@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import write_results  # noqa: E402
 
-import locattn  # noqa: E402
+import locattn  # noqa: E402,F401  (registers torch.ops.locattn)
 from locattn.codegen.registry import AttentionCall  # noqa: E402
 from locattn.patterns import Dynamic, Layout  # noqa: E402
 from locattn.patterns.dynamic import select_blocks  # noqa: E402

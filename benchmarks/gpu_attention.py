@@ -187,6 +187,19 @@ def make_inputs(case: BenchCase, d: int, dev, dtype):
     return [torch.randn(1, case.heads, case.seq, d, device=dev, dtype=dtype, generator=gen) for _ in range(4)]
 
 
+def sdpa_kernels(q, k, v, scale: float, dev) -> list[str]:
+    """The GPU kernels one ``F.scaled_dot_product_attention`` forward launches (which SDPA backend PyTorch chose:
+    flash, cuDNN, memory-efficient or math), from the profiler; empty on CPU."""
+    if dev.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        F.scaled_dot_product_attention(q, k, v, scale=scale)
+        torch.cuda.synchronize(dev)
+    return sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})[:8]
+
+
 def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, with_flex: bool = True) -> dict:
     dtype = torch.float32 if dry else torch.bfloat16
     b, h, s = 1, case.heads, case.seq
@@ -260,7 +273,7 @@ def run_case(case: BenchCase, d: int, args, dev, dry: bool, sdpa_cache: dict, wi
             o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
             sf = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, scale=scale), dev, dry)
             sb = bench_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), g, retain_graph=True), dev, dry)
-            sdpa_cache[key] = dict(fwd_ms=sf, bwd_ms=sb)
+            sdpa_cache[key] = dict(fwd_ms=sf, bwd_ms=sb, kernels=sdpa_kernels(qs, ks, vs, scale, dev))
         except Exception as e:  # OOM on a very long dense sequence: report, keep going
             sdpa_cache[key] = dict(error=f"{type(e).__name__}: {e}"[:300])
     rec["sdpa"] = sdpa_cache[key]

@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn)
 from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
+from .passes.sites import SoftmaxLeft
 from .policy import Policy
 
 OUR_OPTIONS = {"policy", "backend", "timestep_arg", "sequence_parallel"}
@@ -42,13 +43,15 @@ class LocattnBackend:
         self.inductor = inductor
         self.inductor_config = dict(inductor_config or {})
         self.decisions: list[Decision] = []
+        #: softmaxes of the compiled graphs that are not attention, with the reason (``explain`` lists them)
+        self.softmax_left: list[SoftmaxLeft] = []
         self._graphs = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
         graph_id = self._graphs
         self._graphs += 1
         decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg,
-                                  example_inputs=example_inputs)
+                                  example_inputs=example_inputs, left=self.softmax_left)
         self.decisions.extend(decisions)
         if self.sequence_parallel is not None:
             from .parallel.graph import apply_sequence_parallel

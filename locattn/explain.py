@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from .counters import _DENSITY, densities
 from .backend import LocattnBackend
 from .passes.rewrite import Decision
+from .passes.sites import SoftmaxLeft
 
 
 def _fmt_shape(s) -> str:
@@ -46,6 +48,8 @@ class Report:
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
     #: one :class:`locattn.parallel.graph.ParallelReport` per graph with ``sequence_parallel``
     parallel: list = field(default_factory=list)
+    #: softmaxes that are not attention sites, each with its reason
+    softmax_left: list[SoftmaxLeft] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -98,7 +102,8 @@ class Report:
         return out
 
     def to_json(self, **kw) -> str:
-        out = {"policy": self.policy_source, "sites": self.rows()}
+        out = {"policy": self.policy_source, "sites": self.rows(),
+               "softmax_left": [dataclasses.asdict(x) for x in self.softmax_left]}
         if self.parallel:
             from .parallel.graph import report_dict
 
@@ -142,6 +147,10 @@ class Report:
         if notes:
             lines.append("")
             lines += [f"  [{i}] {n}" for i, n in sorted(notes, key=lambda x: x[0])]
+        if self.softmax_left:
+            lines.append("")
+            lines.append(f"{len(self.softmax_left)} softmax(es) not attention, left alone:")
+            lines += [f"  {x.path or '<root>'} ({x.node}): {x.reason}" for x in self.softmax_left]
         dense = sum(r["attn_flops_dense"] for r in rows)
         ours = sum(r["attn_flops"] for r in rows)
         if dense:
@@ -180,4 +189,4 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source, measured, list(b.parallel_reports))
+    return Report(b.decisions, b.policy.source, measured, list(b.parallel_reports), b.softmax_left)

@@ -6,7 +6,7 @@
   mask: bool broadcastable to [B, Hq, Sq, Sk] (True = attend) or None
   bias: float broadcastable to [B, Hq, Sq, Sk], added to the scaled scores, or None (differentiable)
   scale: float; is_causal: top-left aligned causal mask on token indices (SDPA's convention)
-  spec: the site's pattern per head group, :meth:`locattn.patterns.spec.SiteSpec.to_json`
+  spec: the site's pattern per head group (and its ``softcap``), :meth:`locattn.patterns.spec.SiteSpec.to_json`
   backend: "" / "auto" for registry order, or an implementation name that must run
   out: [B, Hq, Sq, Dv] in SDPA's memory layout ([B, Sq, Hq, Dv] contiguous, transposed), q's dtype
   lse: [B, Hq, Sq] float32 (float64 for fp64 q; -inf where a row has no key)
@@ -132,8 +132,9 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
     if len(resolved) > 1 and not any(g.pattern.dynamic for g, _, _ in resolved):
         local = [r for r in resolved if r[0].pattern.local]
         g0, lay0, off0 = local[0] if local else resolved[0]
-        multi = AttentionCall(q, k, v, mask, bias, scale, is_causal, g0.pattern, lay0, off0,
-                              tuple((tuple(sorted(g.heads)), g.pattern, lay) for g, lay, _ in resolved))
+        multi = AttentionCall(q, k, v, mask, bias, scale, is_causal, g0.pattern, lay0, q_offset=off0,
+                              head_groups=tuple((tuple(sorted(g.heads)), g.pattern, lay) for g, lay, _ in resolved),
+                              softcap=spec.softcap)
         impl = registry.select_multi(multi, backend)
         if impl is not None:
             return [(None, None, multi)], impl
@@ -141,7 +142,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
     for g, layout, q_offset in resolved:
         if g.heads is None:
             out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
-                                                  q_offset)))
+                                                  q_offset=q_offset, softcap=spec.softcap)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -151,7 +152,8 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, q_offset)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, q_offset=q_offset,
+                             softcap=spec.softcap)
         out.append((tuple(heads), tuple(kv), call))
     return out, None
 

@@ -30,12 +30,17 @@ import hashlib
 import math
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass
 from typing import Any, Union
 
 from .patterns import PATTERNS
 from .patterns.base import Pattern, PatternError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the backport (declared in pyproject.toml for python_version < '3.11')
+    import tomli as tomllib
 
 POLICY_VERSION = 1
 #: the global options

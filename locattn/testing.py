@@ -27,3 +27,24 @@ def assert_close_to_golden(actual: torch.Tensor, golden: torch.Tensor, eager: to
     err = max_err(actual, golden)
     bound = floor if eager is None else factor * max_err(eager, golden) + floor
     assert err <= bound, f"{name}: max error {err:.3g} vs fp64 golden exceeds {bound:.3g}"
+
+
+def fake_sdpa_graph(q_shape: tuple[int, ...], path: str = "blk", **sdpa_kwargs):
+    """A Dynamo-like graph holding one ``F.scaled_dot_product_attention(q, q, q, **sdpa_kwargs)`` on FakeTensors of
+    ``q_shape`` (``[B, H, S, D]``) in module ``path``: passes and their costs at any size, without allocating
+    or running anything. Returns the ``fx.GraphModule``."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(q_shape)
+        out = F.scaled_dot_product_attention(q, q, q, **sdpa_kwargs)
+    g = fx.Graph()
+    qn = g.placeholder("q")
+    qn.meta["example_value"] = q
+    node = g.call_function(F.scaled_dot_product_attention, (qn, qn, qn), dict(sdpa_kwargs))
+    node.meta["example_value"] = out
+    node.meta["nn_module_stack"] = {"m": (f"L['self'].{path}", torch.nn.Module)}
+    g.output(node)
+    return fx.GraphModule(torch.nn.Module(), g)

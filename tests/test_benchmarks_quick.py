@@ -54,3 +54,19 @@ def test_sequence_parallel_quick(tmp_path):
         assert 0 <= r["halo_bytes"] <= r["all_gather_bytes"]
     assert all(r["halo_ms"] > 0 and r["all_gather_ms"] > 0 for r in rows["time"])
     assert {r["ranks"] for r in rows["e2e"]} == {1, 2} and all(r.get("overlap_ms", 1) > 0 for r in rows["e2e"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("transformers") is None,
+                    reason="needs diffusers and transformers")
+def test_compile_time_quick(tmp_path):
+    data, stdout = _run("compile_time.py", tmp_path / "ct.json", 600)
+    assert "| model | tokens | inductor first call (s)" in stdout
+    rows = {r["model"]: r for r in data["rows"]}
+    assert set(rows) == {"DiT", "SmolLM2"}
+    for r in rows.values():
+        assert set(r["median_first_s"]) == {"inductor", "locattn-dense", "locattn-local"}
+        assert r["runs"]["locattn-dense"][0]["rewrites"] > 0 and r["runs"]["locattn-local"][0]["rewrites"] > 0
+        assert r["runs"]["inductor"][0]["rewrites"] == 0
+    site = data["meta"]["site_3d"]
+    assert 0 < site["density"] < 1 and sum(site["blocks_full_partial"]) > 0

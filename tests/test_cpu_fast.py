@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import torch
 
+import locattn
 import locattn.codegen.cpu_fast as cpu_fast
 from locattn.codegen import registry
 from locattn.codegen.registry import AttentionCall
@@ -164,8 +165,11 @@ def test_per_head_groups_and_bias_gradient():
     q, k, v, _, _ = _inputs(35, 4, 2, 16, 16, "plain")
     bias = torch.randn(1, 4, 35, 35, dtype=torch.float64, requires_grad=True)   # dbias: delegated to blocked
     args = (SiteSpec((g1, g2)), q, k, v, None, bias, 0.25, False)
+    locattn.reset_counters()
     got = _run("cpu", *args)
     assert len(got) == 6
+    # each head group's backward delegated to blocked (the kernel's backward has no dS), counted
+    assert locattn.counters()["dispatch"]["blocked: cpu backward with a bias gradient"] == 2
     _check(got, _run("reference", *args), name="per-head")
 
 
@@ -233,3 +237,29 @@ def test_memory_is_linear_in_sequence_length():
     assert res.returncode == 0, res.stderr
     peak = int(res.stdout.strip().splitlines()[-1])
     assert peak < (1 << 30), f"peak RSS grew by {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("shape", [(2, 1, 1, 50), (1, 1, 40, 50), (2, 3, 1, 50), (40, 50)],
+                         ids=["key-padding", "shared", "per-head-row", "2d"])
+def test_dense_broadcast_mask_passed_as_it_is(shape, causal, monkeypatch):
+    """A broadcast mask reaches ATen's kernel in its own shape (a key-padding mask is not expanded to S x S), in the
+    forward and the backward; rows left empty by mask and causal together get lse = -inf like the reference."""
+    seen = []
+    flash, flash_bwd = cpu_fast._FLASH, cpu_fast._FLASH_BWD
+    monkeypatch.setattr(cpu_fast, "_FLASH", lambda *a, **k: seen.append(k["attn_mask"].shape) or flash(*a, **k))
+    monkeypatch.setattr(cpu_fast, "_FLASH_BWD", lambda *a, **k: seen.append(k["attn_mask"].shape) or
+                        flash_bwd(*a, **k))
+    spec = SiteSpec((_group("dense", {}, None, 0, 0, 0),))
+    q, k, v, _, _ = _inputs(40, 3, 3, 16, 16, "plain", n_k=50)
+    mask = torch.rand(shape) > 0.4
+    mask[..., :3] = False                     # causal rows 0-2 have no key left
+    if shape[-2] > 1:
+        mask[..., 7, :] = False               # a row with no key at all
+    args = (spec, q, k, v, mask, None, 0.25, causal)
+    got = _run("cpu", *args)
+    want4 = (1,) * (4 - len(shape)) + tuple(shape)
+    assert seen == [torch.Size(want4)] * 2
+    if causal:
+        assert torch.isneginf(got[1][:, :, :3]).all()
+    _check(got, _run("reference", *args), name=f"mask {shape}")

@@ -280,7 +280,7 @@ def test_dynamic_tables_count_pairs_exactly(case):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, hq, n - off, 24, generator=g)
     k = torch.randn(2, hk, n, 24, generator=g)
-    call = AttentionCall(q, k, k, None, None, 0.4, site_causal, pattern, layout, off)
+    call = AttentionCall(q, k, k, None, None, 0.4, site_causal, pattern, layout, q_offset=off)
     t = call_tables(call, 64, 64)
     want = keep_mask(call, torch.arange(n - off)[:, None], torch.arange(n)[None, :]).sum((-1, -2)).flatten()
     assert torch.equal(t.pairs, want)

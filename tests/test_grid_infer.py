@@ -88,3 +88,58 @@ def test_grid_inference_on_timm_vit_class_token_first(fused):
         torch.compile(model, backend=b)(torch.randn(1, 3, 64, 64))
     assert [d.site.token_grid for d in b.decisions] == [((4, 4), 1, 0)]
     assert b.decisions[0].rewritten
+
+
+class PatchAttention(torch.nn.Module):
+    """A 2x2 patch embedding of a 12x20 image (a non-square 6x10 grid), tokens flattened in the given order, one
+    SDPA self-attention over them."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.embed = torch.nn.Conv2d(3, 16, 2, 2)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, img):
+        x = self.embed(img)                                      # [B, 16, 6, 10]
+        b = x.shape[0]
+        if self.order == "h-major":
+            t = x.flatten(2).transpose(1, 2)                     # token h * 10 + w
+        elif self.order == "w-major":
+            t = x.transpose(2, 3).flatten(2).transpose(1, 2)     # token w * 6 + h
+        elif self.order == "w-major-permute":
+            t = x.permute(0, 3, 2, 1).reshape(b, 60, 16)         # the same, written as one permute
+        else:                                                    # an op the proof does not follow
+            t = torch.roll(x.flatten(2), 3, -1).transpose(1, 2)
+        q, k, v = (y.view(b, 60, 2, 8).transpose(1, 2) for y in self.qkv(t).chunk(3, -1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("order,grid", [("h-major", (6, 10)), ("w-major", (10, 6)), ("w-major-permute", (10, 6))])
+def test_token_order_proven_non_square(order, grid):
+    """The grid follows the token order the graph shows (it used to be the convolution's H x W whatever the
+    flatten order: a W-major flatten got the transposed grid, silently wrong neighborhoods)."""
+    torch.manual_seed(0)
+    model = PatchAttention(order)
+    img = torch.randn(2, 3, 12, 20)
+    auto = {"default": {"pattern": "neighborhood", "kernel": [3, 5], "grid": "auto"}}
+    b = locattn.backend(auto, inductor=False)
+    with torch.no_grad():
+        out = torch.compile(model, backend=b)(img)
+    (d,) = b.decisions
+    assert d.site.token_grid == (grid, 0, 0), d.site.token_grid_desc
+    assert ("token order" in d.site.token_grid_desc) == (order != "h-major")
+    torch._dynamo.reset()
+    explicit = {"default": {"pattern": "neighborhood", "kernel": [3, 5], "grid": list(grid)}}
+    with torch.no_grad():
+        ref = torch.compile(model, backend=locattn.backend(explicit, backend="reference", inductor=False))(img)
+    torch.testing.assert_close(out, ref)
+
+
+def test_token_order_not_proven_names_the_op():
+    auto = {"default": {"pattern": "neighborhood", "kernel": 3, "grid": "auto"}}
+    with pytest.raises(Exception, match=r"no token grid could be inferred for this site \(the token order is lost "
+                                        r"at `roll`"):
+        with torch.no_grad():
+            torch.compile(PatchAttention("rolled"), backend=locattn.backend(auto, inductor=False))(
+                torch.randn(1, 3, 12, 20))

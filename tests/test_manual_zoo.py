@@ -2,8 +2,8 @@
 
 Every positive module is checked four ways: the rewrite fired (counter), the compiled graph calls the op and no
 softmax, compiled == eager against an fp64 golden (forward), and the same for the gradients of inputs and
-parameters. Negative modules (probabilities returned, soft-capping, training dropout, classifier heads, MoE
-routers) are left alone — reported with a reason where they are attention — and still compute the same.
+parameters. Negative modules (probabilities returned, soft-capping after a bias, training dropout, classifier
+heads, MoE routers) are left alone — reported with a reason where they are attention — and still compute the same.
 """
 
 from __future__ import annotations
@@ -426,10 +426,21 @@ class ReturnsWeights(Heads):
 
 
 class SoftCapTanh(Heads):
-    def forward(self, x):
+    """Gemma 2's logit soft-capping, then a causal mask: the op's ``softcap``."""
+
+    def forward(self, x, mask):
         q, k, v = self.split(x)
-        a = q @ k.transpose(-1, -2) * DH ** -0.5
-        a = torch.tanh(a / 5.0) * 5.0
+        a = q @ k.transpose(-1, -2) * (4 * DH ** -0.5)
+        a = torch.tanh(a / 2.0) * 2.0
+        return self.merge((a + mask).softmax(-1) @ v)
+
+
+class SoftCapAfterBias(Heads):
+    """tanh of scores that already carry a bias: not the op's ``softcap`` (which caps before the bias)."""
+
+    def forward(self, x, mask):
+        q, k, v = self.split(x)
+        a = torch.tanh((q @ k.transpose(-1, -2) * DH ** -0.5 + mask) / 5.0) * 5.0
         return self.merge(a.softmax(-1) @ v)
 
 
@@ -528,6 +539,7 @@ def _pad_bias():
 # (id, factory, inputs factory, expected sites rewritten, expected form)
 POSITIVE = [
     ("matmul-transpose-mul", MatmulTransposeMul, lambda: (_x(),), "matmul"),
+    ("tanh-softcap-then-mask", SoftCapTanh, lambda: (_x(), _add_mask()), "matmul"),
     ("torch.matmul-mT-div-sqrt", TorchMatmulMTDivSqrt, lambda: (_x(),), "matmul"),
     ("method-matmul-permute-two-scales", MethodMatmulPermute, lambda: (_x(),), "matmul"),
     ("scale-on-q-dropout-eval", ScaleOnQ, lambda: (_x(),), "matmul"),
@@ -562,13 +574,14 @@ POSITIVE = [
 # (id, factory, inputs factory, expected reported sites, expected words in the reason)
 NEGATIVE = [
     ("returns-weights", ReturnsWeights, lambda: (_x(),), 1, "also used"),
-    ("tanh-softcap", SoftCapTanh, lambda: (_x(),), 1, "tanh"),
+    ("tanh-after-bias", SoftCapAfterBias, lambda: (_x(), _add_mask()), 1, "already carry a bias"),
     ("learned-temperature", LearnedTemperature, lambda: (_x(),), 1, "non-constant scale"),
     ("dropout-training", TrainingDropout, lambda: (_x(),), 1, "training"),
     ("head-mask-after-softmax", HeadMaskAfterSoftmax, lambda: (_x(), torch.rand(1, HEADS, 1, 1)), 1, "mul"),
-    ("classifier-head", ClassifierHead, lambda: (_x(),), 0, ""),
-    ("moe-router", MoERouter, lambda: (_x(),), 0, ""),
-    ("softmax-over-queries", SoftmaxOverQueries, lambda: (_x(),), 0, ""),
+    # not attention: no site, but the softmax is listed with its reason (none is left alone silently)
+    ("classifier-head", ClassifierHead, lambda: (_x(),), 0, "reaches no `p @ v`"),
+    ("moe-router", MoERouter, lambda: (_x(),), 0, "reaches no `p @ v`"),
+    ("softmax-over-queries", SoftmaxOverQueries, lambda: (_x(),), 0, "not the last"),
 ]
 
 
@@ -641,6 +654,49 @@ def test_folded_layout_recovers_heads():
     assert s.layout == "(BH)SD"
 
 
+class FoldedBmm(Heads):
+    """``[B, S, H*D]`` folded into ``[B*H, S, D]`` (``head_major=False``) or ``[H*B, S, D]`` (``True``: heads
+    outer, as ``permute(2, 0, 1, 3)`` gives), bmm attention, unfolded back the same way."""
+
+    def __init__(self, head_major: bool):
+        super().__init__()
+        self.head_major = head_major
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        order = (2, 0, 1, 3) if self.head_major else (0, 2, 1, 3)
+
+        def fold(t):
+            return t.view(b, s, HEADS, DH).permute(*order).reshape(-1, s, DH)
+
+        q, k, v = fold(self.q(x)), fold(self.k(x)), fold(self.v(x))
+        o = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * DH ** -0.5, dim=-1), v)
+        o = o.view(HEADS, b, s, DH).permute(1, 2, 0, 3) if self.head_major else o.view(b, HEADS, s, DH).transpose(1, 2)
+        return self.o(o.reshape(b, s, HEADS * DH))
+
+
+@pytest.mark.parametrize("head_major", [False, True], ids=["batch-major", "head-major"])
+def test_folded_layout_heads_proven_from_the_graph(head_major):
+    """Heads are recovered from a ``[B*H]`` fold only when the graph shows which axis they came from: a head-major
+    fold keeps them folded into the batch (exact), and a per-head rule then names the reason instead of applying
+    to batch elements."""
+    model = FoldedBmm(head_major).eval()
+    backend = Recording(inductor=False)
+    _check_close(model, (_x(),), backend)
+    s = backend.decisions[0].site
+    if head_major:
+        assert (s.batch, s.heads) == (B * HEADS, 1) and "head-major" in s.notes[0]
+    else:
+        assert (s.batch, s.heads) == (B, HEADS) and not s.notes
+    torch._dynamo.reset()
+    per_head = {"rule": [{"match": "*", "heads": [0, 1], "pattern": "sliding_window", "window": 2}]}
+    if head_major:
+        with pytest.raises(Exception, match=r"heads \[1\] do not exist .*it has 1 heads; a head-major fold"):
+            locattn.explain(model, _x(), policy=per_head)
+    else:
+        assert locattn.explain(model, _x(), policy=per_head).decisions[0].spec.groups[0].heads == (0, 1)
+
+
 def test_gqa_passes_unrepeated_kv():
     backend = Recording(inductor=False)
     torch.compile(GQARepeatKV().eval(), backend=backend)(_x(), _causal())
@@ -672,9 +728,11 @@ def test_negative_left_alone(factory, make_inputs, n_sites, why):
     for d in backend.decisions:
         assert not d.rewritten and why in d.reason, d.reason
     assert "locattn.attention" not in backend.codes[0]
-    if n_sites:
-        report = locattn.explain(factory().eval(), *make_inputs())
-        assert why in str(report) and "left alone" in str(report)
+    if not n_sites:
+        assert [why in x.reason for x in backend.softmax_left] == [True], backend.softmax_left
+        assert sum(locattn.counters()["softmax_left"].values()) == 1
+    report = locattn.explain(factory().eval(), *make_inputs())
+    assert why in str(report) and "left alone" in str(report)
 
 
 @pytest.mark.parametrize("factory,make_inputs", [(GQARepeatKV, lambda: (_x(), _causal())),

@@ -172,6 +172,16 @@ def _hf_case(name: str, impl: str):
         keep = torch.ones(2, 33, dtype=torch.long)
         keep[1, -5:] = 0
         m, x = T.BertModel, dict(input_ids=ids, attention_mask=keep)
+    elif name == "Gemma2":
+        cfg = T.Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, intermediate_size=128, vocab_size=128, sliding_window=8,
+                             attn_logit_softcapping=2.0, query_pre_attn_scalar=4)   # a cap that bites
+        m, x = T.Gemma2ForCausalLM, dict(input_ids=ids, use_cache=False)
+    elif name == "BLOOM":
+        cfg = T.BloomConfig(n_layer=2, hidden_size=64, n_head=4, vocab_size=128)
+        keep = torch.ones(2, 33, dtype=torch.long)
+        keep[1, -5:] = 0
+        m, x = T.BloomForCausalLM, dict(input_ids=ids, attention_mask=keep, use_cache=False)
     elif name == "ViT":
         cfg = T.ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                           image_size=32, patch_size=8)
@@ -193,6 +203,25 @@ def test_transformers(name, impl):
     report = _check_model(model, inputs, 2, "sdpa" if impl == "sdpa" else "matmul")
     if impl == "eager" and name in ("Llama", "Gemma3"):
         assert all(d.site.kv_heads == 2 and d.site.heads == 4 for d in report.decisions), "GQA un-repeated"
+    if name in ("Llama", "Gemma3"):   # the [B, 1, S, S] mask built from position comparisons is proven causal
+        assert all(d.site.is_causal and d.site.mask_desc.endswith("+causal") for d in report.decisions), str(report)
+
+
+def test_bloom_alibi_baddbmm():
+    """BLOOM (eager only): ALiBi as the input of ``alibi.baddbmm(batch1=q, batch2=kᵀ, beta=, alpha=)`` on a
+    ``[B*H, S, D]`` fold, a float causal + padding mask, fp32 softmax, bmm. Both sites rewritten, heads recovered
+    (they were not found at all: keyword batch1/batch2)."""
+    model, inputs = _hf_case("BLOOM", "eager")
+    report = _check_model(model, inputs, 2, "baddbmm")
+    assert all(d.site.heads == 4 and d.site.batch == 2 and d.site.bias is not None for d in report.decisions)
+
+
+def test_gemma2_softcap_is_a_score_modifier():
+    """Gemma 2's tanh logit soft-capping (eager): both sites rewritten with the op's ``softcap`` (they were left
+    alone), GQA un-repeated, compiled == eager."""
+    model, inputs = _hf_case("Gemma2", "eager")
+    report = _check_model(model, inputs, 2, "matmul")
+    assert all(d.site.softcap == 2.0 and d.spec.softcap == 2.0 and d.site.kv_heads == 2 for d in report.decisions)
 
 
 def test_llama_eager_returned_attentions_left_alone():

@@ -64,7 +64,7 @@ def test_groups_on_different_layouts_run_one_by_one(interpret):
                      HeadGroup((1,), SlidingWindow(window=5), Layout())))
     q = torch.randn(1, 2, 64, 16)
     groups = tuple((g.heads, g.pattern, g.layout.resolve(64)) for g in spec.groups)
-    call = AttentionCall(q, q, q, None, None, 0.3, False, groups[0][1], groups[0][2], 0, groups)
+    call = AttentionCall(q, q, q, None, None, 0.3, False, groups[0][1], groups[0][2], head_groups=groups)
     ok, why = Triton().can_run(call)
     assert not ok and "different layouts" in why
     locattn.reset_counters()

@@ -133,3 +133,41 @@ def test_show_draws_a_pattern(tmp_path):
     assert main(["show", "--pattern", "neighborhood", "--grid", "20,24", "--param", "kernel=5,7",
                  "--query", "0,3", "--block", "16", "-o", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_policy_files_load_on_python_310_without_tomllib(tmp_path):
+    """Python 3.10 has no ``tomllib``: the policy module falls back to the ``tomli`` backport (a dependency there)."""
+    pytest.importorskip("tomli")
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, GOOD)
+    code = ("import sys, torch\n"
+            "sys.modules['tomllib'] = None                       # no tomllib, as on 3.10\n"
+            "sys.version_info = (3, 10, 14, 'final', 0)\n"
+            "from locattn.policy import Policy\n"
+            f"print(Policy.load({str(path)!r}).rules[0].pattern.name)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-1] == "neighborhood"
+
+
+def test_per_head_backends_one_per_site_and_the_option_wins():
+    """Head groups whose rules name different backends are an error naming the site and both rules (the op runs one
+    backend per call); ``options={"backend": ...}`` overrides a rule's backend, with a warning."""
+    q = torch.randn(1, 4, 20, 8)
+    two = {"rule": [{"match": "*", "heads": [0, 1], "pattern": "sliding_window", "window": 2, "backend": "blocked"},
+                    {"match": "*", "pattern": "sliding_window", "window": 3, "backend": "reference"}]}
+    with pytest.raises(Exception, match=r"site .<root>.: its head groups name different backends \(heads 0-1: "
+                                          r"blocked from .*rule #0.*; heads 2-3: reference from .*rule #1"):
+        locattn.explain(Heads(), q, policy=two)
+    one = {"rule": [{"match": "*", "pattern": "sliding_window", "window": 2, "backend": "blocked"}]}
+    assert locattn.explain(Heads(), q, policy=one).decisions[0].backend == "blocked"
+    with pytest.warns(locattn.LocattnWarning, match=r"options backend='reference' overrides backend='blocked'"):
+        rep = locattn.explain(Heads(), q, policy=one, backend="reference")
+    assert rep.decisions[0].backend == "reference"
+    locattn.reset_counters()
+    torch._dynamo.reset()
+    with pytest.warns(locattn.LocattnWarning):
+        torch.compile(Heads(), backend="locattn", options={"policy": one, "backend": "reference"})(q)
+    assert locattn.counters()["dispatch"] == {"reference": 1}

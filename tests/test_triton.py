@@ -82,6 +82,8 @@ def _eager(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
     bias = call.bias.detach().clone().requires_grad_() if call.bias is not None else None
     hq, s_q, s_k = q.shape[1], q.shape[-2], k.shape[-2]
     s = (q @ expand_kv(k, hq).transpose(-2, -1)) * call.scale
+    if call.softcap:
+        s = call.softcap * torch.tanh(s / call.softcap)
     if bias is not None:
         s = s + bias
     dev = q.device
@@ -100,7 +102,7 @@ def _eager(call: AttentionCall, grad_out: torch.Tensor, need_dbias: bool):
 def _call64(call: AttentionCall) -> AttentionCall:
     return AttentionCall(call.q.double(), call.k.double(), call.v.double(), call.mask,
                          call.bias.double() if call.bias is not None else None, call.scale, call.is_causal,
-                         call.pattern, call.layout)
+                         call.pattern, call.layout, call.softcap)
 
 
 def _assert_fp32_forward(call: AttentionCall, out: torch.Tensor, lse: torch.Tensor | None = None):
@@ -174,6 +176,7 @@ class Case:
     #                     | "keys" (per batch element [B, 1, 1, Sk]: a key-padding mask, its last keys off)
     bias: str = ""      # "" | "full" | "bcast" ([Sq, Sk], broadcast over B and H)
     block: tuple = (32, 32)
+    softcap: float = 0.0
 
     def call(self) -> AttentionCall:
         gen = torch.Generator().manual_seed(zlib.crc32(self.id.encode()))
@@ -199,7 +202,8 @@ class Case:
         elif self.bias == "bcast":
             bias = rnd(self.s, s_k)
         layout = self.layout.resolve(self.s) if self.pattern.local else self.layout
-        return AttentionCall(q, k, v, mask, bias, 1.0 / math.sqrt(self.d), self.causal, self.pattern, layout)
+        scale = 1.0 / math.sqrt(self.d) * (8.0 if self.softcap else 1.0)   # large scores: the cap matters
+        return AttentionCall(q, k, v, mask, bias, scale, self.causal, self.pattern, layout, softcap=self.softcap)
 
 
 CASES = [
@@ -242,6 +246,10 @@ CASES = [
          causal=True, dtype=torch.bfloat16),
     # head dims above 128 (BLOCK_D 256 with padding lanes), D_v != D_qk
     Case("dense-40-d160-dv136-fp16", Dense(), s=40, d=160, dv=136, dtype=torch.float16, block=(16, 16)),
+    # tanh soft-capping (Gemma 2): capped before the bias / mask, dQ / dK through the cap, dBias of the capped scores
+    Case("dense-causal-63-softcap-mask-bias", Dense(), s=63, causal=True, mask="rand", bias="full", softcap=5.0),
+    Case("na2d-7x9-softcap-gqa-fp16", Neighborhood(kernel=(3, 5)), Layout(grid=(7, 9)), s=63, hq=4, hk=2,
+         dtype=torch.float16, softcap=3.0, block=(16, 16)),
 ]
 
 

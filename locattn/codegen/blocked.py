@@ -25,7 +25,7 @@ import torch
 from ..patterns.base import allowed
 from ..patterns.plan import build_plan
 from ..patterns.tables import BlockTables, static_tables
-from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to
+from .reference import compute_dtype, expand_kv, keep_mask, masked_softmax, reduce_to, softcap_scores
 from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
 
 #: scores of one chunk are kept below this many elements (fp32): bounds peak memory
@@ -228,13 +228,13 @@ class Blocked(Implementation):
         c, bm = tq_c.shape
         qb = call.q.index_select(2, tq_c.clamp_min(0).flatten()).view(b, h, c, bm, d).to(ct)
         kb = gather_rows(k, tk_c, ct)
-        s = (qb @ kb.transpose(-2, -1)) * call.scale
+        s, dcap = softcap_scores((qb @ kb.transpose(-2, -1)) * call.scale, call.softcap)
         bias_c, mask_c = site_terms(call, tq_c, tk_c)
         if bias_c is not None:
             s = s + bias_scores(bias_c, ct)
         keep = chunk_keep(call, tables, g, sl)
         keep = keep if mask_c is None else keep & mask_c
-        return s.masked_fill(~keep, float("-inf")), qb, kb, tk_c
+        return s.masked_fill(~keep, float("-inf")), qb, kb, tk_c, dcap
 
     def forward(self, call):
         tables, g, chunk = setup(call, self.block_m, self.block_n)
@@ -248,7 +248,7 @@ class Blocked(Implementation):
         for m0 in range(0, tables.plan.n_qblocks, chunk):
             sl = slice(m0, m0 + chunk)
             tq_c = g.tok_q[sl]
-            s, _, _, tk_c = self._chunk_scores(call, ct, k, tables, g, sl)
+            s, _, _, tk_c, _ = self._chunk_scores(call, ct, k, tables, g, sl)
             c, bm = tq_c.shape
             vb = gather_rows(v, tk_c, ct)
             mx = s.amax(-1, keepdim=True)
@@ -282,17 +282,18 @@ class Blocked(Implementation):
             sl = slice(m0, m0 + chunk)
             tq_c = g.tok_q[sl]
             c, bm = tq_c.shape
-            s, qb, kb, tk_c = self._chunk_scores(call, ct, k, tables, g, sl)
+            s, qb, kb, tk_c, dcap = self._chunk_scores(call, ct, k, tables, g, sl)
             qidx = tq_c.clamp_min(0).flatten()
             p, _ = masked_softmax(s)  # a chunk holds whole rows: exact, not normalised by the stored lse
             do = grad_out.index_select(2, qidx).view(b, hq, c, bm, dv_).to(ct)
             do = do * (tq_c >= 0).view(1, 1, c, bm, 1)
             delta = delta_all.index_select(2, qidx).view(b, hq, c, bm, 1)
             vb = gather_rows(v, tk_c, ct)
-            ds = p * (do @ vb.transpose(-2, -1) - delta)
+            ds = p * (do @ vb.transpose(-2, -1) - delta)   # d loss / d scores (the bias's gradient)
+            ds_qk = ds if dcap is None else ds * dcap       # through the soft cap
             scatter_add(dv, tk_c, p.transpose(-2, -1) @ do)
-            scatter_add(dk, tk_c, (ds.transpose(-2, -1) @ qb) * call.scale)
-            dq_c = (ds @ kb) * call.scale
+            scatter_add(dk, tk_c, (ds_qk.transpose(-2, -1) @ qb) * call.scale)
+            dq_c = (ds_qk @ kb) * call.scale
             valid = (tq_c >= 0).flatten()
             dq.index_copy_(2, tq_c.flatten()[valid], dq_c.reshape(b, hq, c * bm, d)[:, :, valid])
             if dbias is not None:

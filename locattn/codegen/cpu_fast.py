@@ -29,7 +29,8 @@ The segment sizes come from a small cost model (kernel throughput by block rows,
 the backward prefers larger blocks). Masks are ``0 / -inf`` additive tensors in q's dtype (the kernel's
 requirement). The kernel returns ``lse = 0`` and ``out = 0`` for a row whose mask is all ``-inf``; rows that
 can be empty (site mask / bias / extra-key parts) are detected from the mask and given ``lse = -inf``.
-Bias gradients are delegated to the ``blocked`` implementation (the kernel's backward has no dS output).
+Bias gradients are delegated to the ``blocked`` implementation (the kernel's backward has no dS output), counted as
+``dispatch["blocked: cpu backward with a bias gradient"]``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..counters import bump
 from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coord
 from ..patterns.plan import axis_bounds_u
 from . import cpu_tables
@@ -390,10 +392,13 @@ def window_plan(pattern: Pattern, layout: Layout, causal_1d: bool, tiles: tuple 
 # helpers
 
 
-def _site_additive(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor, dtype) -> torch.Tensor | None:
+def _site_additive(call: AttentionCall, qi: torch.Tensor | None, kj: torch.Tensor | None, dtype
+                   ) -> torch.Tensor | None:
     """Site bias + mask (-inf) at token pairs ``qi [..., 1]`` x ``kj [..., N]`` -> ``[Bm, Hm, *pairs]``, in
     ``dtype``, or in fp32 when a wider bias would be rounded to a half ``dtype`` (ATen's flash kernels take an
-    fp32 mask beside half q / k / v; the other implementations add the bias in fp32 too)."""
+    fp32 mask beside half q / k / v; the other implementations add the bias in fp32 too). ``qi`` / ``kj`` None (a
+    dense call): the terms in their own broadcast 4-D shape (a key-padding mask stays ``[B, 1, 1, Sk]``: ATen's
+    flash kernel broadcasts it), never expanded to ``Sq x Sk``."""
     s_q, s_k = call.q.shape[-2], call.k.shape[-2]
     if call.bias is not None and dtype in (torch.float16, torch.bfloat16) and call.bias.dtype != dtype:
         dtype = torch.float32
@@ -401,14 +406,27 @@ def _site_additive(call: AttentionCall, qi: torch.Tensor, kj: torch.Tensor, dtyp
     for t in (call.bias, call.mask):
         if t is None:
             continue
-        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-        g = t4.expand(*t4.shape[:2], s_q, s_k)[:, :, qi, kj]
+        g = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+        if qi is not None:
+            g = g.expand(*g.shape[:2], s_q, s_k)[:, :, qi, kj]
         if t.dtype == torch.bool:
             g = torch.zeros(g.shape, dtype=dtype).masked_fill_(~g, NEG_INF)
         else:
             g = bias_scores(g, dtype)
         out = g if out is None else out + g
     return out
+
+
+def _dense_empty_rows(add: torch.Tensor, s_q: int, causal: bool) -> torch.Tensor:
+    """Query rows with no allowed key under the additive mask ``add [Bm, Hm, Lm, Sk]`` (``Lm`` is 1 or ``s_q``) and
+    the top-left causal mask: ``[Bm, Hm, Lm or s_q]`` bool, in O(mask size) — the causal mask is not built. Under
+    causal, row ``i`` is empty iff its first allowed key lies after ``i``."""
+    ok = ~torch.isneginf(add)
+    if not causal:
+        return ~ok.any(-1)
+    first = torch.where(ok.any(-1), ok.to(torch.uint8).argmax(-1), s_q)   # argmax: the first maximal entry
+    rows = torch.arange(s_q) if add.shape[-2] == s_q else torch.arange(s_q)[None, None, :]
+    return first > rows
 
 
 def _flash_mask(add: torch.Tensor | None, causal: torch.Tensor | None, dtype) -> torch.Tensor | None:
@@ -488,6 +506,8 @@ class CpuFast(Implementation):
             return False, "site mask is not bool"
         if call.empty:
             return False, "empty tensor"
+        if call.softcap:
+            return False, "softcap: ATen's flash kernel takes no score modifier"
         if call.is_causal and call.scale <= 0 and not call.pattern.local:
             return False, "causal with scale <= 0 (ATen's CPU flash kernel returns NaN rows)"
         return True, ""
@@ -505,16 +525,10 @@ class CpuFast(Implementation):
         return o[..., :dv].to(call.q.dtype), l.to(lse_dtype(call.q.dtype))
 
     def _dense_fwd(self, call, q, k, v):
-        s_q, s_k = q.shape[-2], k.shape[-2]
-        add = None
-        if call.mask is not None or call.bias is not None:
-            add = _site_additive(call, torch.arange(s_q)[:, None], torch.arange(s_k)[None, :], q.dtype)
+        add = _site_additive(call, None, None, q.dtype)
         o, l = _FLASH(q, k, v, 0.0, call.is_causal, attn_mask=add, scale=call.scale)
         if add is not None:
-            ninf = torch.isneginf(add)
-            if call.is_causal:
-                ninf = ninf | torch.ones(s_q, s_k, dtype=torch.bool).triu(1)
-            l = l.masked_fill(ninf.all(-1).expand_as(l), NEG_INF)
+            l = l.masked_fill(_dense_empty_rows(add, q.shape[-2], call.is_causal).expand_as(l), NEG_INF)
         return o, l
 
     def _local_fwd(self, call, q, k, v):
@@ -740,7 +754,8 @@ class CpuFast(Implementation):
 
     # -- backward --------------------------------------------------------------------------------------------
     def backward(self, call, grad_out, out, lse, need_dbias):
-        if need_dbias and call.bias is not None:
+        if need_dbias and call.bias is not None:  # ATen's backward returns no dS: the bias gradient needs blocked
+            bump("dispatch", "blocked: cpu backward with a bias gradient")
             return Blocked().backward(call, grad_out, out, lse, need_dbias)
         q, k, v, e = _prep(call)
         dt = q.dtype
@@ -762,10 +777,7 @@ class CpuFast(Implementation):
         return dq[..., :d], dk[..., :d], dv[..., :dvd], None
 
     def _dense_bwd(self, call, q, k, v, go, o, l):
-        s_q, s_k = q.shape[-2], k.shape[-2]
-        add = None
-        if call.mask is not None or call.bias is not None:
-            add = _site_additive(call, torch.arange(s_q)[:, None], torch.arange(s_k)[None, :], q.dtype)
+        add = _site_additive(call, None, None, q.dtype)
         return _FLASH_BWD(go, q, k, v, o, l, 0.0, call.is_causal, attn_mask=add, scale=call.scale)
 
     def _local_bwd(self, call, q, k, v, go, o, l):

@@ -7,6 +7,7 @@ Semantics shared by every implementation:
   scores = scale * q @ k^T + bias;  allowed = pattern & mask & (causal: j <= i, top-left aligned)
   (the pattern sees query row i as token i + q_offset: a causal rule's queries are the last S_q keys; a
   ``dynamic`` pattern's pairs come from its per-(batch, head) block selection of this call)
+  (with ``softcap`` c > 0: scores = c * tanh(scale * q @ k^T / c) + bias)
   (a bias value below ``registry.BIAS_MASK_BELOW`` = -2**14, e.g. ``finfo.min`` or -1e9 masks, is -inf)
   out    = softmax(scores over allowed keys) @ v;  lse = logsumexp(scores over allowed keys)
   A query row with no allowed key gets ``out = 0`` and ``lse = -inf`` (SDPA would give NaN).
@@ -56,6 +57,14 @@ def reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+def softcap_scores(s: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(c * tanh(s / c), 1 - tanh(s / c)^2)`` for ``softcap`` c > 0 (scaled scores ``s``), else ``(s, None)``."""
+    if not softcap:
+        return s, None
+    t = torch.tanh(s / softcap)
+    return t * softcap, 1 - t * t
+
+
 def masked_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row softmax ``p`` of scores ``s`` (-inf = not allowed) and the row logsumexp ``lse`` (last dim dropped).
     A row with no allowed key gets ``p = 0`` and ``lse = -inf``.
@@ -77,9 +86,11 @@ class Reference(Implementation):
     name = "reference"
 
     def _scores(self, call: AttentionCall, ct: torch.dtype):
+        """``(scores with -inf where not allowed, keep, dcap)``; ``dcap`` = d(capped)/d(scaled q·k) = 1 - tanh²
+        under ``softcap``, else None."""
         q, k = call.q.to(ct), expand_kv(call.k, call.q.shape[1]).to(ct)
         s_q, s_k = q.shape[-2], k.shape[-2]
-        s = (q @ k.transpose(-2, -1)) * call.scale
+        s, dcap = softcap_scores((q @ k.transpose(-2, -1)) * call.scale, call.softcap)
         if call.bias is not None:
             s = s + bias_scores(call.bias, ct)
         dev = q.device
@@ -87,11 +98,11 @@ class Reference(Implementation):
         if call.mask is not None:
             keep = keep & call.mask
         keep = keep.expand_as(s)
-        return s.masked_fill(~keep, float("-inf")), keep
+        return s.masked_fill(~keep, float("-inf")), keep, dcap
 
     def forward(self, call):
         ct = compute_dtype(call.q, call.k, call.v)
-        s, keep = self._scores(call, ct)
+        s, keep, _ = self._scores(call, ct)
         p, lse = masked_softmax(s)
         out = p @ expand_kv(call.v, call.q.shape[1]).to(ct)
         return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
@@ -99,7 +110,7 @@ class Reference(Implementation):
     def backward(self, call, grad_out, out, lse, need_dbias):
         ct = compute_dtype(call.q, call.k, call.v)
         hq, hk = call.q.shape[1], call.k.shape[1]
-        s, keep = self._scores(call, ct)
+        s, keep, dcap = self._scores(call, ct)
         p, _ = masked_softmax(s)  # recomputed from the scores, not from the forward's lse (see masked_softmax)
         do = grad_out.to(ct)
         v = expand_kv(call.v, hq).to(ct)
@@ -107,9 +118,10 @@ class Reference(Implementation):
         dv = p.transpose(-2, -1) @ do
         dp = do @ v.transpose(-2, -1)
         delta = (do * out.to(ct)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
-        dq = (ds @ k) * call.scale
-        dk = (ds.transpose(-2, -1) @ call.q.to(ct)) * call.scale
+        ds = p * (dp - delta)                         # d loss / d scores (the bias's gradient)
+        ds_qk = ds if dcap is None else ds * dcap     # through the soft cap
+        dq = (ds_qk @ k) * call.scale
+        dk = (ds_qk.transpose(-2, -1) @ call.q.to(ct)) * call.scale
         if hk != hq:  # sum the repeated heads back onto their kv head
             b, _, s_k, _ = dk.shape
             dk = dk.view(b, hk, hq // hk, s_k, -1).sum(2)

@@ -34,6 +34,8 @@ class AttentionCall:
     ``layout`` is resolved (concrete grid, over the keys) for local patterns. ``q_offset``: query row r is token
     ``r + q_offset`` of the layout (a causal rule on a site with S_q < S_k: the last S_q positions); the site's
     own mask, bias and ``is_causal`` keep SDPA's meaning on query rows.
+    ``softcap``: c > 0 caps the scaled scores before the bias, ``s = c * tanh(scale * q·k / c)`` (Gemma 2's
+    logit soft-capping, FlexAttention's ``score_mod``); 0 = none. Fields after ``layout`` are passed by keyword.
     """
 
     q: torch.Tensor
@@ -50,6 +52,7 @@ class AttentionCall:
     #: covering each head once (``pattern`` / ``layout`` above are then the first local group's). Only
     #: implementations with ``multi_group`` see such calls (:func:`select_multi`).
     head_groups: tuple | None = None
+    softcap: float = 0.0
     _kept: torch.Tensor | None = field(default=None, repr=False)
     _tables: object = field(default=None, repr=False)
 

@@ -813,7 +813,8 @@ class Triton(Implementation):
             NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
             HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_pow2(d),
             BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-            FOLD=_can_fold(call), **self._addressing(tab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            FOLD=_can_fold(call), **self._addressing(tab), **_softcap(call), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
         return out, lse
 
     def _tma_unfit(self, call: AttentionCall, tab: KernelTables) -> str | None:
@@ -824,6 +825,8 @@ class Triton(Implementation):
             return "per-head tables"
         if call.mask is not None or call.bias is not None:
             return "site mask or bias"
+        if call.softcap:
+            return "softcap (score modifier)"
         if not _can_fold(call):
             return f"scale {call.scale} (FOLD needs >= 1e-30)"
         if self.tables_only or not tab.q_addr or not tab.k_addr:
@@ -926,7 +929,7 @@ class Triton(Implementation):
         return dict(NDIM=tab.ndim, CAUSAL=bool(call.is_causal), HAS_MASK=call.mask is not None,
                     HAS_BIAS=call.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                     BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), VISIT=record, PRECISION=_precision(call.q.dtype),
-                    UPCAST=_upcast(call.q.dtype), **self._addressing(tab), num_warps=cfg.num_warps,
+                    UPCAST=_upcast(call.q.dtype), **self._addressing(tab), **_softcap(call), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
 
     def _dq(self, call, grad_out, ld, cfg: KernelConfig, record: bool) -> torch.Tensor:
@@ -1023,9 +1026,16 @@ def _tma_descriptor(x: torch.Tensor, addr: int, ndim: int, grid: tuple[int, int,
 
 
 def _can_fold(call: AttentionCall) -> bool:
-    """FOLD (forward): no site bias, and a scale that stays a normal positive fp32 number in the kernel (a scale
-    that underflows to 0 would turn the masked scores' -inf x 0 into NaN; the plain path handles it)."""
-    return call.bias is None and call.scale >= 1e-30
+    """FOLD (forward): no site bias, no soft cap (it needs the scaled score), and a scale that stays a normal
+    positive fp32 number in the kernel (a scale that underflows to 0 would turn the masked scores' -inf x 0 into
+    NaN; the plain path handles it)."""
+    return call.bias is None and not call.softcap and call.scale >= 1e-30
+
+
+def _softcap(call: AttentionCall) -> dict:
+    """The ``SOFTCAP`` constexpr, passed only when the call has a cap: uncapped launches keep the exact constexpr
+    set (and cache entries) they had."""
+    return {"SOFTCAP": float(call.softcap)} if call.softcap else {}
 
 
 def _untuned_default(space: list[KernelConfig], run, fit_key: tuple, capturing: bool) -> KernelConfig:

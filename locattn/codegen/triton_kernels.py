@@ -72,6 +72,10 @@ DYN          ``dynamic``: a partial entry's block id carries the WHOLE bit (``1 
              globals); ``DYN_CAUSAL``: those pairs also need key token <= query token
 q_off        query row r is token ``r + q_off`` for the pattern (a causal rule's queries at the end of the keys:
              LM decoding); the site's mask, bias and CAUSAL stay on rows (SDPA's meaning)
+SOFTCAP      the site's soft cap c (0.0: none; a constexpr, so uncapped kernels are compiled exactly as before):
+             scaled scores become ``c * tanh(s / c)`` before the site bias / mask (computed in log2 units with
+             ``c * log2(e)``); the backward multiplies dS by ``1 - tanh^2`` for dQ / dK (dBias takes dS itself).
+             FOLD is off with it (the cap needs the scaled score)
 WS           ``attn_fwd_tma`` only (the forward of all-full plans whose q/k/v tiles are tensor-descriptor boxes):
              the key-block loop asks Triton for warp specialization
 
@@ -495,12 +499,14 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
                   HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, KADDR: tl.constexpr,
                   FOLD: tl.constexpr = False, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, q_off=0,
-                  whole=False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
-    """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, adds
-    the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern predicate; the key tile
-    of a block without padding keys (full, or NOPAD bit 1) loads without a row mask. ``FOLD``
-    (no bias, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2 argument.
-    Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key valid)``."""
+                  whole=False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False,
+                  SOFTCAP: tl.constexpr = 0.0):
+    """Scores of the query block against key block ``n`` (log2 units): loads kᵀ through the slot table, caps
+    them (``SOFTCAP``), adds the site's mask/bias, and on partial blocks (``IS_FULL`` False) applies the pattern
+    predicate; the key tile of a block without padding keys (full, or NOPAD bit 1) loads without a row mask.
+    ``FOLD`` (no bias, no cap, scale > 0): the scores stay unscaled, the caller folds ``qk_scale`` into its exp2
+    argument. Returns ``(s [BLOCK_M, BLOCK_N], kT [BLOCK_D, BLOCK_N], key tokens (int64, 0 for padding), key
+    valid, t)``: ``t`` the cap's tanh (``s`` itself without a cap: unused)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     real = IS_FULL or (NOPAD & 2) != 0  # no padding key in this block
@@ -515,6 +521,9 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
     s = _mma(q, kT, None, PRECISION, UPCAST)
     if not FOLD:
         s = s * qk_scale
+    t = s
+    if SOFTCAP > 0:
+        s, t = _softcap(s, SOFTCAP)
     if HAS_MASK or HAS_BIAS:
         s = _site_terms(s, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS)
     if not IS_FULL:
@@ -522,7 +531,24 @@ def _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k
         keep = _keep(qt, kt, qlo0, qw0, qlo1, qw1, qlo2, qw2, ku0, ku1, ku2, prefix, grid_end, sinks,
                      NDIM, CAUSAL, HAS_GLOBALS, False, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
         s = tl.where(keep, s, float("-inf"))
-    return s, kT, kj, kv
+    return s, kT, kj, kv, t
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp2 (no tanh in ``tl.math``; libdevice's has no interpreter implementation): absolute error
+    ~1e-7 in fp32, like ``torch.tanh``'s."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)   # exp(-2|x|) = exp2(-2 log2(e) |x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(s, SOFTCAP: tl.constexpr):
+    """Soft-capped log2 scores ``cl * tanh(s / cl)`` with ``cl = SOFTCAP * log2(e)`` (the cap in log2 units) and
+    the tanh itself (the backward's ``1 - t^2``)."""
+    t = _tanh(s * (1.0 / (SOFTCAP * LOG2E)))
+    return t * (SOFTCAP * LOG2E), t
 
 
 @triton.jit
@@ -549,16 +575,16 @@ def _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
                BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, FOLD: tl.constexpr,
                WINDOW_ONLY: tl.constexpr, NOPAD: tl.constexpr, q_off=0, DYN: tl.constexpr = False,
-               DYN_CAUSAL: tl.constexpr = False):
+               DYN_CAUSAL: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n, whole = _entry(_block_id(kv_idx, i, jump, gap, DIRECT), DYN)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
+        s, kT, kj, kv, _ = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR, FOLD,
-                                      WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
+                                      WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
         if FOLD:  # max(s) * c == max(s * c) for c > 0; the exp2 argument is one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
@@ -623,7 +649,7 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
              KADDR: tl.constexpr,
              RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, FOLD: tl.constexpr,
              WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0, PER_BH: tl.constexpr = False,
-             DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
+             DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0):
     """One program: query block ``program_id(0)`` of (batch, head) ``program_id(1)``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -658,14 +684,14 @@ def attn_fwd(Q, K, V, Out, LSE, Mask, Bias,
                                stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV,
                                qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True,
                                BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES, FOLD, False,
-                               NOPAD, q_off, DYN, DYN_CAUSAL)
+                               NOPAD, q_off, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh,
                                    k_slots, k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs,
                                    stride_vd, stride_mq, stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2,
                                    D, DV, qk_scale, prefix, grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK,
                                    HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, KADDR, RANGES,
-                                   FOLD, WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL)
+                                   FOLD, WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
     _fwd_store(acc, l_i, m_i, Out + b * stride_ob + h * stride_oh, LSE + b * stride_lb + h * stride_lh, qi, qv,
                stride_os, stride_od, stride_ls, DV, BLOCK_DV)
 
@@ -789,16 +815,16 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
               BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
               UPCAST: tl.constexpr, KADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
               NOPAD: tl.constexpr, FOLD: tl.constexpr, q_off=0, DYN: tl.constexpr = False,
-              DYN_CAUSAL: tl.constexpr = False):
+              DYN_CAUSAL: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0):
     offs_dv = tl.arange(0, BLOCK_DV)
     for i in range(start, end):
         n, whole = _entry(_block_id(kv_idx, i, jump, gap, DIRECT), DYN)
-        s, kT, kj, kv = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
+        s, kT, kj, kv, t = _block_scores(n, q, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, M_bh, B_bh, k_slots,
                                       k_u, stride_ks, stride_kd, stride_mq, stride_mk, stride_bq, stride_bk,
                                       n_k_slots, seq_k, g0, g1, g2, D, qk_scale, prefix, grid_end, sinks, NDIM,
                                       CAUSAL, HAS_GLOBALS,
                                       HAS_MASK, HAS_BIAS, IS_FULL, BLOCK_N, BLOCK_D, PRECISION, UPCAST, KADDR,
-                                      FOLD, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL)
+                                      FOLD, WINDOW_ONLY, NOPAD, q_off, whole, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
         vT = _load_kv(_tile_ptrs(V_bh, kj, n, tl.arange(0, BLOCK_N), offs_dv, stride_vs, stride_vd, g1, g2, BLOCK_N,
                                  KADDR, NDIM, True), kv[None, :],
                       offs_dv[:, None] < DV, IS_FULL or (NOPAD & 2) != 0, DV == BLOCK_DV)
@@ -808,6 +834,8 @@ def _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2,
             p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP > 0:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
         dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION, UPCAST)
         if VISIT:
             _record_visit(Visit_row + n, IS_FULL)
@@ -833,7 +861,7 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                 KADDR: tl.constexpr,
                 RANGES: tl.constexpr, HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False,
                 NOPAD: tl.constexpr = 0, FOLD: tl.constexpr = False, PER_BH: tl.constexpr = False,
-                DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
+                DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False, SOFTCAP: tl.constexpr = 0.0):
     """dQ of query block ``program_id(0)``, (batch, head) ``program_id(1)``; ``LD`` holds (lse2, delta) per
     query row (``attn_bwd_preprocess``)."""
     pid_m = tl.program_id(0)
@@ -874,13 +902,14 @@ def attn_bwd_dq(Q, K, V, dO, LD, dQ, Mask, Bias,
                    kv_idx, s0, e0, j0, gap0, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                    stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                    sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, True, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL)
+                   PRECISION, UPCAST, KADDR, RANGES, False, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
     if HAS_PARTIAL:  # partial blocks exist: the predicate loop
         dq = _dq_inner(dq, q, do, lse2, delta, qt, qlo0, qw0, qlo1, qw1, qlo2, qw2, K_bh, V_bh, M_bh, B_bh, k_slots,
                        k_u, kv_idx, s1, e1, j1, gap1, Visit_row, stride_ks, stride_kd, stride_vs, stride_vd, stride_mq,
                        stride_mk, stride_bq, stride_bk, n_k_slots, seq_k, g0, g1, g2, D, DV, qk_scale, prefix, grid_end,
                        sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, False, BLOCK_N, BLOCK_D, BLOCK_DV, VISIT,
-                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL)
+                       PRECISION, UPCAST, KADDR, RANGES, WINDOW_ONLY, NOPAD, FOLD, q_off, DYN, DYN_CAUSAL,
+                       SOFTCAP=SOFTCAP)
     tl.store(dQ + b * stride_dqb + h * stride_dqh + qi[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=qv[:, None] & (offs_d[None, :] < D))
 
@@ -895,7 +924,8 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
                 BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, QADDR: tl.constexpr, DIRECT: tl.constexpr, WINDOW_ONLY: tl.constexpr,
-                NOPAD: tl.constexpr, q_off=0, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
+                NOPAD: tl.constexpr, q_off=0, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False,
+                SOFTCAP: tl.constexpr = 0.0):
     offs_m = tl.arange(0, BLOCK_M)
     real = IS_FULL or (NOPAD & 1) != 0  # no padding query in a visited block
     offs_d = tl.arange(0, BLOCK_D)
@@ -915,6 +945,9 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         # no padding query (real): no masked loads (the loop's largest saving); else padding rows get p = 0
         lse2, delta = _row_stats(LD_bh, qi, qv, not real)
         sT = _mma(k, qT, None, PRECISION, UPCAST) * qk_scale
+        tT = sT
+        if SOFTCAP > 0:
+            sT, tT = _softcap(sT, SOFTCAP)
         if HAS_MASK or HAS_BIAS:
             sT = _site_terms(sT, qt, kt, M_bh, B_bh, stride_mq, stride_mk, stride_bq, stride_bk, HAS_MASK, HAS_BIAS,
                              True)
@@ -928,7 +961,10 @@ def _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh,
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION, UPCAST)
         dpT = _mma(v, tl.trans(do), None, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        if SOFTCAP > 0:  # dK through the cap; dBias below takes dS itself
+            dk = _mma((dsT * (1.0 - tT * tT)).to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        else:
+            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
         if NEED_DBIAS:
             kv = kt >= 0
             kj = tl.where(kv, kt, 0).to(tl.int64)
@@ -959,7 +995,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VISIT: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, QADDR: tl.constexpr, KADDR: tl.constexpr, RANGES: tl.constexpr,
                   HAS_PARTIAL: tl.constexpr, WINDOW_ONLY: tl.constexpr = False, NOPAD: tl.constexpr = 0,
-                  PER_BH: tl.constexpr = False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False):
+                  PER_BH: tl.constexpr = False, DYN: tl.constexpr = False, DYN_CAUSAL: tl.constexpr = False,
+                  SOFTCAP: tl.constexpr = 0.0):
     """dK/dV of key block ``program_id(0)`` for (batch, kv head) ``program_id(1)``.
 
     Loops over the GROUP query heads of the kv head and, per head, the key block's query blocks (the
@@ -1011,7 +1048,8 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                              stride_qd, stride_gs, stride_gd, stride_mq, stride_mk, stride_bq, stride_bk, stride_dbq,
                              stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix, grid_end, sinks, NDIM,
                              CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, True, BLOCK_M, BLOCK_D, BLOCK_DV,
-                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD, q_off, DYN, DYN_CAUSAL)
+                             VISIT, PRECISION, UPCAST, QADDR, RANGES, False, NOPAD, q_off, DYN, DYN_CAUSAL,
+                             SOFTCAP=SOFTCAP)
         if HAS_PARTIAL:  # partial blocks exist: the predicate loop
             dk, dv = _dkdv_inner(dk, dv, k, v, kt, ku0, ku1, ku2, Q_bh, dO_bh, LD_bh, M_bh, B_bh, dB_bh,
                                  q_slots, iv_h, idx_h, t4, t5, t6, t7, Visits_h, n_kblocks, pid_n, stride_qs,
@@ -1019,7 +1057,7 @@ def attn_bwd_dkdv(Q, K, V, dO, LD, dK, dV, dBias, Mask, Bias,
                                  stride_dbq, stride_dbk, n_q_slots, seq_q, g0, g1, g2, D, DV, qk_scale, prefix,
                                  grid_end, sinks, NDIM, CAUSAL, HAS_GLOBALS, HAS_MASK, HAS_BIAS, NEED_DBIAS, False,
                                  BLOCK_M, BLOCK_D, BLOCK_DV, VISIT, PRECISION, UPCAST, QADDR, RANGES,
-                                 WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL)
+                                 WINDOW_ONLY, NOPAD, q_off, DYN, DYN_CAUSAL, SOFTCAP=SOFTCAP)
     offs_nd = kj[:, None]
     tl.store(dK + b * stride_dkb + hk * stride_dkh + offs_nd * stride_dks + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv[:, None] & (offs_d[None, :] < D))

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, example, keep_views_valid, module_path, static_int
+from .causal_mask import prove_causal
+from .sites import AttentionSite, adopt_causal_proof, example, keep_views_valid, module_path, static_int
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
@@ -91,7 +92,8 @@ def find_sdpa_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionS
             return s
 
         site = AttentionSite(
-            index=start_index + len(sites), path=module_path(node), form="sdpa", q=q, k=k, v=v,
+            index=start_index + len(sites), path=module_path(node), form=node.meta.get("locattn_form", "sdpa"),
+            q=q, k=k, v=v,
             q_shape=canon(qs), k_shape=canon(ks), v_shape=canon(vs), layout="BHSD" if rank == 4 else f"rank{rank}",
             mask=mask_node, bias=bias_node, mask_shape=mask_shape if mask_node is not None else None,
             bias_shape=mask_shape if bias_node is not None else None,
@@ -101,6 +103,8 @@ def find_sdpa_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionS
             dropout_p=float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0,
             symbolic_seq=symbolic, blocker=blocker, replaced=(node.name,),
         )
+        adopt_causal_proof(site, prove_causal([(mask_node, True)] if mask_node is not None else [],
+                                              [(bias_node, 1.0)] if bias_node is not None else [], gm))
         site.replace = _make_replace(gm, node, site, rank)
         sites.append(site)
     return sites

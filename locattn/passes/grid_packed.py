@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .grid_infer import CAT_TARGETS, _cat_parts, _is_conv
 from .sites import AttentionSite, ancestors, example, module_path
+from .token_layout import CAT_TARGETS, CONV_TARGETS
 
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "type_as"}
 _MOVE_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -58,6 +58,34 @@ _MERGE_METHODS = {"view", "reshape", "flatten"}
 _MERGE_FUNCS = {torch.reshape, torch.flatten}
 MAX_EVAL_NUMEL = 1 << 23        # positions evaluated per source (int64): 64 MiB at most
 MAX_CHAIN = 64                  # nodes followed from one source
+
+
+def _is_conv(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in CONV_TARGETS
+
+
+def _cat_parts(cat: fx.Node, roots, root: fx.Node, seq_len: int):
+    """If ``cat`` joins the tokens that depend on ``root`` (one of its inputs, ``roots[node]`` = the roots a node
+    depends on) with others into ``seq_len`` tokens: ``(n_img, prefix, suffix)``."""
+    ev = example(cat)
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not isinstance(ev, torch.Tensor) or not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        return None
+    dim = dim % ev.dim()
+    if ev.shape[dim] != seq_len:
+        return None
+    sizes = []
+    for t in tensors:
+        et = example(t)
+        if not isinstance(et, torch.Tensor) or not isinstance(et.shape[dim], int):
+            return None
+        sizes.append(int(et.shape[dim]))
+    img = [i for i, t in enumerate(tensors) if isinstance(t, fx.Node) and root in roots.get(t, ())]
+    if len(img) != 1:
+        return None
+    i = img[0]
+    return sizes[i], sum(sizes[:i]), sum(sizes[i + 1:])
 
 
 @dataclass
@@ -444,6 +472,7 @@ def infer_packed_grids(gm: fx.GraphModule, sites: list[AttentionSite], example_i
                 root, lay = found[0]
                 site.token_grid = (root.grid, lay[0], lay[1])
                 site.token_grid_desc = root.desc + lay[2]
+                site.token_grid_why = ""
                 if root.ids is not None:
                     checks[root.ids[0]] = (root.ids[1], root.grid)
             break

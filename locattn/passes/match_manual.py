@@ -37,7 +37,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .sites import AttentionSite, example, keep_views_valid, module_path, static_int
+from .causal_mask import prove_causal
+from .sites import (AttentionSite, SoftmaxLeft, adopt_causal_proof, example, keep_views_valid, module_path,
+                    static_int)
 
 #: a fill value at or below this (after the factors applied later) blocks the key: exp() of it is 0
 MASK_FILL_MAX = -1e4
@@ -53,6 +55,7 @@ _BMM_FNS = {torch.bmm}
 _BADDBMM_FNS = {torch.baddbmm}
 _EINSUM_FNS = {torch.einsum, torch.functional.einsum}
 _DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
+_TANH_FNS = {torch.tanh, F.tanh, torch.nn.functional.tanh}
 
 _MUL_FNS = {operator.mul, torch.mul, operator.imul}
 _DIV_FNS = {operator.truediv, torch.div, torch.true_divide, operator.itruediv}
@@ -353,9 +356,10 @@ def _score_contraction(n: fx.Node) -> _Contraction | None:
     if mm is not None:
         return _matmul_like(n, mm[0], mm[1], mm[2], swap_b=True)
     if _is_fn(n, _BADDBMM_FNS) or _is_method(n, {"baddbmm"}):
-        if len(n.args) < 3:
+        # positional or keyword: BLOOM writes ``alibi.baddbmm(batch1=q, batch2=kᵀ, beta=, alpha=)``
+        inp, a, b = _arg(n, 0, "input"), _arg(n, 1, "batch1"), _arg(n, 2, "batch2")
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
             return None
-        inp, a, b = n.args[:3]
         c = _matmul_like(n, "baddbmm", a, b, swap_b=True)
         if c is None:
             return None
@@ -462,13 +466,16 @@ class _Scores:
     terms: list[_Term] = field(default_factory=list)
     masks: list[_Mask] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)     # chain nodes, contraction first
+    #: soft-capping: the scores are ``mult * tanh(cap_inner * q·kᵀ) + terms`` (None: ``mult * q·kᵀ + terms``)
+    cap_inner: float | None = None
 
     def copy(self) -> "_Scores":
         return self.scaled(1.0)
 
     def scaled(self, f: float) -> "_Scores":
         return _Scores(self.con, self.mult * f, [_Term(t.node, t.coef * f, t.frame) for t in self.terms],
-                       [_Mask(m.node, m.keep_if_true, m.frame, m.fill * f) for m in self.masks], list(self.nodes))
+                       [_Mask(m.node, m.keep_if_true, m.frame, m.fill * f) for m in self.masks], list(self.nodes),
+                       self.cap_inner)
 
 
 class _Matcher:
@@ -590,10 +597,28 @@ class _Matcher:
             s = self._with_mask(s, n, cond, fill, keep_if_true=keep, frame=sh)
             s.nodes.append(n)
             return s
+        if _is_fn(n, _TANH_FNS) or _is_method(n, {"tanh"}):
+            return self._softcap(n, depth)
         if _is_fn(n, {operator.mul, operator.truediv, torch.mul, torch.div}) or _is_method(n, {"mul", "div"}):
             raise _Reject(f"`{_opname(n)}` by a tensor on the scores: a non-constant scale (a learned "
                           "temperature, a buffer or a computed tensor) is not rewritten")
         raise _Reject(f"`{_opname(n)}` between the scores and the softmax is not affine")
+
+    def _softcap(self, n: fx.Node, depth: int) -> _Scores:
+        """``tanh`` of the scaled scores, as Gemma 2 soft-caps them (``c * tanh(s / c)``; the factor ``c`` after the
+        tanh folds into ``mult`` like any scale). Sound only on ``mult * q·kᵀ`` itself: a bias or mask already added
+        would be capped too, which the op's ``softcap`` (applied before the bias) does not express."""
+        x = _arg(n, 0, "input")
+        s = self._sub(x, n, depth)
+        if s.cap_inner is not None:
+            raise _Reject("`tanh` applied twice to the scores")
+        if s.terms or s.masks:
+            raise _Reject("`tanh` soft-capping of scores that already carry a bias or mask (the op caps before "
+                          "the bias)")
+        if _shape(x) != _shape(n):
+            raise _Reject("`tanh` broadcasts the scores")
+        out = _Scores(s.con, 1.0, nodes=list(s.nodes) + [n], cap_inner=s.mult)
+        return out
 
     def _add(self, n: fx.Node, is_sub: bool, depth: int) -> _Scores:
         x, y = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
@@ -743,6 +768,41 @@ class _Recipe:
         """Does the recipe bake explicit sizes (a problem under dynamic shapes)?"""
         return any(st[0] == "method" and st[1] in ("reshape", "expand") for st in self.steps)
 
+    def source_axis(self, axis: int) -> int | None:
+        """The axis of ``base`` that becomes axis ``axis`` of the emitted tensor (None when a reshape merges or
+        splits it): how grid inference finds the sequence axis of a site's query in the graph."""
+        shape = _shape(self.base)
+        if shape is None:
+            return None
+        origin = list(range(len(shape)))          # origin[a]: base axis of current axis a (None: inserted)
+        for st in self.steps:
+            if st[0] != "method":
+                continue                          # replayed casts, functions on masks: shape kept
+            name, args = st[1], st[2:]
+            if name == "permute":
+                origin, shape = [origin[p] for p in args], tuple(shape[p] for p in args)
+            elif name == "unsqueeze":
+                d = _norm_dim(args[0], len(shape) + 1)
+                origin.insert(d, None)
+                shape = shape[:d] + (1,) + shape[d:]
+            elif name == "squeeze":
+                d = _norm_dim(args[0], len(shape))
+                del origin[d]
+                shape = shape[:d] + shape[d + 1:]
+            elif name == "expand":
+                shape = tuple(args)
+            elif name == "reshape":
+                groups = _group(tuple(shape), tuple(args))
+                if groups is None:
+                    return None
+                new: list[int | None] = [None] * len(args)
+                for fi, ci in groups:
+                    if len(fi) == 1 and len(ci) == 1:
+                        new[ci[0]] = origin[fi[0]]
+                origin, shape = new, tuple(args)
+        axis = _norm_dim(axis, len(origin))
+        return origin[axis] if 0 <= axis < len(origin) else None
+
 
 def _group(F_: tuple[int, ...], C: tuple[int, ...]):
     """Pair up dims of two shapes with equal products into groups of equal product (row-major)."""
@@ -870,7 +930,7 @@ def _operand_recipe(op: _Operand, w: _Walk, F_, C, allow: set[int]) -> tuple[_Re
         # a [B*H, S, D] operand reshaped from a [B, H, S, D] tensor: use that tensor
         factor, casts = w.factor, []
         for i, v in enumerate(w.vals):
-            if _shape(v) == target:
+            if _shape(v) == target and _head_axis(v) == 1:   # its [B, H] order is the fold's (heads inner)
                 return _Recipe(v, [("replay", n) for n in reversed(casts)], target), factor
             if i == len(w.steps):
                 break
@@ -975,8 +1035,9 @@ def _bias_recipe(t: _Term, F_, C) -> _Recipe:
 # the finder
 # ---------------------------------------------------------------------------------------------------------
 
-def _softmax_input(n: fx.Node):
-    """The input of a softmax over the last dim, else None."""
+def _softmax_input(n: fx.Node) -> tuple[fx.Node | None, str] | None:
+    """``(input, "")`` of a softmax over the last dim, ``(None, why)`` of another softmax, None if ``n`` is no
+    softmax."""
     if _is_method(n, {"softmax"}):
         x, dim = n.args[0], _arg(n, 1, "dim")
     elif _is_fn(n, _SOFTMAX_FNS):
@@ -984,9 +1045,13 @@ def _softmax_input(n: fx.Node):
     else:
         return None
     sh = _shape(x) if isinstance(x, fx.Node) else None
-    if sh is None or not isinstance(dim, int) or len(sh) < 2:
-        return None
-    return x if _norm_dim(dim, len(sh)) == len(sh) - 1 else None
+    if sh is None or len(sh) < 2:
+        return None, "softmax of a tensor of unknown or rank < 2 shape"
+    if not isinstance(dim, int):
+        return None, f"softmax over a non-constant dim ({dim!r})"
+    if _norm_dim(dim, len(sh)) != len(sh) - 1:
+        return None, f"softmax over dim {dim}, not the last (attention normalises over keys, the last dim)"
+    return x, ""
 
 
 def _canon_lead(lead: tuple[int, ...]) -> tuple[int, int]:
@@ -999,17 +1064,89 @@ def _canon_lead(lead: tuple[int, ...]) -> tuple[int, int]:
     return (math.prod(lead[:-1]), lead[-1])
 
 
-def _recover_heads(w: _Walk, n_bh: int, last2) -> tuple[int, int] | None:
-    """``(B, H)`` of a ``[B, H, S, D]`` tensor the ``[B*H, S, D]`` operand was reshaped from."""
+def _recover_heads(w: _Walk, n_bh: int, last2) -> tuple[tuple[int, int] | None, str]:
+    """``((B, H), note)``: the batch and head counts of a ``[B, H, S, D]`` tensor the ``[B*H, S, D]`` operand was
+    reshaped from, when :func:`_head_axis` proves its axis 1 holds the heads; else ``(None, why)`` (heads stay
+    folded into the batch: exact for every pattern, but per-head rules cannot address them)."""
     for i, v in enumerate(w.vals):
         sh = _shape(v)
         if sh is not None and len(sh) == 4 and sh[0] * sh[1] == n_bh and sh[-2:] == tuple(last2):
-            return sh[0], sh[1]
+            axis = _head_axis(v)
+            if axis == 1:
+                return (sh[0], sh[1]), ""
+            why = "a head-major fold ([H, B, S, D] reshaped to [H*B, S, D])" if axis == 0 else \
+                f"a [{sh[0]}*{sh[1]}, S, D] fold whose head axis the graph does not show"
+            return None, f"{why}: heads kept folded into the batch (per-head rules cannot address them)"
         if i == len(w.steps):
             break
         n, kind, _ = w.steps[i]
         if kind not in ("scalar", "cast", "copy", "view"):
             break
+    return None, ""
+
+
+def _index_axes(n: fx.Node) -> list[int | None] | None:
+    """For ``x[idx]`` with ``idx`` of ints, slices, ``None`` and ``...``: the input axis of every output axis
+    (``None`` for an inserted axis), else None."""
+    if not _is_fn(n, {operator.getitem}) or len(n.args) != 2 or not isinstance(n.args[0], fx.Node):
+        return None
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    rank = len(_shape(n.args[0]) or ())
+    if any(not (isinstance(i, (int, slice)) or i is None or i is Ellipsis) for i in idx):
+        return None
+    used = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out, axis = [], 0
+    for i in idx:
+        if i is Ellipsis:
+            out += list(range(axis, axis + rank - used))
+            axis += rank - used
+        elif i is None:
+            out.append(None)
+        elif isinstance(i, slice):
+            out.append(axis)
+            axis += 1
+        else:
+            axis += 1
+    return out + list(range(axis, rank))
+
+
+def _head_axis(n: fx.Node) -> int | None:
+    """Which of axes 0 / 1 of the 4-D tensor ``n [*, *, S, D]`` holds the heads, proven from the graph: the one
+    that a view split off the same feature axis as ``D`` (``[.., H*D] -> [.., H, D]``, the head split every
+    projection makes), followed back through permutes, copies, casts, scalar factors, size-preserving views and
+    basic indexing. None when no such split is found (a placeholder, a merge, an unknown op)."""
+    pos = {0: 0, 1: 1, 3: 3}                  # axis of n -> its axis in the current node
+    cur = n
+    for _ in range(_MAX_WALK):
+        c = _classify(cur)
+        if c is None:
+            back = _index_axes(cur)
+            if back is None or any(back[p] is None for p in pos.values()):
+                return None
+            pos = {a: back[p] for a, p in pos.items()}
+            cur = cur.args[0]
+            continue
+        kind, x, extra = c
+        if kind == "perm":
+            pos = {a: extra[p] for a, p in pos.items()}
+        elif kind == "view":
+            src, dst = _shape(x), _shape(cur)
+            groups = _group(src, dst) if src is not None and dst is not None and -1 not in src + dst else None
+            if groups is None:
+                return None
+            group = {a: next(g for g in groups if p in g[1]) for a, p in pos.items()}
+            fi, ci = group[3]
+            if len(ci) > 1:                  # D is part of a split: the heads' split if it is the feature axis's
+                if len(fi) != 1 or fi[0] != len(src) - 1 or ci[-1] != pos[3]:
+                    return None
+                heads = [h for h in (0, 1) if pos[h] in ci]
+                return heads[0] if len(heads) == 1 else None
+            if any(len(g[0]) != 1 or len(g[1]) != 1 for g in group.values()):
+                return None                  # a tracked axis merged or split elsewhere
+            pos = {a: g[0][0] for a, g in group.items()}
+        cur = x
+        if not isinstance(cur, fx.Node):
+            return None
     return None
 
 
@@ -1020,17 +1157,21 @@ def _layout_name(con: _Contraction, C, recovered: bool) -> str:
     return {0: "SD", 1: "(BH)SD" if recovered else "BSD", 2: "BHSD"}.get(n, "(B" + "*" * (n - 1) + ")HSD")
 
 
-def find_manual_sites(gm: fx.GraphModule, start_index: int = 0) -> list[AttentionSite]:
-    """Every hand-written softmax attention in ``gm`` as an :class:`AttentionSite` (see the module doc)."""
+def find_manual_sites(gm: fx.GraphModule, start_index: int = 0, left: list | None = None) -> list[AttentionSite]:
+    """Every hand-written softmax attention in ``gm`` as an :class:`AttentionSite` (see the module doc). Every other
+    softmax is appended to ``left`` as a :class:`SoftmaxLeft` with the reason it is not attention."""
     matcher = _Matcher(gm)
     sites: list[AttentionSite] = []
     for node in list(gm.graph.nodes):
-        x = _softmax_input(node)
-        if x is None:
+        found = _softmax_input(node)
+        if found is None:
             continue
-        site = _match(gm, matcher, node, x, start_index + len(sites))
-        if site is not None:
+        x, why = found
+        site = _match(gm, matcher, node, x, start_index + len(sites)) if x is not None else why
+        if isinstance(site, AttentionSite):
             sites.append(site)
+        elif left is not None:
+            left.append(SoftmaxLeft(module_path(node), node.name, site))
     return sites
 
 
@@ -1073,7 +1214,8 @@ def _blocked_site(index, sm, con: _Contraction, vcon: _Contraction | None, reaso
         scale=None, blocker=reason, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
 
 
-def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index: int) -> AttentionSite | None:
+def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index: int) -> AttentionSite | str:
+    """The site of softmax ``sm`` (rewritable or blocked with a reason), or why ``sm`` is not attention."""
     last2 = _shape(x)[-2:]
     try:
         sc = matcher._sub(x, sm, -1)
@@ -1081,13 +1223,14 @@ def _match(gm: fx.GraphModule, matcher: _Matcher, sm: fx.Node, x: fx.Node, index
     except _Reject as e:
         sc, back_err = None, e
     fwd = matcher.probs(sm)
-    if fwd is None:
-        return None           # the probabilities feed no contraction: not attention (router, classifier)
+    if fwd is None:           # the probabilities feed no contraction: not attention (router, classifier)
+        return "its output reaches no `p @ v` contraction within 6 ops: not attention (a classifier, router, ...)"
     vcon, pnodes, blocker = fwd
     if sc is None:
         con = _near_contraction(x, last2)
         if con is None:
-            return None
+            return (f"it feeds a `p @ v` contraction but no `q @ kᵀ` contraction of the same shape feeds it "
+                    f"(following the scores back: {back_err})")
         return _blocked_site(index, sm, con, vcon, str(back_err))
     con = sc.con
     replaced = [n.name for n in sc.nodes] + [sm.name] + [n.name for n in pnodes]
@@ -1109,11 +1252,13 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         raise _Reject("non-positive scale on the scores")
     wq, wk, wv = _walk_operand(con.a), _walk_operand(con.b), _walk_operand(vcon.b, strip_scalars=False)
     C = _canon_lead(bs)
-    recovered = False
+    recovered, notes = False, ()
     if len(bs) == 1:
-        bh = _recover_heads(wq, bs[0], con.a.aligned[-2:])
+        bh, why = _recover_heads(wq, bs[0], con.a.aligned[-2:])
         if bh is not None:
             C, recovered = bh, True
+        elif why:
+            notes = (why,)
     q_r, fq = _operand_recipe(con.a, wq, bs, C, set())
     k_r, fk = _operand_recipe(con.b, wk, bs, C, {1})
     v_r, _ = _operand_recipe(vcon.b, wv, tuple(vcon.lead), C, {1})
@@ -1133,7 +1278,9 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
             if r.shape[1] == 1 and C[1] != 1:
                 r.steps.append(("method", "expand", C[0], C[1], *r.shape[2:]))
                 r.shape = (C[0], C[1], *r.shape[2:])
-    scale = sc.mult * fq * fk
+    # soft-capped scores: mult * tanh(inner * q·kᵀ) = c * tanh(scale * q·kᵀ / c) with c = mult, scale = inner * c
+    softcap = sc.mult if sc.cap_inner is not None else 0.0
+    scale = (sc.cap_inner * sc.mult if sc.cap_inner is not None else sc.mult) * fq * fk
     if not math.isfinite(scale) or scale <= 0:
         raise _Reject(f"scale {scale:g} is not positive")
     masks = [_mask_recipe(m, m.frame[:-2], C) for m in sc.masks]
@@ -1162,7 +1309,11 @@ def _plan(gm, sm, sc: _Scores, vcon: _Contraction, pnodes, index, replaced, alia
         q_shape=tuple(q_r.shape), k_shape=tuple(k_r.shape), v_shape=tuple(v_r.shape),
         layout=_layout_name(con, C, recovered), mask=masks[0].base if masks else None, mask_shape=mask_shape,
         bias=biases[0].base if biases else None, bias_shape=bias_shape, is_causal=False, scale=float(scale),
-        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node))
+        enable_gqa=gqa, replaced=tuple(replaced), symbolic_seq=_symbolic(con.node), notes=notes, softcap=softcap,
+        q_seq_axis=q_r.source_axis(2))
+
+    adopt_causal_proof(site, prove_causal([(m.node, m.keep_if_true) for m in sc.masks],
+                                          [(t.node, t.coef) for t in sc.terms], gm))
 
     def replace(op_call) -> None:
         g = gm.graph

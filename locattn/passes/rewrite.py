@@ -7,6 +7,7 @@ alone, always with a reason. Every outcome is counted (``locattn.counters()``).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,16 +17,18 @@ import torch.fx as fx
 from ..counters import bump, log
 from ..ops_phased import phased_specs  # (and registers torch.ops.locattn.attention_phased)
 from ..patterns import PATTERNS
-from ..patterns.base import Layout, PatternError
+from ..patterns.base import Layout, PatternError, count_allowed
 from ..patterns.plan import build_plan, count_pairs
-from ..patterns.spec import DENSE_SPEC, HeadGroup, SiteSpec
+from ..patterns.spec import DENSE_SPEC, HeadGroup, SiteSpec, head_ranges
 from ..policy import Globals, Policy, PolicyError, Rule
+from .causal_mask import emit_guards
+from .expand_mha import expand_mha
 from .find_sdpa import find_sdpa_sites
 from .grid_infer import infer_token_grids
 from .grid_packed import infer_packed_grids
 from .match_manual import find_manual_sites
 from .phases import Phases, find_timestep_input, insert_phase_node, timestep_error
-from .sites import AttentionSite
+from .sites import AttentionSite, SoftmaxLeft
 
 
 class LocattnWarning(UserWarning):
@@ -46,12 +49,32 @@ class Decision:
     spec: SiteSpec | None = None
     backend: str = ""
     rules: tuple[int, ...] = ()          # indices of the rules used (-1: default)
-    density: float | None = None         # fraction of the dense score matrix computed
-    blocks_full: int = 0
-    blocks_partial: int = 0
     notes: list[str] = field(default_factory=list)
     #: timestep-dependent sites: ``(phase label, decision in that phase)`` for every phase, in phase order
     phases: tuple[tuple[str, "Decision"], ...] = ()
+    #: (density, blocks_full, blocks_partial), computed on first read: compiling never pays for statistics
+    _stats: tuple[float | None, int, int] | None = field(default=None, repr=False)
+
+    @property
+    def density(self) -> float | None:
+        """Fraction of the dense score matrix computed (pattern & causal; the site mask is not counted), exact,
+        averaged over head groups; None for a site left alone or one with a ``dynamic`` group (measured at run
+        time); a timestep-phased site: its densest phase's."""
+        return self._measure()[0]
+
+    @property
+    def blocks_full(self) -> int:
+        """Full 64 x 64 blocks of the block plan, summed over heads."""
+        return self._measure()[1]
+
+    @property
+    def blocks_partial(self) -> int:
+        return self._measure()[2]
+
+    def _measure(self) -> tuple[float | None, int, int]:
+        if self._stats is None:
+            self._stats = _measure(self)
+        return self._stats
 
     @property
     def attn_flops_dense(self) -> int:
@@ -81,7 +104,8 @@ def _assign_heads(site: AttentionSite, policy: Policy) -> tuple[list[tuple[tuple
             bad = [h for h in rule.heads if h >= n_heads]
             if bad:
                 raise PolicyError(f"{rule.where(policy.source)}: key 'heads': heads {bad} do not exist at site "
-                                  f"{site.path or '<root>'!r} (it has {n_heads} heads)")
+                                  f"{site.path or '<root>'!r} (it has {n_heads} heads"
+                                  + "".join(f"; {n}" for n in site.notes) + ")")
             take = tuple(h for h in remaining if h in rule.heads)
         else:
             take = tuple(remaining)
@@ -100,8 +124,9 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     if grid == "auto" or rule.globals == "auto":
         inferred = site.token_grid
         if inferred is None:
+            why = f" ({site.token_grid_why})" if site.token_grid_why else ""
             raise PolicyError(f"{where}: grid/globals = \"auto\" but no token grid could be inferred for this "
-                              f"site; give 'grid' (and 'globals') explicitly: its {site.s_q} tokens are "
+                              f"site{why}; give 'grid' (and 'globals') explicitly: its {site.s_q} tokens are "
                               f"[prefix][grid, row-major][suffix], e.g. grid = [H, W] (or [T, H, W]) of the "
                               f"latent after patching and globals = {{prefix = N}} for N text tokens first")
         auto_grid, auto_prefix, auto_suffix = inferred
@@ -129,6 +154,26 @@ def _layout_for(site: AttentionSite, rule: Rule, policy: Policy) -> Layout:
     return layout
 
 
+def _site_backend(site: AttentionSite, groups, policy: Policy, backend: str) -> str:
+    """The one implementation override of a site: ``options={"backend": ...}`` (``backend``) first, then the
+    rules' ``backend`` key, then the policy's top-level one. The op runs one backend per call, so head groups whose
+    rules name different backends are an error; a rule's backend that the option overrides is a warning."""
+    named = {rule.backend for _, rule in groups}
+    if len(named) > 1:
+        parts = "; ".join(f"heads {head_ranges(heads)}: {rule.backend or '(none)'} from {rule.where(policy.source)}"
+                          for heads, rule in groups)
+        raise PolicyError(f"site {site.path or '<root>'!r}: its head groups name different backends ({parts}); a "
+                          f"site runs one backend: give every rule that matches it the same 'backend', or set the "
+                          f"top-level one")
+    rule_backend = named.pop() if named else ""
+    if backend and backend != "auto":
+        if rule_backend and rule_backend != backend:
+            warnings.warn(f"locattn: site {site.path or '<root>'!r}: options backend={backend!r} overrides "
+                          f"backend={rule_backend!r} of its policy rule", LocattnWarning, stacklevel=3)
+        return backend
+    return rule_backend or policy.backend
+
+
 def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     """The policy's decision for one site (no graph change)."""
     if site.blocker:
@@ -136,14 +181,12 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     groups, skip = _assign_heads(site, policy)
     if skip is not None:
         return Decision(site, False, reason=f"policy: skip ({skip.where(policy.source)})", rules=(skip.index,))
-    notes: list[str] = []
+    notes: list[str] = list(site.notes)
     head_groups = []
-    chosen_backend = ""
+    chosen_backend = _site_backend(site, groups, policy, backend)
     for heads, rule in groups:
         pattern = rule.pattern
         assert pattern is not None
-        if rule.backend and not chosen_backend:
-            chosen_backend = rule.backend
         offset = pattern.local and site.s_q < site.s_k and pattern.causal_rule
         if pattern.local and site.s_q != site.s_k and not offset:
             msg = (f"cross-attention (Sq={site.s_q} != Sk={site.s_k}): {pattern.name} from "
@@ -164,12 +207,12 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
         head_groups.append((heads, rule, pattern, layout))
     all_heads = len(head_groups) == 1
     dynamic = any(p.dynamic for _, _, p, _ in head_groups)
+    if dynamic:
+        notes.append("dynamic: density measured at run time (locattn.densities(), explain after a call)")
     spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups),
-                    site=(site.path or "<root>") if dynamic else "")
-    d = Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
-                 rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
-    _measure(d)
-    return d
+                    site=(site.path or "<root>") if dynamic else "", softcap=site.softcap)
+    return Decision(site, True, spec=spec, backend=chosen_backend,
+                    rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
 
 
 def decide_phased(site: AttentionSite, policy: Policy, phases: Phases, backend: str = "") -> Decision:
@@ -182,59 +225,73 @@ def decide_phased(site: AttentionSite, policy: Policy, phases: Phases, backend: 
         return per[0]
     for k, d in enumerate(per):
         if not d.rewritten:  # only a skip rule differs between phases (a site blocker applies to all)
-            per[k] = Decision(site, True, spec=DENSE_SPEC, backend=d.backend or backend or policy.backend,
+            dense = DENSE_SPEC if not site.softcap else SiteSpec(DENSE_SPEC.groups, softcap=site.softcap)
+            per[k] = Decision(site, True, spec=dense, backend=d.backend or backend or policy.backend,
                               rules=d.rules, notes=[f"{d.reason}: runs dense in this phase"])
-            _measure(per[k])
     rules = tuple(dict.fromkeys(r for d in per for r in d.rules))
-    best = max(per, key=lambda d: d.density or 0.0)
-    return Decision(site, True, rules=rules, density=best.density, blocks_full=best.blocks_full,
-                    blocks_partial=best.blocks_partial, notes=[n for d in per for n in d.notes],
+    return Decision(site, True, rules=rules, notes=[n for d in per for n in d.notes],
                     phases=tuple((phases.label(k), d) for k, d in enumerate(per)))
 
 
-def _measure(d: Decision, block: int = 64) -> None:
-    """Density (pattern & causal, site mask not counted) and visited blocks, averaged over head groups."""
+def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
+    """``(density, full blocks, partial blocks)`` of a rewritten site: density exact in O(S) per head group
+    (:func:`count_allowed`, pattern & causal), blocks from the block plan in O(blocks visited). A phased site
+    reports its densest phase; a site with a ``dynamic`` group has no static density (None)."""
+    if d.phases:
+        stats = [pd._measure() for _, pd in d.phases]
+        if any(st[0] is None for st in stats):
+            return None, 0, 0
+        return max(stats, key=lambda st: st[0])
     s = d.site
     if d.spec is None or s.s_q <= 0 or s.s_k <= 0:
-        return
+        return None, 0, 0
     total, full, partial = 0.0, 0, 0
     for g in d.spec.groups:
         n_h = len(g.heads) if g.heads is not None else s.heads
         if g.pattern.dynamic:  # chosen per call: measured at run time
-            d.notes.append("dynamic: density measured at run time (locattn.densities(), explain after a call)")
-            d.density = None
-            return
+            return None, 0, 0
         layout = g.layout.resolve(s.s_k) if g.pattern.local else g.layout
         off = s.s_k - s.s_q if g.pattern.local else 0
         plan = build_plan(g.pattern, layout, s.s_q, s.s_k, block, block, s.is_causal, off)
-        if s.s_q * s.s_k <= (1 << 26) or g.pattern.local:
+        if off:  # queries at the end of the keys (a causal rule, LM decoding): few rows, walk the plan
             pairs = count_pairs(plan, g.pattern, layout, s.is_causal)
-        else:  # huge dense site: only the causal triangle matters
-            pairs = s.s_q * s.s_k
+        else:
+            pairs = count_allowed(g.pattern, layout, s.s_q, s.s_k, s.is_causal)
         total += n_h * pairs / (s.s_q * s.s_k)
         full += plan.n_full * n_h
         partial += (plan.nnz - plan.n_full) * n_h
-    d.density = total / s.heads
-    d.blocks_full, d.blocks_partial = full, partial
+    return total / s.heads, full, partial
 
 
-def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
-    sites: list[AttentionSite] = []
+def find_sites(gm: fx.GraphModule, graph_id: int = 0, left: list[SoftmaxLeft] | None = None) -> list[AttentionSite]:
+    """Every site of ``gm``; softmaxes that are not attention go to ``left`` with their reason."""
+    sites: list[AttentionSite] = expand_mha(gm)        # F.multi_head_attention_forward -> SDPA (or reported)
     for finder in FINDERS:
-        for site in finder(gm, start_index=len(sites)):
-            site.graph_id = graph_id
-            sites.append(site)
+        found = finder(gm, start_index=len(sites), left=left) if finder is find_manual_sites else \
+            finder(gm, start_index=len(sites))
+        sites += found
+    for site in sites:
+        site.graph_id = graph_id
     return sites
 
 
 def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_id: int = 0,
-                  timestep_arg: str = "timestep", example_inputs=None) -> list[Decision]:
-    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions.
+                  timestep_arg: str = "timestep", example_inputs=None,
+                  left: list[SoftmaxLeft] | None = None) -> list[Decision]:
+    """Find, decide and rewrite every attention site of ``gm`` in place. Returns the decisions; softmaxes that
+    are not attention are appended to ``left`` (each counted and logged with its reason).
 
     With ``timesteps`` rules (:mod:`.phases`) the graph input named ``timestep_arg`` gives each call's phase.
     ``example_inputs`` (the compile-time inputs) let ``grid = "auto"`` read positional ids (:mod:`.grid_packed`)."""
     decisions = []
-    sites = find_sites(gm, graph_id)
+    mine: list[SoftmaxLeft] = []
+    sites = find_sites(gm, graph_id, mine)
+    for sm in mine:
+        sm = dataclasses.replace(sm, graph_id=graph_id)
+        bump("softmax_left", sm.reason.split(":")[0])
+        log.info("locattn: softmax %s in %s is not attention: %s", sm.node, sm.path or "<root>", sm.reason)
+        if left is not None:
+            left.append(sm)
     if any(r.grid == "auto" or r.globals == "auto" for r in (*policy.rules, policy.default)):
         infer_token_grids(gm, sites)
         infer_packed_grids(gm, sites, example_inputs)
@@ -276,6 +333,9 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
                 return node
             what = d.spec.describe()
 
+        if site.causal_proof is not None:   # before the rewrite, while the mask's nodes are certainly alive
+            emit_guards(gm.graph, site.causal_proof)
+            bump("causal_proven", site.form)
         site.replace(op_call)
         bump("rewrite", site.form)
         log.info("locattn: site %s (%s) -> %s", site.path or "<root>", site.form, what)
@@ -283,7 +343,7 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, backend: str = "", graph_i
         gm.graph.lint()
         gm.recompile()
     for body in _checkpoint_bodies(gm):  # attention inside activation checkpointing: its own subgraph
-        decisions += rewrite_graph(body, policy, backend, graph_id, timestep_arg)
+        decisions += rewrite_graph(body, policy, backend, graph_id, timestep_arg, left=left)
     return decisions
 
 

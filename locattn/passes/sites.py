@@ -106,6 +106,7 @@ class AttentionSite:
     bias_shape: tuple[int, ...] | None = None
     is_causal: bool = False
     scale: float | None = None
+    softcap: float = 0.0               # c > 0: scores c * tanh(scale * q·kᵀ / c) before bias / mask (Gemma 2)
     enable_gqa: bool = False
     dropout_p: float = 0.0
     replaced: tuple[str, ...] = ()     # names of the nodes a manual site replaces (explain)
@@ -117,6 +118,14 @@ class AttentionSite:
     #: inferred token layout ``(grid, prefix, suffix)`` and where it came from (:mod:`.grid_infer`)
     token_grid: tuple[tuple[int, ...], int, int] | None = None
     token_grid_desc: str | None = None
+    #: the axis of the ``q`` node that holds the sequence (None: not known); why no grid was inferred
+    q_seq_axis: int | None = -2
+    token_grid_why: str = ""
+    #: what a finder could not do but did not need to block on (e.g. heads it kept folded into the batch), and
+    #: what it proved (a causal mask)
+    notes: tuple[str, ...] = ()
+    #: run-time checks the rewrite must add (:class:`locattn.passes.causal_mask.CausalProof` of a buffer mask)
+    causal_proof: Any = field(default=None, repr=False)
 
     @property
     def heads(self) -> int:
@@ -155,7 +164,30 @@ class AttentionSite:
             parts.append("float" + ("[" + "x".join(map(str, self.bias_shape)) + "]" if self.bias_shape else ""))
         if self.is_causal:
             parts.append("causal")
+        if self.softcap:
+            parts.append(f"softcap {self.softcap:g}")
         return "+".join(parts) or "-"
 
     def effective_scale(self) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+
+@dataclass(frozen=True)
+class SoftmaxLeft:
+    """A softmax the finders did not take as attention, and why (``explain`` lists them: no softmax is left
+    alone silently)."""
+
+    path: str
+    node: str
+    reason: str
+    graph_id: int = 0
+
+
+def adopt_causal_proof(site: AttentionSite, proof) -> None:
+    """``site.is_causal`` when its mask / bias is proven causal (:func:`locattn.passes.causal_mask.prove_causal`):
+    the op then skips the blocks above the diagonal, and still applies the mask (nothing of it is lost)."""
+    if proof.why and not site.is_causal:
+        site.is_causal = True
+        site.causal_proof = proof
+        site.notes = site.notes + (f"causal: {proof.why}; the op skips the blocks above the diagonal, the mask is "
+                                   "kept",)

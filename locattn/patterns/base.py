@@ -371,25 +371,55 @@ def dense_mask(pattern: Pattern, layout: Layout, s_q: int, s_k: int, device=None
     return allowed(pattern, layout, qi, kj)
 
 
-def count_allowed(pattern: Pattern, layout: Layout, s_q: int, s_k: int) -> int:
-    """Exact number of allowed (query, key) pairs of the pattern, in O(S * (1 + sinks)) time and memory."""
+def count_allowed(pattern: Pattern, layout: Layout, s_q: int, s_k: int, causal: bool = False) -> int:
+    """Exact number of allowed (query, key) pairs of the pattern (and of the site's top-left ``causal`` mask,
+    ``j <= i``), in O(S * (ndim + sinks)) time and memory, never O(pairs).
+
+    Causal on a grid: tokens are row-major, so key ``j <= i`` iff its coordinates are lexicographically <= the
+    query's; inside the query's dilation group coordinate order is u order, so per axis the window keys before
+    the query are the u interval ``[lo, min(hi, u - 1)]``.
+    """
     if not pattern.local:
-        return s_q * s_k
+        if not causal:
+            return s_q * s_k
+        m = min(s_q, s_k)  # query i sees keys 0..min(i, s_k - 1)
+        return m * (m + 1) // 2 + (s_q - m) * s_k
     grid = layout.grid
     assert grid is not None
-    t = torch.arange(layout.prefix, layout.prefix + layout.n_grid)
+    p, n_grid = layout.prefix, layout.n_grid
+    t = torch.arange(p, p + n_grid)
     coords = token_coords(t, layout)
-    per_q = torch.ones_like(t)
-    for a in range(len(grid)):
-        lo, hi = pattern.axis_bounds(a, grid, coords[a])
-        per_q = per_q * (hi - lo + 1).clamp_min(0)
-    n_glob = layout.prefix + layout.suffix
-    per_q = per_q + n_glob
+    bounds = [pattern.axis_bounds(a, grid, coords[a]) for a in range(len(grid))]
+    widths = [(hi - lo + 1).clamp_min(0) for lo, hi in bounds]
+    if not causal:
+        per_q = torch.ones_like(t)
+        for w in widths:
+            per_q = per_q * w
+        per_q = per_q + p + layout.suffix              # every grid query sees the global keys
+        glob_rows = (p + layout.suffix) * s_k          # global queries see every key
+    else:
+        us = [dilation_groups(c, grid[a], pattern.dilation_of(a, len(grid)))[0] for a, c in enumerate(coords)]
+        per_q = torch.zeros_like(t)
+        same = torch.ones_like(t)                      # the query's own coordinate lies in the window so far
+        for a in range(len(grid)):
+            lo, hi = bounds[a]
+            before = (torch.minimum(hi, us[a] - 1) - lo + 1).clamp_min(0)
+            rest = torch.ones_like(t)
+            for w in widths[a + 1:]:
+                rest = rest * w
+            per_q = per_q + same * before * rest
+            same = same * ((lo <= us[a]) & (us[a] <= hi)).to(t.dtype)
+        per_q = per_q + same + p                       # the query itself; prefix keys all precede it
+        n_glob_q = torch.cat([torch.arange(p), torch.arange(p + n_grid, s_q)])
+        glob_rows = int((n_glob_q + 1).clamp_max(s_k).sum())   # a global query sees keys 0..i
     extra_sinks = 0
-    n_sink_grid = max(0, min(layout.sinks, layout.prefix + layout.n_grid) - layout.prefix)
+    n_sink_grid = max(0, min(layout.sinks, p + n_grid) - p)
     if n_sink_grid:
         # grid sink keys that a query's window does not already contain
-        sink_tok = torch.arange(layout.prefix, layout.prefix + n_sink_grid)
+        sink_tok = torch.arange(p, p + n_sink_grid)
         inside = allowed(pattern, dataclasses.replace(layout, sinks=0), t[:, None], sink_tok[None, :])
-        extra_sinks = int((~inside).sum())
-    return int(per_q.sum()) + extra_sinks + n_glob * s_k
+        extra = ~inside
+        if causal:
+            extra = extra & (sink_tok[None, :] <= t[:, None])
+        extra_sinks = int(extra.sum())
+    return int(per_q.sum()) + extra_sinks + glob_rows

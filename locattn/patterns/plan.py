@@ -15,7 +15,9 @@ padded to whole blocks. Queries of global blocks visit every key block; every qu
 key blocks and the blocks holding attention sinks.
 
 Cost: per axis O(n_axis * tile) work, then O(blocks visited) for the product over axes — never an S x S
-mask. A 1M-token plan takes milliseconds.
+mask. Measured at 2^20 tokens, 64 x 64 blocks (2-core machine at load 4.5): 2-D neighborhood 13x13 on 1024x1024
+44 ms, 3-D 3x7x9 on 64x128x128 0.14 s, 1-D sliding window 512 1.3 s (its per-axis step is O(S x blocks per row
+x BLOCK)); a dense plan lists all (S/64)^2 blocks (minutes at 2^20 tokens).
 """
 
 from __future__ import annotations
@@ -153,15 +155,15 @@ def _axis_counts(pattern: Pattern, grid: tuple[int, ...], a: int, tq: int, tk: i
     big = torch.iinfo(torch.long).max // 4
     lo_t = torch.cat([lo, torch.full((pad,), big)]).view(nq, tq)
     hi_t = torch.cat([hi, torch.full((pad,), -big)]).view(nq, tq)
-    lo_min = lo_t.min(1).values
-    hi_max = hi_t.max(1).values
+    lo_min = lo_t.amin(1)
+    hi_max = hi_t.amax(1)
     first = torch.div(lo_min.clamp(0, n - 1), tk, rounding_mode="floor")
     last = torch.div(hi_max.clamp(0, n - 1), tk, rounding_mode="floor")
     touched = torch.where((hi_max >= 0) & (lo_min <= n - 1) & (hi_max >= lo_min), last - first + 1, 0)
     # full: key tiles [ks, ks + tk) with ks >= max lo and ks + tk - 1 <= min hi, inside the axis (no padding),
     # for query tiles inside the axis (no padding either)
-    lo_max = torch.cat([lo, torch.full((pad,), -big)]).view(nq, tq).max(1).values
-    hi_min = torch.cat([hi, torch.full((pad,), big)]).view(nq, tq).min(1).values
+    lo_max = torch.cat([lo, torch.full((pad,), -big)]).view(nq, tq).amax(1)
+    hi_min = torch.cat([hi, torch.full((pad,), big)]).view(nq, tq).amin(1)
     f_first = torch.div(lo_max.clamp_min(0) + tk - 1, tk, rounding_mode="floor")
     f_last = torch.minimum(torch.div(hi_min + 1, tk, rounding_mode="floor") - 1,
                            torch.tensor(n // tk - 1))
@@ -268,8 +270,8 @@ def _axis_pairs(pattern: Pattern, grid, a: int, tq: int, tk: int):
     lo_t = torch.cat([lo, torch.full((qpad,), big)]).view(nq, tq)   # padded queries touch nothing
     hi_t = torch.cat([hi, torch.full((qpad,), -big)]).view(nq, tq)
     valid_q = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(qpad, dtype=torch.bool)]).view(nq, tq)
-    k_first = torch.div(lo_t.min(1).values, tk, rounding_mode="floor").clamp(0, nk - 1)
-    k_last = torch.div(hi_t.max(1).values, tk, rounding_mode="floor").clamp(0, nk - 1)
+    k_first = torch.div(lo_t.amin(1), tk, rounding_mode="floor").clamp(0, nk - 1)
+    k_last = torch.div(hi_t.amax(1), tk, rounding_mode="floor").clamp(0, nk - 1)
     m = int((k_last - k_first).max()) + 1
     cand = k_first[:, None] + torch.arange(m)[None, :]                    # [nq, m]
     in_range = cand <= k_last[:, None]
@@ -408,10 +410,10 @@ def _finish(rows, cols, fulls, q_slots, k_slots, block_m, block_n, tq, tk, causa
     if causal:
         big = torch.iinfo(torch.long).max
         qs, ks = q_slots.view(nq, block_m), k_slots.view(nk, block_n)
-        q_min = torch.where(qs >= 0, qs, big).min(1).values
-        q_max = qs.max(1).values
-        k_min = torch.where(ks >= 0, ks, big).min(1).values
-        k_max = ks.max(1).values
+        q_min = torch.where(qs >= 0, qs, big).amin(1)
+        q_max = qs.amax(1)
+        k_min = torch.where(ks >= 0, ks, big).amin(1)
+        k_max = ks.amax(1)
         keep = k_min[cols] <= q_max[rows]
         fulls = fulls & (k_max[cols] <= q_min[rows])
         rows, cols, fulls = rows[keep], cols[keep], fulls[keep]
@@ -431,7 +433,8 @@ def count_pairs(plan: BlockPlan, pattern: Pattern, layout: Layout, causal: bool)
     """Exact number of allowed (query, key) pairs, pattern & causal (site, on query rows), by walking the plan.
 
     Full blocks count their valid slots; partial blocks evaluate the predicate (cost O(partial blocks x
-    BLOCK_M x BLOCK_N), chunked). Used by ``explain`` for density and FLOPs.
+    BLOCK_M x BLOCK_N), chunked): a check of plans (tests); ``explain`` counts analytically
+    (:func:`locattn.patterns.base.count_allowed`).
     """
     nq = plan.n_qblocks
     rows = torch.repeat_interleave(torch.arange(nq), plan.kv_ptr[1:] - plan.kv_ptr[:-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 from . import PATTERNS
@@ -27,10 +28,17 @@ class HeadGroup:
 @dataclass(frozen=True)
 class SiteSpec:
     """Per-head plan of one site: disjoint head groups covering every query head. ``site``: the site's module
-    path, carried only by specs with a ``dynamic`` group (its measured density is recorded per site)."""
+    path, carried only by specs with a ``dynamic`` group (its measured density is recorded per site).
+    ``softcap`` (c > 0, every group): the site's scores are ``c * tanh(scale * q·k / c)`` before its bias / mask
+    (0: none)."""
 
     groups: tuple[HeadGroup, ...]
     site: str = ""
+    softcap: float = 0.0
+
+    def __post_init__(self):
+        if not (self.softcap >= 0 and math.isfinite(self.softcap)):
+            raise ValueError(f"softcap must be a finite number >= 0, got {self.softcap}")
 
     @property
     def is_dense(self) -> bool:
@@ -49,6 +57,8 @@ class SiteSpec:
         d = {"v": 1, "groups": out}
         if self.site:
             d["site"] = self.site
+        if self.softcap:  # omitted when 0: spec strings without a score modifier stay as they were
+            d["softcap"] = float(self.softcap)
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def describe(self) -> str:
@@ -68,7 +78,7 @@ class SiteSpec:
             if g.heads is not None:
                 s = f"h{head_ranges(g.heads)}:" + s
             parts.append(s)
-        return "; ".join(parts)
+        return "; ".join(parts) + (f" [softcap={self.softcap:g}]" if self.softcap else "")
 
 
 def head_ranges(heads: tuple[int, ...]) -> str:
@@ -106,7 +116,7 @@ def parse_spec(text: str) -> SiteSpec:
                         prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
         groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
                                 _pattern_from_params(g["pattern"], g["params"]), layout))
-    return SiteSpec(tuple(groups), d.get("site", ""))
+    return SiteSpec(tuple(groups), d.get("site", ""), softcap=float(d.get("softcap", 0.0)))
 
 
 DENSE_SPEC = SiteSpec((HeadGroup(None, PATTERNS["dense"](), Layout()),))
