@@ -91,6 +91,14 @@ def _check_inputs(q, k, v, mask, bias, scale: float, spec: SiteSpec) -> None:
         raise ValueError(f"locattn: mask must be bool (True = attend), got {mask.dtype}; pass a float mask as bias")
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"locattn: bias must be floating point, got {bias.dtype}")
+    for g in spec.groups:
+        if not g.mechanism.is_softmax:
+            if bias is not None:
+                raise ValueError(f"locattn: mechanism {g.mechanism.kind} cannot take a float bias (linear attention "
+                                 "has no scores to add it to)")
+            if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+                raise ValueError(f"locattn: mechanism {g.mechanism.kind} takes a key-padding mask ([..., 1, Sk]) only, "
+                                 f"got a mask of shape {tuple(mask.shape)}")
     hq = q.shape[1]
     heads = [h for g in spec.groups for h in (range(hq) if g.heads is None else g.heads)]
     if sorted(heads) != list(range(hq)):
@@ -121,7 +129,8 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             layout = layout.resolve(s_q)
             g.pattern.validate(layout.grid)
         if g.heads is None:
-            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout)))
+            out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
+                                                  g.mechanism)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -131,7 +140,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, g.mechanism)
         out.append((tuple(heads), tuple(kv), call))
     return out
 
@@ -276,6 +285,19 @@ def _register_implementations() -> None:
     registry.register(Triton())      # CUDA tensors (CPU only under TRITON_INTERPRET=1, when forced)
     registry.register(Blocked())     # any device
     registry.register(Reference())   # any device, O(S^2): the semantic definition
+    _register_linear()
+
+
+def _register_linear() -> None:
+    """The linear / hybrid mechanisms (``locattn/codegen/linear``): every softmax implementation above declines
+    them, and these decline softmax calls (``Implementation.mechanisms``)."""
+    from .codegen.linear.chunked import LinearChunked
+    from .codegen.linear.naive import LinearReference
+    from .codegen.linear.triton import LinearTriton
+
+    registry.register(LinearChunked())    # CPU tensors
+    registry.register(LinearTriton())     # CUDA tensors (CPU only under TRITON_INTERPRET=1, when forced)
+    registry.register(LinearReference())  # any device, O(S^2): the definition
 
 
 _register_implementations()

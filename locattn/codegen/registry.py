@@ -17,6 +17,7 @@ import torch
 
 from ..counters import bump, log
 from ..patterns.base import Layout, Pattern
+from ..patterns.mechanism import SOFTMAX, Mechanism
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,7 +31,8 @@ class AttentionCall:
     q: [B, Hq, Sq, D]; k: [B, Hk, Sk, D]; v: [B, Hk, Sk, Dv] with Hq % Hk == 0 (GQA);
     mask: bool, broadcastable to [B, Hq, Sq, Sk] (True = attend) or None;
     bias: float, broadcastable to [B, Hq, Sq, Sk] (added to the scaled scores) or None.
-    ``layout`` is resolved (concrete grid) for local patterns.
+    ``layout`` is resolved (concrete grid) for local patterns. ``mechanism``: softmax, or linear / hybrid
+    (:mod:`locattn.patterns.mechanism`); an implementation runs only the kinds in its ``mechanisms``.
     """
 
     q: torch.Tensor
@@ -42,6 +44,7 @@ class AttentionCall:
     is_causal: bool
     pattern: Pattern
     layout: Layout
+    mechanism: Mechanism = SOFTMAX
 
     @property
     def empty(self) -> bool:
@@ -72,9 +75,18 @@ def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:
 
 class Implementation:
     name: str = ""
+    #: the mechanism kinds this implementation computes; dispatch declines any other before asking ``can_run``
+    mechanisms: frozenset[str] = frozenset({"softmax"})
 
     def can_run(self, call: AttentionCall) -> tuple[bool, str]:
         return True, ""
+
+    def supports(self, call: AttentionCall) -> tuple[bool, str]:
+        """``can_run`` behind the mechanism check every dispatch makes: an implementation of softmax attention
+        declines a linear / hybrid call (and vice versa) with the reason, without each ``can_run`` spelling it."""
+        if call.mechanism.kind not in self.mechanisms:
+            return False, f"mechanism {call.mechanism.kind} (runs {'/'.join(sorted(self.mechanisms))} only)"
+        return self.can_run(call)
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (:func:`lse_dtype`; -inf for empty
@@ -108,19 +120,19 @@ def get(name: str) -> Implementation:
 
 def candidates(call: AttentionCall) -> list[tuple[str, bool, str]]:
     """Which implementations could run ``call``: ``[(name, ok, reason)]`` in dispatch order."""
-    return [(impl.name, *impl.can_run(call)) for impl in IMPLEMENTATIONS]
+    return [(impl.name, *impl.supports(call)) for impl in IMPLEMENTATIONS]
 
 
 def select(call: AttentionCall, override: str = "") -> Implementation:
     if override and override != "auto":
         impl = get(override)
-        ok, why = impl.can_run(call)
+        ok, why = impl.supports(call)
         if not ok:
             raise BackendUnavailable(f"locattn backend {override!r} was requested but cannot run: {why}")
         bump("dispatch", impl.name)
         return impl
     for impl in IMPLEMENTATIONS:
-        ok, why = impl.can_run(call)
+        ok, why = impl.supports(call)
         if ok:
             bump("dispatch", impl.name)
             return impl
