@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..counters import bump, log
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, PatternError
+from ..patterns.mechanism import SOFTMAX, Mechanism
 from ..patterns.plan import build_plan, count_pairs
 from ..patterns.spec import HeadGroup, SiteSpec
 from ..policy import Globals, Policy, PolicyError, Rule
@@ -47,6 +48,7 @@ class Decision:
     blocks_full: int = 0
     blocks_partial: int = 0
     notes: list[str] = field(default_factory=list)
+    linear_flops: int = 0                # FLOPs of linear / hybrid feature sums (not part of ``density``)
 
     @property
     def attn_flops_dense(self) -> int:
@@ -55,7 +57,8 @@ class Decision:
 
     @property
     def attn_flops(self) -> int:
-        return int(round(self.attn_flops_dense * (self.density if self.density is not None else 1.0)))
+        return int(round(self.attn_flops_dense * (self.density if self.density is not None else 1.0))) + \
+            self.linear_flops
 
 
 def _assign_heads(site: AttentionSite, policy: Policy) -> tuple[list[tuple[tuple[int, ...], Rule]], Rule | None]:
@@ -135,32 +138,59 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     for heads, rule in groups:
         pattern = rule.pattern
         assert pattern is not None
+        mech = rule.mechanism
         if rule.backend and not chosen_backend:
             chosen_backend = rule.backend
+        if not mech.is_softmax:
+            refused = mechanism_refusal(site, mech)
+            if refused:
+                msg = (f"mechanism {mech.kind} from {rule.where(policy.source)} refused: {refused}; "
+                       f"heads {list(heads)} stay exact softmax")
+                notes.append(msg)
+                warnings.warn(f"locattn: site {site.path or '<root>'!r}: {msg}", LocattnWarning, stacklevel=2)
+                bump("fallback", f"mechanism {mech.kind} refused: {refused.split(' (')[0]}")
+                head_groups.append((heads, rule, PATTERNS["dense"](), Layout(), SOFTMAX))
+                continue
         if pattern.local and site.s_q != site.s_k:
             msg = (f"cross-attention (Sq={site.s_q} != Sk={site.s_k}): {pattern.name} from "
                    f"{rule.where(policy.source)} needs self-attention; kept dense")
             notes.append(msg)
             warnings.warn(f"locattn: site {site.path or '<root>'!r}: {msg}", LocattnWarning, stacklevel=2)
             bump("fallback", "cross-attention kept dense")
-            head_groups.append((heads, rule, PATTERNS["dense"](), Layout()))
+            head_groups.append((heads, rule, PATTERNS["dense"](), Layout(), SOFTMAX))
             continue
         layout = _layout_for(site, rule, policy) if pattern.local else Layout()
-        head_groups.append((heads, rule, pattern, layout))
+        head_groups.append((heads, rule, pattern, layout, mech))
     all_heads = len(head_groups) == 1
-    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups))
+    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay, mech)
+                          for heads, _, p, lay, mech in head_groups))
     d = Decision(site, True, spec=spec, backend=chosen_backend or backend or policy.backend,
-                 rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
+                 rules=tuple(r.index for _, r, _, _, _ in head_groups), notes=notes)
     _measure(d)
     return d
 
 
+def mechanism_refusal(site: AttentionSite, mech: Mechanism) -> str:
+    """Why ``mech`` (linear / hybrid) cannot attend ``site`` ("" if it can): it sums feature products over the
+    keys the site allows, so a float bias, or a mask that is not a key-padding mask, has no place to go."""
+    if site.bias is not None:
+        return f"the site adds a float bias {site.mask_desc} (linear attention has no scores to add it to)"
+    if site.mask is not None:
+        shape = site.mask_shape
+        if shape is None or (len(shape) >= 2 and shape[-2] != 1):
+            return (f"the site's bool mask {site.mask_desc} is not a key-padding mask ([..., 1, Sk]; linear "
+                    f"attention honours key padding only)")
+    return ""
+
+
 def _measure(d: Decision, block: int = 64) -> None:
-    """Density (pattern & causal, site mask not counted) and visited blocks, averaged over head groups."""
+    """Density (pattern & causal, site mask not counted) and visited blocks, averaged over head groups; linear /
+    hybrid groups count their softmax pairs (none for linear) in the density and their feature sums in
+    ``linear_flops``."""
     s = d.site
     if d.spec is None or s.s_q <= 0 or s.s_k <= 0:
         return
-    total, full, partial = 0.0, 0, 0
+    total, full, partial, lin = 0.0, 0, 0, 0
     for g in d.spec.groups:
         n_h = len(g.heads) if g.heads is not None else s.heads
         layout = g.layout.resolve(s.s_q) if g.pattern.local else g.layout
@@ -169,11 +199,19 @@ def _measure(d: Decision, block: int = 64) -> None:
             pairs = count_pairs(plan, g.pattern, layout, s.is_causal)
         else:  # huge dense site: only the causal triangle matters
             pairs = s.s_q * s.s_k
-        total += n_h * pairs / (s.s_q * s.s_k)
-        full += plan.n_full * n_h
-        partial += (plan.nnz - plan.n_full) * n_h
+        if g.mechanism.kind != "linear":
+            total += n_h * pairs / (s.s_q * s.s_k)
+            full += plan.n_full * n_h
+            partial += (plan.nnz - plan.n_full) * n_h
+        if not g.mechanism.is_softmax:
+            m = g.mechanism.features if g.mechanism.feature_map == "favor" else s.head_dim
+            per_row = 2 * m * (s.v_dim + 1) + (2 * 64 * (m + s.v_dim) if s.is_causal else 0)  # states + intra
+            lin_pairs = pairs if g.mechanism.kind == "hybrid" and g.pattern.local else 0       # all - P
+            feat = 2 * m * s.head_dim if g.mechanism.feature_map == "favor" else 0
+            lin += s.batch * n_h * ((s.s_q + s.s_k) * (per_row + feat) + 2 * lin_pairs * (m + s.v_dim))
     d.density = total / s.heads
     d.blocks_full, d.blocks_partial = full, partial
+    d.linear_flops = lin
 
 
 def find_sites(gm: fx.GraphModule, graph_id: int = 0) -> list[AttentionSite]:
