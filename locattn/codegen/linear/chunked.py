@@ -7,8 +7,10 @@ state        ``H_c = sum_{j < cC} fk_j v_j^T`` [m, Dv] and ``Z_c = sum_{j < cC} 
              earlier chunk, an exclusive cumulative sum over per-chunk states
 intra        inside a chunk, the causal part ``tril(fq fk^T) v`` (C x C, one batched matmul)
 rep          GQA group size Hq / Hk: query heads are viewed as [B, Hk, rep, ...] against their kv head
-plan walk    ``in_pattern``: the pattern's block plan (:mod:`locattn.patterns.plan`), per chunk of query
-             blocks the visited key blocks gathered, ``kappa = fq fk^T`` masked by pattern & causal & padding
+plan walk    ``in_pattern`` for 2-D / 3-D grids and global tokens: the pattern's block plan
+             (:mod:`locattn.patterns.plan`), per chunk of query blocks the visited key blocks gathered,
+             ``kappa = fq fk^T`` masked by pattern & causal & padding. 1-D grids take prefix sums over each
+             query's key interval instead (:mod:`locattn.codegen.linear.intervals`): O(S m Dv + S C (m + Dv))
 
 Non-causal: ``num = fq (fk^T v)``, ``den = fq (fk^T 1)``: O(S m Dv). Causal: ``num_i = fq_i H_c + intra``:
 O(S m Dv + S C (m + Dv)). Backward (fla's chunk form): ``dfq = dA fk + gn H^T + gd Z^T`` with
@@ -24,6 +26,7 @@ import torch
 from ...patterns.plan import build_plan
 from ..reference import keep_mask
 from ..registry import AttentionCall
+from . import intervals
 from .common import LinearImplementation, Sums
 
 CHUNK = 64
@@ -51,17 +54,20 @@ def _chunks(x: torch.Tensor, n: int, c: int) -> torch.Tensor:
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    if reverse:
-        x = x.flip(dim)
-    y = torch.cumsum(x, dim) - x
-    return y.flip(dim) if reverse else y
+    return intervals.prefix_sum_(x.clone(), dim, reverse).sub_(x)
 
 
 class ChunkedSums(Sums):
     """The sums of :mod:`locattn.codegen.linear.common` in plain PyTorch."""
 
-    def __init__(self, chunk: int = CHUNK):
+    def __init__(self, chunk: int = CHUNK, intervals: bool = True):
         self.chunk = chunk
+        self.intervals = intervals
+
+    def _intervals(self, call) -> intervals.IntervalSums | None:
+        if self.intervals and intervals.supported(call.pattern, call.layout):
+            return intervals.IntervalSums(self.chunk)
+        return None
 
     # -- all keys ------------------------------------------------------------------------------------------
     def all_keys(self, fq, fk, v, causal):
@@ -156,6 +162,9 @@ class ChunkedSums(Sums):
             yield tq, tk, keep, fqb, fkb, vb
 
     def in_pattern(self, call, fq, fk, v):
+        fast = self._intervals(call)
+        if fast is not None:
+            return fast.forward(call, fq, fk, v)
         b, hq, s, _ = fq.shape
         dv = v.shape[-1]
         num = fq.new_zeros(b, hq, s, dv)
@@ -169,6 +178,9 @@ class ChunkedSums(Sums):
         return num, den
 
     def in_pattern_backward(self, call, fq, fk, v, gn, gd):
+        fast = self._intervals(call)
+        if fast is not None:
+            return fast.backward(call, fq, fk, v, gn, gd)
         b, hq, s, m = fq.shape
         hk, dv = fk.shape[1], v.shape[-1]
         dfq, dfk, dvv = torch.zeros_like(fq), torch.zeros_like(fk), fk.new_zeros(b, hk, s, dv)
@@ -193,8 +205,8 @@ class LinearChunked(LinearImplementation):
     name = "linear_chunked"
     softmax_impls = ("cpu",)
 
-    def __init__(self, chunk: int = CHUNK):
-        self.sums = ChunkedSums(chunk)
+    def __init__(self, chunk: int = CHUNK, intervals: bool = True):
+        self.sums = ChunkedSums(chunk, intervals)
 
     def can_run(self, call):
         for t in (call.q, call.k, call.v):

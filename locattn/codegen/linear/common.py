@@ -112,7 +112,7 @@ class LinearImplementation(Implementation):
         num, den = self.sums.all_keys(feats.fq, feats.fk, v, call.is_causal)
         if call.mechanism.kind == "linear":
             pos, safe = _safe(den)
-            out = torch.where(pos[..., None], num / safe[..., None], torch.zeros_like(num))
+            out = num.mul_((pos / safe)[..., None])                    # a zero denominator: 0 (in place: one pass)
             lse = torch.where(pos, torch.log(safe) + (0 if c is None else c), torch.full_like(den, NEG_INF))
             return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
         return self._hybrid_forward(call, feats, c, num, den, v)
@@ -122,11 +122,11 @@ class LinearImplementation(Implementation):
         assert impl is not None, why
         o_s, lse_s = impl.forward(dataclasses.replace(call, mechanism=SOFTMAX))
         ct = num.dtype
-        if call.pattern.local:  # the linear part: A \ P = all - P (a dense pattern's P is all of A: nothing)
+        if call.pattern.local:  # the linear part: A minus P = all - P (a dense pattern's P is all of A: nothing)
             num_p, den_p = self.sums.in_pattern(call, feats.fq, feats.fk, v)
-            num, den = num - num_p, den - den_p
+            num, den = num.sub_(num_p), den.sub_(den_p)
         else:
-            num, den = torch.zeros_like(num), torch.zeros_like(den)
+            num, den = num.zero_(), den.zero_()
         lse_s = lse_s.to(ct)
         c = torch.zeros_like(lse_s) if c is None else c
         r = torch.maximum(lse_s, c)
@@ -134,8 +134,8 @@ class LinearImplementation(Implementation):
         w_l = torch.exp(c - r)
         tot = w_s + w_l * den
         pos, safe = _safe(tot)
-        out = (w_s[..., None] * o_s.to(ct) + w_l[..., None] * num) / safe[..., None]
-        out = torch.where(pos[..., None], out, torch.zeros_like(out))
+        f = pos / safe                                                  # 0 for an empty row
+        out = num.mul_((w_l * f)[..., None]).addcmul_(o_s.to(ct), (w_s * f)[..., None])
         lse = torch.where(pos, r + torch.log(safe), torch.full_like(tot, NEG_INF))
         return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
 

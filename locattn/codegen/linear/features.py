@@ -97,25 +97,34 @@ class Features:
 
 
 def _phi(x: torch.Tensor, mech: Mechanism, query: bool, scale: float, mask: torch.Tensor | None):
-    """Features of one side: ``(f, c)``; ``x`` already in the compute dtype."""
+    """Features of one side: ``(f, c)``; ``x`` already in the compute dtype. Few passes over the [.., S, m]
+    output (memory-bound on CPU): one GEMM with the norm term as its bias, the max, one fused exp. In place
+    unless autograd records ``x`` (the reference's forward is differentiated in tests)."""
+    grad = x.requires_grad and torch.is_grad_enabled()
     if mech.feature_map == "elu":
-        f = F.elu(x) + 1
+        f = F.elu(x) + 1 if grad else F.elu(x).add_(1)
     elif mech.feature_map == "relu":
         f = F.relu(x)
     else:
-        w = _favor_on(x.shape[-1], mech.features, mech.seed, x.device, x.dtype)
-        xs = x * favor_factor(scale, query)
-        h = xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)
+        m = mech.features
+        a = favor_factor(scale, query)
+        w = _favor_on(x.shape[-1], m, mech.seed, x.device, x.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        sq = (x2 * x2).sum(-1, keepdim=True) * (-0.5 * a * a)
+        h = torch.addmm(sq, x2, w.T, alpha=a).view(*lead, m)                   # W (a x) - |a x|^2 / 2
+        if mask is not None:
+            h = h.masked_fill(~mask, float("-inf")) if grad else h.masked_fill_(~mask, float("-inf"))
         if query:
-            c = h.amax(-1)                                                   # [B, H, S]
-            f = torch.exp(h - c[..., None])
+            c = h.amax(-1)                                                      # [B, H, S]
+            cb = c[..., None]
         else:
-            hm = h if mask is None else h.masked_fill(~mask, float("-inf"))
-            c = hm.amax(dim=(-2, -1))[..., None]                              # [B, H, 1]
-            c = torch.where(torch.isinf(c), torch.zeros_like(c), c)            # every key masked
-            f = torch.exp(hm - c[..., None])
-        f = f * (1.0 / math.sqrt(mech.features))
-        return (f if mask is None else f * mask), c
+            c = h.amax(dim=(-2, -1))[..., None]                                 # [B, H, 1]
+            c = torch.where(torch.isinf(c), torch.zeros_like(c), c)             # every key masked
+            cb = c[..., None]
+        shift = cb + 0.5 * math.log(m)                                          # exp(h - c) / sqrt(m)
+        f = torch.exp(h - shift) if grad else h.sub_(shift).exp_()
+        return f, c
     return (f if mask is None else f * mask), None
 
 
