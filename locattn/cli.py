@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--steps", type=int, required=True)
     gr.add_argument("--lr", type=float, default=1e-4)
     gr.add_argument("--params", choices=["attention", "all"], default="attention")
-    gr.add_argument("--output-weight", type=float, default=0.0, help="weight of the final-output MSE")
+    gr.add_argument("--inputs", choices=["teacher", "student"], default="teacher",
+                    help="each student site module sees the teacher's input (layer-local) or its own (end to end)")
+    gr.add_argument("--output-weight", type=float, default=0.0, help="weight of the final-output MSE (--inputs "
+                    "student)")
     gr.add_argument("-o", "--output", default="grafted.pt", help="where the trained state dict goes")
     gr.add_argument("--log", default=None, help="write the per-step losses (JSON) here")
     gr.add_argument("--quiet", action="store_true")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         history: list = []
         try:
             graft(model, args.policy, samples, steps=args.steps, lr=args.lr, params=args.params,
-                  progress=not args.quiet, output_weight=args.output_weight, save=args.output, history=history)
+                  progress=not args.quiet, inputs=args.inputs, output_weight=args.output_weight, save=args.output,
+                  history=history)
         except ValueError as e:
             raise SystemExit(f"locattn {e}") from None
         if args.log:

@@ -6,9 +6,15 @@ The model as given is the *teacher* (a frozen copy, exact dense attention, eager
 the locattn backend under ``policy`` is the *student*. Every site the policy changes (a local pattern, or a
 linear / hybrid mechanism on some heads) is distilled: the output of the module holding the site (e.g. a
 transformer's ``self_attn``: attention plus its projections) is pulled towards the teacher's output of the same
-module on the same input, by the mean over sites of their MSE (grafting, LoLCATs' attention transfer),
-optionally plus ``output_weight`` x the MSE of the models' final outputs. The student's modules see the
-student's own activations (end to end), so earlier sites' errors are trained against too.
+module, by the mean over sites of their MSE (grafting, LoLCATs' attention transfer). Where the student's
+module takes its input from:
+
+* ``inputs="teacher"`` (default; grafting's and LoLCATs' layer-local distillation): each student module is
+  called on the teacher's input to that module (a forward pre-hook substitutes it), so every site learns to
+  replace its dense original in isolation and the backward runs through the attention modules only (no
+  gradient reaches anything else, whatever ``params`` says);
+* ``inputs="student"``: end to end, each module sees the student's own activations, so earlier sites' errors
+  are trained against too, optionally plus ``output_weight`` x the MSE of the models' final outputs.
 
 * ``params="attention"``: only the parameters of the modules holding changed sites train (their q / k / v /
   out projections and whatever else those modules own, e.g. q/k norms); ``"all"``: every parameter. The others
@@ -46,6 +52,7 @@ from .passes.rewrite import Decision
 from .policy import Policy
 
 PARAMS = ("attention", "all")
+INPUTS = ("teacher", "student")
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
@@ -115,14 +122,16 @@ def _discover(model: nn.Module, policy: Policy, backend: str, args: tuple, kwarg
 
 
 def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: float = 1e-4,
-          params: str = "attention", progress: bool = True, output_weight: float = 0.0, save: str | None = None,
-          history: list | None = None, backend: str = "", inductor: bool = False) -> nn.Module:
+          params: str = "attention", progress: bool = True, inputs: str = "teacher", output_weight: float = 0.0,
+          save: str | None = None, history: list | None = None, backend: str = "", inductor: bool = False
+          ) -> nn.Module:
     """Fine-tune ``model`` in place so that, compiled with the locattn backend under ``policy``, each changed
     attention site's module output matches the dense model's (module docstring). Returns ``model``.
 
     ``samples``: an iterable of model inputs, each a tensor (one positional argument), a tuple of arguments or a
     dict of keyword arguments; cycled for ``steps`` optimizer steps (Adam, ``lr``). ``progress``: print the loss
-    ~20 times to stderr. ``save``: write the trained ``state_dict`` there (``torch.save``). ``history``: a list
+    ~20 times to stderr. ``inputs``: ``"teacher"`` or ``"student"`` (module docstring); ``output_weight``
+    (``inputs="student"`` only): weight of the final outputs' MSE. ``save``: write the trained ``state_dict`` there (``torch.save``). ``history``: a list
     that gets one dict per step (``step``, ``loss``, ``sites``: per-site MSE by module path, ``output``,
     ``seconds``); the loss curve. ``backend``: an implementation override for the student's sites;
     ``inductor``: compile the student with Inductor (default: the rewritten graph runs eagerly, which starts
@@ -140,6 +149,11 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
         raise ValueError(f"graft: lr must be > 0, got {lr!r}")
     if params not in PARAMS:
         raise ValueError(f"graft: params must be one of {list(PARAMS)}, got {params!r}")
+    if inputs not in INPUTS:
+        raise ValueError(f"graft: inputs must be one of {list(INPUTS)}, got {inputs!r}")
+    if output_weight and inputs == "teacher":
+        raise ValueError("graft: output_weight needs inputs='student' (with the teacher's inputs substituted per "
+                         "module, the student's final output is no model's output)")
     policy = Policy.coerce(policy)
     it = iter(samples)
     first = next(it, None)
@@ -172,14 +186,28 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
     t_modules = {p: teacher.get_submodule(p) for p in paths}
     t_out: dict[str, torch.Tensor] = {}
     s_out: dict[str, torch.Tensor] = {}
+    t_in: dict[str, tuple] = {}
 
     def hook(store, name):
         def fn(_mod, _args, out):
             store[name] = _first_tensor(out)
         return fn
 
+    def keep_input(name):
+        def fn(_mod, args, kwargs):
+            t_in[name] = (args, kwargs)
+        return fn
+
+    def teacher_input(name):  # the student module runs on the teacher's input (inputs="teacher")
+        def fn(_mod, _args, _kwargs):
+            return t_in[name]
+        return fn
+
     handles = [modules[p].register_forward_hook(hook(s_out, p)) for p in paths]
     handles += [t_modules[p].register_forward_hook(hook(t_out, p)) for p in paths]
+    if inputs == "teacher":
+        handles += [t_modules[p].register_forward_pre_hook(keep_input(p), with_kwargs=True) for p in paths]
+        handles += [modules[p].register_forward_pre_hook(teacher_input(p), with_kwargs=True) for p in paths]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     train_ids = {id(p) for p in train}
@@ -189,8 +217,8 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
     opt = torch.optim.Adam(train, lr=lr)
     student = torch.compile(model, backend=LocattnBackend(policy, backend=backend, inductor=inductor))
     every = max(1, steps // 20)
-    log.info("locattn graft: %d site(s) in %d module(s), %d trainable tensors (%s), %d steps", len(sites),
-             len(paths), len(train), params, steps)
+    log.info("locattn graft: %d site(s) in %d module(s), %d trainable tensors (%s), %s inputs, %d steps",
+             len(sites), len(paths), len(train), params, inputs, steps)
     t0 = time.perf_counter()
     done = 0
     try:
@@ -198,6 +226,7 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
             a, kw = _as_call(sample, device)
             t_out.clear()
             s_out.clear()
+            t_in.clear()
             with torch.no_grad():
                 t_final = _first_tensor(teacher(*a, **kw))
             s_final = _first_tensor(student(*a, **kw))

@@ -49,12 +49,13 @@ def _model_and_samples():
     return Tiny(), [torch.randn(2, 40, 8) for _ in range(4)]
 
 
-def test_graft_lowers_site_loss_and_freezes_the_rest():
+@pytest.mark.parametrize("inputs", ["teacher", "student"])
+def test_graft_lowers_site_loss_and_freezes_the_rest(inputs):
     model, samples = _model_and_samples()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hist: list = []
-    out = locattn.graft(model, POLICY, samples[:1], steps=40, lr=3e-3, progress=False, history=hist)
+    out = locattn.graft(model, POLICY, samples[:1], steps=40, lr=3e-3, progress=False, history=hist, inputs=inputs)
     assert out is model and len(hist) == 40
     assert set(hist[0]["sites"]) == {"blocks.0", "blocks.1"}
     for site in ("blocks.0", "blocks.1"):
@@ -75,7 +76,7 @@ def test_graft_all_params_and_output_loss(tmp_path):
     hist: list = []
     path = tmp_path / "g.pt"
     locattn.graft(model, POLICY, iter(samples), steps=10, lr=1e-3, params="all", progress=False, output_weight=1.0,
-                  history=hist, save=str(path))
+                  inputs="student", history=hist, save=str(path))
     assert len(hist) == 4  # a one-shot iterator: stops when the samples run out
     assert hist[0]["output"] is not None
     assert not torch.equal(model.embed.weight, before["embed.weight"])
@@ -88,9 +89,11 @@ def test_graft_all_params_and_output_loss(tmp_path):
     (dict(steps=-3), "steps must be an integer >= 1"),
     (dict(steps=2, params="mlp"), "params must be one of"),
     (dict(steps=2, lr=0.0), "lr must be > 0"),
+    (dict(steps=2, inputs="mixed"), "inputs must be one of"),
+    (dict(steps=2, output_weight=1.0), "output_weight needs inputs='student'"),
     (dict(steps=2, policy={"default": {"pattern": "dense"}}), "changes no attention site"),
     (dict(steps=2, samples=[]), "samples is empty"),
-], ids=["steps0", "steps-neg", "params", "lr", "nothing-changed", "no-samples"])
+], ids=["steps0", "steps-neg", "params", "lr", "inputs", "output-teacher", "nothing-changed", "no-samples"])
 def test_graft_bad_input(kw, msg):
     model, samples = _model_and_samples()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -99,6 +102,17 @@ def test_graft_bad_input(kw, msg):
     with pytest.raises(ValueError, match=msg):
         locattn.graft(model, policy, samples, progress=False, **kw)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_graft_teacher_inputs_train_only_attention_modules():
+    """With the teacher's inputs substituted per module, no gradient reaches parameters outside the site modules
+    even with params='all' (they stay bit-identical); the sites' parameters train."""
+    model, samples = _model_and_samples()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    locattn.graft(model, POLICY, samples, steps=3, lr=1e-3, params="all", progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("blocks."))
+    assert not torch.equal(after["blocks.0.qkv.weight"], before["blocks.0.qkv.weight"])
 
 
 def test_graft_cli(tmp_path):
