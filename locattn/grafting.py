@@ -10,9 +10,12 @@ module, by the mean over sites of their MSE (grafting, LoLCATs' attention transf
 module takes its input from:
 
 * ``inputs="teacher"`` (default; grafting's and LoLCATs' layer-local distillation): each student module is
-  called on the teacher's input to that module (a forward pre-hook substitutes it), so every site learns to
-  replace its dense original in isolation and the backward runs through the attention modules only (no
-  gradient reaches anything else, whatever ``params`` says);
+  called on the teacher's input to that module, so every site learns to replace its dense original in
+  isolation and the backward runs through the attention modules only (no gradient reaches anything else,
+  whatever ``params`` says). Each module holding changed sites is compiled on its own with its sites'
+  decided spec and run alone (the rest of the student never runs); a module whose sites were decided
+  differently from one another runs inside the whole compiled student with its input substituted by a forward
+  pre-hook instead;
 * ``inputs="student"``: end to end, each module sees the student's own activations, so earlier sites' errors
   are trained against too, optionally plus ``output_weight`` x the MSE of the models' final outputs.
 
@@ -49,7 +52,8 @@ import torch.nn.functional as F
 from .backend import LocattnBackend
 from .counters import log
 from .passes.rewrite import Decision
-from .policy import Policy
+from .patterns.spec import SiteSpec
+from .policy import Globals, Policy, Rule
 
 PARAMS = ("attention", "all")
 INPUTS = ("teacher", "student")
@@ -110,6 +114,22 @@ def changed_sites(decisions: list[Decision]) -> list[Decision]:
     return [d for d in decisions if d.rewritten and d.spec is not None and not d.spec.is_dense]
 
 
+def spec_policy(spec: SiteSpec, backend: str = "") -> Policy:
+    """A policy that gives every site the decided ``spec`` (its head groups as ``match = "*"`` rules): how a module
+    compiled on its own, where its sites' paths are ``""``, gets the decision made in the whole model."""
+    rules, default = [], None
+    for g in spec.groups:
+        lay = g.layout
+        kw = dict(pattern=g.pattern, grid=lay.grid if g.pattern.local else None, sinks=lay.sinks, backend=backend,
+                  globals=Globals(lay.prefix, lay.suffix) if (lay.prefix or lay.suffix) else None,
+                  mechanism=g.mechanism)
+        if g.heads is None:
+            default = Rule(match=(), **kw)
+        else:
+            rules.append(Rule(match=("*",), heads=g.heads, index=len(rules), **kw))
+    return Policy(rules=tuple(rules), default=default or Policy().default, source="<graft: decided spec>")
+
+
 def _discover(model: nn.Module, policy: Policy, backend: str, args: tuple, kwargs: dict) -> list[Decision]:
     torch._dynamo.reset()
     b = LocattnBackend(policy, backend=backend, inductor=False)
@@ -164,7 +184,8 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
     device = next(model.parameters()).device
     args, kwargs = _as_call(first, device)
 
-    sites = changed_sites(_discover(model, policy, backend, args, kwargs))
+    decisions = _discover(model, policy, backend, args, kwargs)
+    sites = changed_sites(decisions)
     if not sites:
         raise ValueError(f"graft: policy {policy.source!r} changes no attention site of this model (every site is "
                          "left alone or stays exact dense softmax): nothing to graft")
@@ -205,9 +226,19 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
 
     handles = [modules[p].register_forward_hook(hook(s_out, p)) for p in paths]
     handles += [t_modules[p].register_forward_hook(hook(t_out, p)) for p in paths]
+    alone: dict[str, nn.Module] = {}  # inputs="teacher": modules compiled and run on their own
+    backends: dict[str, LocattnBackend] = {}
     if inputs == "teacher":
         handles += [t_modules[p].register_forward_pre_hook(keep_input(p), with_kwargs=True) for p in paths]
-        handles += [modules[p].register_forward_pre_hook(teacher_input(p), with_kwargs=True) for p in paths]
+        for p in paths:
+            decided = {(d.spec.to_json() if d.spec is not None else None, d.backend) for d in decisions
+                       if d.site.path == p}
+            if len(decided) == 1 and None not in next(iter(decided)):
+                spec = next(d.spec for d in decisions if d.site.path == p)
+                backends[p] = LocattnBackend(spec_policy(spec, backend), backend=backend, inductor=inductor)
+                alone[p] = torch.compile(modules[p], backend=backends[p])
+            else:
+                handles.append(modules[p].register_forward_pre_hook(teacher_input(p), with_kwargs=True))
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     train_ids = {id(p) for p in train}
@@ -215,7 +246,9 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
         p.requires_grad_(id(p) in train_ids)
     model.eval()
     opt = torch.optim.Adam(train, lr=lr)
-    student = torch.compile(model, backend=LocattnBackend(policy, backend=backend, inductor=inductor))
+    whole = len(alone) < len(paths)  # some module runs inside the whole student
+    student = torch.compile(model, backend=LocattnBackend(policy, backend=backend, inductor=inductor)) if whole \
+        else None
     every = max(1, steps // 20)
     log.info("locattn graft: %d site(s) in %d module(s), %d trainable tensors (%s), %s inputs, %d steps",
              len(sites), len(paths), len(train), params, inputs, steps)
@@ -229,7 +262,12 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
             t_in.clear()
             with torch.no_grad():
                 t_final = _first_tensor(teacher(*a, **kw))
-            s_final = _first_tensor(student(*a, **kw))
+            s_final = _first_tensor(student(*a, **kw)) if student is not None else None
+            for p, mod in alone.items():
+                s_out[p] = _first_tensor(mod(*t_in[p][0], **t_in[p][1]))
+                if step == 0 and not any(d.rewritten and not d.spec.is_dense for d in backends[p].decisions):
+                    raise RuntimeError(f"graft: module {p!r} compiled on its own did not rewrite its attention site "
+                                       "as decided in the whole model; use inputs='student'")
             missing = [p for p in paths if p not in s_out or p not in t_out]
             if missing:
                 raise RuntimeError(f"graft: modules {missing} produced no tensor output this step")

@@ -115,6 +115,47 @@ def test_graft_teacher_inputs_train_only_attention_modules():
     assert not torch.equal(after["blocks.0.qkv.weight"], before["blocks.0.qkv.weight"])
 
 
+class TwoSites(nn.Module):
+    """One module, two attention sites: the second adds a float bias, so a linear mechanism is refused there."""
+
+    def __init__(self, d=32, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("bias", torch.randn(1, 1, 40, 40) * 0.1)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.out(o.transpose(1, 2).reshape(b, s, d))
+
+
+def test_graft_teacher_inputs_module_with_differently_decided_sites():
+    """A module whose sites got different specs cannot be compiled alone under one spec: it runs inside the
+    whole student with the teacher's input substituted; the site loss still falls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), TwoSites())
+    x = [torch.randn(2, 40, 8)]
+    hist: list = []
+    with pytest.warns(locattn.LocattnWarning, match="refused"):
+        locattn.graft(model, {"rule": [{"match": "1", "mechanism": "linear"}]}, x, steps=25, lr=3e-3,
+                      progress=False, history=hist)
+    assert hist[-1]["sites"]["1"] < 0.7 * hist[0]["sites"]["1"], (hist[0], hist[-1])
+
+
+def test_spec_policy_reproduces_the_decision():
+    from locattn.grafting import spec_policy
+    from locattn.patterns import Dense, Layout, SlidingWindow
+    from locattn.patterns.mechanism import Mechanism
+    from locattn.patterns.spec import HeadGroup, SiteSpec
+    spec = SiteSpec((HeadGroup((0, 1), SlidingWindow(window=3), Layout(sinks=2), Mechanism("hybrid")),
+                     HeadGroup((2, 3), Dense(), Layout())))
+    torch.manual_seed(0)
+    rep = locattn.explain(Attn(), torch.randn(1, 20, 32), policy=spec_policy(spec))
+    assert rep.decisions[0].spec == spec
+
+
 def test_graft_cli(tmp_path):
     target = tmp_path / "target.py"
     target.write_text(
