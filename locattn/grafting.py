@@ -230,13 +230,17 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
     backends: dict[str, LocattnBackend] = {}
     if inputs == "teacher":
         handles += [t_modules[p].register_forward_pre_hook(keep_input(p), with_kwargs=True) for p in paths]
+        shared: dict[tuple, LocattnBackend] = {}  # one backend per decided spec: layers of one class share a graph
         for p in paths:
             decided = {(d.spec.to_json() if d.spec is not None else None, d.backend) for d in decisions
                        if d.site.path == p}
             if len(decided) == 1 and None not in next(iter(decided)):
-                spec = next(d.spec for d in decisions if d.site.path == p)
-                backends[p] = LocattnBackend(spec_policy(spec, backend), backend=backend, inductor=inductor)
-                alone[p] = torch.compile(modules[p], backend=backends[p])
+                key = next(iter(decided))
+                if key not in shared:
+                    spec = next(d.spec for d in decisions if d.site.path == p)
+                    shared[key] = LocattnBackend(spec_policy(spec, backend), backend=backend, inductor=inductor)
+                backends[p] = shared[key]
+                alone[p] = torch.compile(modules[p], backend=shared[key])
             else:
                 handles.append(modules[p].register_forward_pre_hook(teacher_input(p), with_kwargs=True))
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -254,6 +258,10 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
              len(sites), len(paths), len(train), params, inputs, steps)
     t0 = time.perf_counter()
     done = 0
+    limit = torch._dynamo.config.recompile_limit
+    # modules of one class share their forward's compiled code; each may need its own entry (guards on the
+    # module or the backend): never let Dynamo fall back to running one eagerly, i.e. dense
+    torch._dynamo.config.recompile_limit = max(limit, len(alone) + 8)
     try:
         for step, sample in zip(range(steps), _cycle(samples)):
             a, kw = _as_call(sample, device)
@@ -265,9 +273,11 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
             s_final = _first_tensor(student(*a, **kw)) if student is not None else None
             for p, mod in alone.items():
                 s_out[p] = _first_tensor(mod(*t_in[p][0], **t_in[p][1]))
-                if step == 0 and not any(d.rewritten and not d.spec.is_dense for d in backends[p].decisions):
-                    raise RuntimeError(f"graft: module {p!r} compiled on its own did not rewrite its attention site "
-                                       "as decided in the whole model; use inputs='student'")
+            if step == 0:
+                for p in alone:
+                    if not any(d.rewritten and not d.spec.is_dense for d in backends[p].decisions):
+                        raise RuntimeError(f"graft: module {p!r} compiled on its own did not rewrite its attention "
+                                           "site as decided in the whole model; use inputs='student'")
             missing = [p for p in paths if p not in s_out or p not in t_out]
             if missing:
                 raise RuntimeError(f"graft: modules {missing} produced no tensor output this step")
@@ -290,6 +300,7 @@ def graft(model: nn.Module, policy: Any, samples: Iterable, *, steps: int, lr: f
                 print(f"locattn graft: step {done}/{steps} loss {rec['loss']:.4g} "
                       f"({rec['seconds']:.0f}s)", file=sys.stderr, flush=True)
     finally:
+        torch._dynamo.config.recompile_limit = limit
         for h in handles:
             h.remove()
         for p in model.parameters():

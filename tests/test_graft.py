@@ -173,3 +173,22 @@ def test_graft_cli(tmp_path):
     assert len(json.loads(log.read_text())) == 3
     with pytest.raises(SystemExit, match="steps must be"):
         cli_main(["graft", f"{target}:make", "--policy", str(policy), "--steps", "0", "--quiet"])
+
+
+@pytest.mark.models
+def test_graft_every_layer_of_a_deep_llama_runs_the_rewritten_op():
+    """Modules of one class compiled one by one share their forward's code: more layers than Dynamo's default
+    recompile limit must still each run the hybrid op (none falls back to eager dense attention)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    pol = {"rule": [{"match": "*", "pattern": "sliding_window", "window": 4, "sinks": 1, "mechanism": "hybrid",
+                     "features": 16}]}
+    locattn.reset_counters()
+    hist: list = []
+    locattn.graft(model, pol, [torch.randint(0, 100, (1, 24))], steps=1, progress=False, history=hist)
+    assert len(hist[0]["sites"]) == 10
+    # discovery (10 forwards) + one step (10 forwards, 10 backwards), every one on the hybrid implementation
+    assert locattn.counters()["dispatch"]["linear_chunked"] == 30

@@ -22,14 +22,12 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREV
 
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 import locattn  # noqa: E402
 from locattn.codegen.linear.triton import LinearTriton  # noqa: E402
 from locattn.patterns import Layout, Neighborhood, SlidingWindow  # noqa: E402
 
 from linear_golden import Case, check  # noqa: E402
+from test_graft import Attn  # noqa: E402  (a causal SDPA attention module)
 
 
 @pytest.fixture(autouse=True)
@@ -67,23 +65,10 @@ def test_triton_declines_what_it_cannot_run():
     assert impl.can_run(call) == (False, "dtype torch.float64 / torch.float64 is not supported (fp16, bf16, fp32)")
 
 
-class Attn(nn.Module):
-    def __init__(self, d=32, h=2):
-        super().__init__()
-        self.h = h
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(o.transpose(1, 2).reshape(b, s, d))
-
-
 def test_triton_through_torch_compile():
     """A causal hybrid site compiled with the linear_triton implementation forced equals linear_chunked."""
     torch.manual_seed(0)
-    model = Attn().to(DEVICE)
+    model = Attn(h=2).to(DEVICE)
     x = torch.randn(1, 33, 32, device=DEVICE)
     pol = {"rule": [{"match": "*", "mechanism": "hybrid", "pattern": "sliding_window", "window": 4, "sinks": 1}]}
     outs = []

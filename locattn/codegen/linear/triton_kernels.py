@@ -41,6 +41,21 @@ def _rows(ptr, rows, valid, cols, ncols, BLOCK_X: tl.constexpr):
     return x.to(tl.float32)
 
 
+@triton.jit
+def _kv_head(bh, H, GROUP: tl.constexpr):
+    """The flat (batch, kv head) index of flat (batch, query head) ``bh``."""
+    return (bh // H) * (H // GROUP) + (bh % H) // GROUP
+
+
+@triton.jit
+def _state(Hs, Zs, sbase, f, e, NF, DV):
+    """State ``H`` [BLOCK_F, BLOCK_DV] and ``Z`` [BLOCK_F] number ``sbase`` (fp32, zero-padded)."""
+    hs = tl.load(Hs + sbase * NF * DV + f[:, None] * DV + e[None, :], mask=(f[:, None] < NF) & (e[None, :] < DV),
+                 other=0.0)
+    zs = tl.load(Zs + sbase * NF + f, mask=f < NF, other=0.0)
+    return hs, zs
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def chunk_state(A, Bv, W, St, Zt, S, NF, DV, n_chunks, HAS_W: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -73,19 +88,13 @@ def chunk_out(FQ, FK, V, Hs, Zs, Num, Den, H, S_q, S_k, NF, DV, n_chunks, state_
     ``state_chunks`` = n_chunks (causal) or 1 (non-causal: the total, for every chunk)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    hk = (bh % H) // GROUP
-    bhk = b * (H // GROUP) + hk
+    bhk = _kv_head(bh, H, GROUP)
     rows = c * BLOCK_C + tl.arange(0, BLOCK_C)
     qv = rows < S_q
     f = tl.arange(0, BLOCK_F)
     e = tl.arange(0, BLOCK_DV)
     fq = _rows(FQ + bh * S_q * NF, rows, qv, f, NF, BLOCK_F)
-    sc = c if CAUSAL else 0
-    sbase = bhk * state_chunks + sc
-    hm = (f[:, None] < NF) & (e[None, :] < DV)
-    hs = tl.load(Hs + sbase * NF * DV + f[:, None] * DV + e[None, :], mask=hm, other=0.0)
-    zs = tl.load(Zs + sbase * NF + f, mask=f < NF, other=0.0)
+    hs, zs = _state(Hs, Zs, bhk * state_chunks + (c if CAUSAL else 0), f, e, NF, DV)
     num = tl.dot(fq, hs, input_precision=PRECISION)
     den = tl.sum(fq * zs[None, :], 1)
     if CAUSAL:
@@ -108,20 +117,14 @@ def chunk_dq(GN, GD, FK, V, Hs, Zs, dFQ, H, S_q, S_k, NF, DV, state_chunks, GROU
     """``dfq = gn H[c]^T + gd Z[c]^T (+ tril(gn v^T + gd) fk)`` per query chunk. Grid (n_q_chunks, B*H)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    hk = (bh % H) // GROUP
-    bhk = b * (H // GROUP) + hk
+    bhk = _kv_head(bh, H, GROUP)
     rows = c * BLOCK_C + tl.arange(0, BLOCK_C)
     qv = rows < S_q
     f = tl.arange(0, BLOCK_F)
     e = tl.arange(0, BLOCK_DV)
     gn = _rows(GN + bh * S_q * DV, rows, qv, e, DV, BLOCK_DV)
     gd = tl.load(GD + bh * S_q + rows, mask=qv, other=0.0)
-    sc = c if CAUSAL else 0
-    sbase = bhk * state_chunks + sc
-    hm = (f[:, None] < NF) & (e[None, :] < DV)
-    hs = tl.load(Hs + sbase * NF * DV + f[:, None] * DV + e[None, :], mask=hm, other=0.0)
-    zs = tl.load(Zs + sbase * NF + f, mask=f < NF, other=0.0)
+    hs, zs = _state(Hs, Zs, bhk * state_chunks + (c if CAUSAL else 0), f, e, NF, DV)
     dfq = tl.dot(gn, tl.trans(hs), input_precision=PRECISION) + gd[:, None] * zs[None, :]
     if CAUSAL:
         kv = rows < S_k
@@ -150,11 +153,7 @@ def chunk_dkv(FQ, GN, GD, FK, V, dHs, dZs, dFK, dV, HK, S_q, S_k, NF, DV, state_
     e = tl.arange(0, BLOCK_DV)
     fk = _rows(FK + bhk * S_k * NF, rows, kv, f, NF, BLOCK_F)
     v = _rows(V + bhk * S_k * DV, rows, kv, e, DV, BLOCK_DV)
-    sc = c if CAUSAL else 0
-    sbase = bhk * state_chunks + sc
-    hm = (f[:, None] < NF) & (e[None, :] < DV)
-    dh = tl.load(dHs + sbase * NF * DV + f[:, None] * DV + e[None, :], mask=hm, other=0.0)
-    dz = tl.load(dZs + sbase * NF + f, mask=f < NF, other=0.0)
+    dh, dz = _state(dHs, dZs, bhk * state_chunks + (c if CAUSAL else 0), f, e, NF, DV)
     dfk = tl.dot(v, tl.trans(dh), input_precision=PRECISION) + dz[None, :]
     dvv = tl.dot(fk, dh, input_precision=PRECISION)
     if CAUSAL:
@@ -211,8 +210,7 @@ def pattern_fwd(FQ, FK, V, Num, Den, q_slots, k_slots, kv_ptr, kv_idx, q_lo, q_h
     query block. Grid (n_qblocks, B*H)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    bhk = b * (H // GROUP) + (bh % H) // GROUP
+    bhk = _kv_head(bh, H, GROUP)
     qslot = m * BLOCK_M + tl.arange(0, BLOCK_M)
     qt = tl.load(q_slots + qslot)
     f = tl.arange(0, BLOCK_F)
@@ -244,8 +242,7 @@ def pattern_dq(GN, GD, FK, V, dFQ, q_slots, k_slots, kv_ptr, kv_idx, q_lo, q_hi,
     """``dfq_i = sum_{j in P(i)} (gn_i . v_j + gd_i) fk_j``. Grid (n_qblocks, B*H)."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    bhk = b * (H // GROUP) + (bh % H) // GROUP
+    bhk = _kv_head(bh, H, GROUP)
     qslot = m * BLOCK_M + tl.arange(0, BLOCK_M)
     qt = tl.load(q_slots + qslot)
     qv = qt >= 0
