@@ -359,3 +359,20 @@ def test_rewrite_refuses_bias_and_full_mask_sites():
             assert refused in str(rep)
         else:
             assert not any(k.startswith("mechanism") for k in fb), fb
+
+
+@pytest.mark.parametrize("kind", ["linear", "hybrid"])
+def test_bf16_through_the_op(kind):
+    """bf16 q, k, v (as autocast hands them over): features and sums in fp32, outputs and gradients in bf16,
+    close to the fp64 definition."""
+    case = Case(f"bf16-{kind}", kind=kind, feature_map="favor", pattern=SW if kind == "hybrid" else Dense(),
+                causal=True, hq=4, hk=2, s=70)
+    call = case.call(dtype=torch.bfloat16)
+    spec = SiteSpec((HeadGroup(None, call.pattern, Layout(), call.mechanism),))
+    q, k, v = (t.clone().requires_grad_() for t in (call.q, call.k, call.v))
+    out, lse = torch.ops.locattn.attention(q, k, v, None, None, call.scale, True, spec.to_json(), "")
+    out.float().square().sum().backward()
+    assert out.dtype == q.grad.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    gold = naive_forward(call64(call))[0]
+    torch.testing.assert_close(out.double(), gold, rtol=0.05, atol=0.02)
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(k.grad.float()).all()
