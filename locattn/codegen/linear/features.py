@@ -150,8 +150,8 @@ def _phi_backward(x: torch.Tensor, f: torch.Tensor, df: torch.Tensor, mech: Mech
                   scale: float) -> torch.Tensor:
     """d(loss)/dx from d(loss)/df for ``f = phi(x)`` (log-scale held fixed; masked features have df's share
     already zeroed by ``f == 0`` for favor, by the caller's mask otherwise)."""
-    if mech.feature_map == "elu":
-        return df * torch.where(x > 0, torch.ones_like(x), torch.exp(x))
+    if mech.feature_map == "elu":  # d(elu(x) + 1)/dx = 1 for x > 0, else exp(x) = f (masked keys: df = 0)
+        return df * torch.where(x > 0, 1.0, f)
     if mech.feature_map == "relu":
         return df * (x > 0).to(x.dtype)
     w = _favor_on(x.shape[-1], mech.features, mech.seed, x.device, x.dtype)
