@@ -214,6 +214,6 @@ class LinearChunked(LinearImplementation):
                 return False, f"tensors on {t.device.type}, not cpu"
         ok, why = super().can_run(call)
         if ok and call.mechanism.kind == "hybrid":
-            ok = self.softmax_impl(call)[0] is not None
-            why = "" if ok else self.softmax_impl(call)[1]
+            impl, why = self.softmax_impl(call, count=False)
+            ok = impl is not None
         return ok, why

@@ -32,6 +32,7 @@ import dataclasses
 
 import torch
 
+from ...counters import bump
 from ...patterns.mechanism import SOFTMAX
 from .. import registry
 from ..registry import AttentionCall, Implementation, lse_dtype
@@ -87,8 +88,9 @@ class LinearImplementation(Implementation):
     def can_run(self, call):
         return check_call(call)
 
-    def softmax_impl(self, call: AttentionCall) -> tuple[Implementation | None, str]:
-        """The implementation of the hybrid's softmax part (its backward must normalise by the given lse)."""
+    def softmax_impl(self, call: AttentionCall, count: bool = True) -> tuple[Implementation | None, str]:
+        """The implementation of the hybrid's softmax part (its backward must normalise by the given lse); a
+        use is counted in ``counters()["dispatch"]`` as ``"<name> (hybrid softmax part)"``."""
         sc = dataclasses.replace(call, mechanism=SOFTMAX)
         why = []
         for name in self.softmax_impls:
@@ -99,6 +101,8 @@ class LinearImplementation(Implementation):
                 continue
             ok, reason = impl.supports(sc)
             if ok:
+                if count:
+                    bump("dispatch", f"{name} (hybrid softmax part)")
                 return impl, ""
             why.append(f"{name}: {reason}")
         return None, "the softmax part cannot run (" + "; ".join(why) + ")"
