@@ -15,7 +15,9 @@ module takes its input from:
   whatever ``params`` says). Each module holding changed sites is compiled on its own with its sites'
   decided spec and run alone (the rest of the student never runs); a module whose sites were decided
   differently from one another runs inside the whole compiled student with its input substituted by a forward
-  pre-hook instead;
+  pre-hook instead. The student module gets exactly the teacher's arguments: a KV-cache object among them would
+  be updated by both (transformers' Llama attention does not, as checked on transformers 5.24; call models
+  that would without caching);
 * ``inputs="student"``: end to end, each module sees the student's own activations, so earlier sites' errors
   are trained against too, optionally plus ``output_weight`` x the MSE of the models' final outputs.
 
