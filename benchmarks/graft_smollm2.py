@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--seq", type=int, default=256, help="tokens per training step")
     ap.add_argument("--eval-seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="graft steps (0: training-free rows only)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--variants", nargs="*", default=["sliding_window", "hybrid"])
     args = ap.parse_args(argv)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     for kind in args.variants:
         pol = policy(kind, args.window, args.sinks, args.features)
         record(kind, pol, model)
-    for kind in args.variants:
+    for kind in args.variants if args.steps > 0 else ():
         pol = policy(kind, args.window, args.sinks, args.features)
         student = copy.deepcopy(model)
         hist: list = []

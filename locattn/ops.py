@@ -130,7 +130,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             g.pattern.validate(layout.grid)
         if g.heads is None:
             out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
-                                                  g.mechanism)))
+                                                  mechanism=g.mechanism)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -140,7 +140,8 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec):
             kv = owners
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
-                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout, g.mechanism)
+                             _take_heads(bias, heads), scale, is_causal, g.pattern, layout,
+                             mechanism=g.mechanism)
         out.append((tuple(heads), tuple(kv), call))
     return out
 

@@ -62,18 +62,19 @@ class Case:
         mech = Mechanism(self.kind, self.feature_map, features=self.features if self.feature_map == "favor" else 64)
         layout = self.layout.resolve(self.s) if self.pattern.local else self.layout
         scale = self.scale if self.scale is not None else self.d ** -0.5
-        return AttentionCall(q, k, v, mask, None, scale, self.causal, self.pattern, layout, mech)
+        return AttentionCall(q, k, v, mask, None, scale, self.causal, self.pattern, layout,
+                             mechanism=mech)
 
 
 def call64(call: AttentionCall) -> AttentionCall:
     return AttentionCall(call.q.double(), call.k.double(), call.v.double(), call.mask, None, call.scale,
-                         call.is_causal, call.pattern, call.layout, call.mechanism)
+                         call.is_causal, call.pattern, call.layout, mechanism=call.mechanism)
 
 
 def as_cpu(call: AttentionCall) -> AttentionCall:
     mask = call.mask.cpu() if call.mask is not None else None
     return AttentionCall(call.q.cpu(), call.k.cpu(), call.v.cpu(), mask, None, call.scale, call.is_causal,
-                         call.pattern, call.layout, call.mechanism)
+                         call.pattern, call.layout, mechanism=call.mechanism)
 
 
 def check(impl, call: AttentionCall, factor: float = FUDGE) -> None:

@@ -100,7 +100,7 @@ def test_favor_error_falls_with_features():
         e = 0.0
         for seed in range(4):
             call = AttentionCall(q, k, v, None, None, d ** -0.5, False, Dense(), Layout(),
-                                 Mechanism("linear", "favor", features=m, seed=seed))
+                                 mechanism=Mechanism("linear", "favor", features=m, seed=seed))
             e += float((LinearChunked().forward(call)[0] - exact).abs().mean())
         errs.append(e / 4)
     assert errs[0] > 1.5 * errs[1] > 2.25 * errs[2], errs  # ~1/sqrt(m) once m >> D
@@ -197,7 +197,7 @@ def test_op_per_head_groups_mix_softmax_and_linear():
             for heads, mech, pat in groups:
                 kv = heads[0] // 2
                 sub = AttentionCall(q[:, list(heads)], k[:, kv:kv + 1], v[:, kv:kv + 1], call.mask, None, call.scale,
-                                    False, pat, Layout().resolve(45) if pat.local else Layout(), mech)
+                                    False, pat, Layout().resolve(45) if pat.local else Layout(), mechanism=mech)
                 if mech.is_softmax:
                     outs.append(F.scaled_dot_product_attention(sub.q, sub.k.expand(-1, 2, -1, -1),
                                                                sub.v.expand(-1, 2, -1, -1), attn_mask=call.mask,
