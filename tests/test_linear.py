@@ -41,6 +41,8 @@ CASES = [
     Case("hyb-favor-sw-causal-sinks-gqa", kind="hybrid", feature_map="favor", pattern=SW,
          layout=Layout(sinks=3), causal=True, hq=4, hk=2, s=90),
     Case("hyb-elu-sw-keys", kind="hybrid", pattern=SlidingWindow(window=4, dilation=2), mask="keys", b=2),
+    Case("hyb-favor-sw-dilated-causal-sinks", kind="hybrid", feature_map="favor",
+         pattern=SlidingWindow(window=5, dilation=3), layout=Layout(sinks=2), causal=True, s=70),
     Case("hyb-favor-na2d-globals", kind="hybrid", feature_map="favor", pattern=Neighborhood(kernel=(3, 5)),
          layout=Layout(grid=(7, 9), prefix=2), s=65, d=24),
     Case("hyb-favor-headmask-gqa", kind="hybrid", feature_map="favor", pattern=SW, mask="heads", hq=4, hk=2,
@@ -67,6 +69,13 @@ def test_reference_backward_is_autograd(case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_chunked_matches_reference(case, dtype):
     check(LinearChunked(chunk=16), case.call(dtype=dtype))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "hybrid" and len(c.layout.grid or (1,)) == 1
+                                  and not c.layout.prefix], ids=lambda c: c.id)
+def test_chunked_plan_walk_matches_reference(case):
+    """The 1-D hybrids once more through the plan walk instead of the interval prefix sums."""
+    check(LinearChunked(chunk=16, intervals=False), case.call())
 
 
 def test_chunked_default_chunk_and_long_sequence():

@@ -161,6 +161,22 @@ class ChunkedSums(Sums):
             vb = v.index_select(2, ik).view(b, hk, 1, nc, -1, v.shape[-1]).to(fq.dtype)
             yield tq, tk, keep, fqb, fkb, vb
 
+    def _before(self, call) -> intervals.IntervalSums | None:
+        """Causal 1-D windows ending at their query: ``A \\ P`` is the prefix before each window (no all-keys sum,
+        no cancellation)."""
+        fast = self._intervals(call)
+        if fast is not None and intervals.tables(call.pattern, call.layout, call.is_causal, self.chunk).ends_at_query:
+            return fast
+        return None
+
+    def outside_pattern(self, call, fq, fk, v):
+        fast = self._before(call)
+        return None if fast is None else fast.forward(call, fq, fk, v, before=True)
+
+    def outside_pattern_backward(self, call, fq, fk, v, gn, gd):
+        fast = self._before(call)
+        return None if fast is None else fast.backward(call, fq, fk, v, gn, gd, before=True)
+
     def in_pattern(self, call, fq, fk, v):
         fast = self._intervals(call)
         if fast is not None:

@@ -58,6 +58,14 @@ class Sums:
     def in_pattern_backward(self, call: AttentionCall, fq, fk, v, gn, gd):
         raise NotImplementedError
 
+    def outside_pattern(self, call: AttentionCall, fq, fk, v) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sums over ``A(i) \\ P(i)`` directly, where a family can do better than ``all_keys - in_pattern``
+        (None: it cannot for this call)."""
+        return None
+
+    def outside_pattern_backward(self, call: AttentionCall, fq, fk, v, gn, gd):
+        return None
+
 
 def _kv(call: AttentionCall, feats: Features) -> torch.Tensor:
     """v as the sums read it: repeated to the query heads when the features were (a per-query-head mask)."""
@@ -113,24 +121,44 @@ class LinearImplementation(Implementation):
         hq = call.q.shape[1]
         c = feats.log_scale(hq)
         v = _kv(call, feats)
+        if call.mechanism.kind == "hybrid":
+            return self._hybrid_forward(call, feats, c, v)
         num, den = self.sums.all_keys(feats.fq, feats.fk, v, call.is_causal)
-        if call.mechanism.kind == "linear":
-            pos, safe = _safe(den)
-            out = num.mul_((pos / safe)[..., None])                    # a zero denominator: 0 (in place: one pass)
-            lse = torch.where(pos, torch.log(safe) + (0 if c is None else c), torch.full_like(den, NEG_INF))
-            return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
-        return self._hybrid_forward(call, feats, c, num, den, v)
+        pos, safe = _safe(den)
+        out = num.mul_((pos / safe)[..., None])                        # a zero denominator: 0 (in place: one pass)
+        lse = torch.where(pos, torch.log(safe) + (0 if c is None else c), torch.full_like(den, NEG_INF))
+        return out.to(call.q.dtype), lse.to(lse_dtype(call.q.dtype))
 
-    def _hybrid_forward(self, call, feats, c, num, den, v):
+    def _outside(self, call, feats, v):
+        """The hybrid's linear part: sums over ``A \\ P`` = all - P (a dense pattern's P is all of A: nothing)."""
+        fq, fk = feats.fq, feats.fk
+        if not call.pattern.local:
+            b, hq, s_q, _ = fq.shape
+            return fq.new_zeros(b, hq, s_q, v.shape[-1]), fq.new_zeros(b, hq, s_q)
+        direct = self.sums.outside_pattern(call, fq, fk, v)
+        if direct is not None:
+            return direct
+        num, den = self.sums.all_keys(fq, fk, v, call.is_causal)
+        num_p, den_p = self.sums.in_pattern(call, fq, fk, v)
+        return num.sub_(num_p), den.sub_(den_p)
+
+    def _outside_backward(self, call, feats, v, gn, gd):
+        fq, fk = feats.fq, feats.fk
+        if not call.pattern.local:
+            return torch.zeros_like(fq), torch.zeros_like(fk), fk.new_zeros(*fk.shape[:-1], v.shape[-1])
+        direct = self.sums.outside_pattern_backward(call, fq, fk, v, gn, gd)
+        if direct is not None:
+            return direct
+        dfq, dfk, dv = self.sums.all_keys_backward(fq, fk, v, call.is_causal, gn, gd)
+        pq, pk, pv = self.sums.in_pattern_backward(call, fq, fk, v, gn, gd)
+        return dfq.sub_(pq), dfk.sub_(pk), dv.sub_(pv)
+
+    def _hybrid_forward(self, call, feats, c, v):
         impl, why = self.softmax_impl(call)
         assert impl is not None, why
         o_s, lse_s = impl.forward(dataclasses.replace(call, mechanism=SOFTMAX))
+        num, den = self._outside(call, feats, v)
         ct = num.dtype
-        if call.pattern.local:  # the linear part: A minus P = all - P (a dense pattern's P is all of A: nothing)
-            num_p, den_p = self.sums.in_pattern(call, feats.fq, feats.fk, v)
-            num, den = num.sub_(num_p), den.sub_(den_p)
-        else:
-            num, den = num.zero_(), den.zero_()
         lse_s = lse_s.to(ct)
         c = torch.zeros_like(lse_s) if c is None else c
         r = torch.maximum(lse_s, c)
@@ -160,13 +188,11 @@ class LinearImplementation(Implementation):
         gn = g * f[..., None]
         gd = -(g * o).sum(-1) * f
         v = _kv(call, feats)
-        dfq, dfk, dv = self.sums.all_keys_backward(feats.fq, feats.fk, v, call.is_causal, gn, gd)
         hybrid = mech.kind == "hybrid"
-        if hybrid and call.pattern.local:
-            pq, pk, pv = self.sums.in_pattern_backward(call, feats.fq, feats.fk, v, gn, gd)
-            dfq, dfk, dv = dfq - pq, dfk - pk, dv - pv
-        elif hybrid:
-            dfq, dfk, dv = torch.zeros_like(dfq), torch.zeros_like(dfk), torch.zeros_like(dv)
+        if hybrid:
+            dfq, dfk, dv = self._outside_backward(call, feats, v, gn, gd)
+        else:
+            dfq, dfk, dv = self.sums.all_keys_backward(feats.fq, feats.fk, v, call.is_causal, gn, gd)
         dq, dk = features_backward(call.q, call.k, call.mask, call.scale, mech, feats, dfq, dfk)
         dv = _fold_kv(dv, call, feats)
         if hybrid:

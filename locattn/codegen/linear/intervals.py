@@ -76,6 +76,7 @@ class Tables:
     sink_u: torch.Tensor            # [n_sinks] u-coordinate of each sink key (token < sinks)
     lo_u: torch.Tensor              # [n] interval bounds (u-order rows), for the sinks' test
     hi_u: torch.Tensor
+    ends_at_query: bool             # causal, undilated, every interval ends at its query: A minus P = [0, lo)
 
 
 def _end(t: torch.Tensor, shift: int, c: int, n_chunks: int) -> End:
@@ -121,7 +122,8 @@ def tables(pattern: Pattern, layout: Layout, causal: bool, chunk: int) -> Tables
     lo_end = _end(lo, 0, chunk, n_chunks)
     n_sink = min(layout.sinks, n)
     sink_u = dilation_groups(torch.arange(n_sink), n, d)[0]
-    return Tables(n, chunk, coord if d > 1 else None, empty, hi_end, lo_end, sink_u, lo, hi)
+    return Tables(n, chunk, coord if d > 1 else None, empty, hi_end, lo_end, sink_u, lo, hi,
+                  causal and d == 1 and bool((hi == u).all()))
 
 
 def prefix_sum_(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
@@ -282,57 +284,69 @@ class IntervalSums:
     def _pad_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         return x if x.shape[2] == rows else torch.cat([x, x.new_zeros(*x.shape[:2], rows - x.shape[2], *x.shape[3:])], 2)
 
-    def forward(self, call, fq, fk, v):
+    def _sinks(self, tab: Tables, causal: bool, fq_u, fk, v):
+        """Sinks outside each row's interval: (mask, grouped u-order queries, sink keys, sink values)."""
+        hk, ns = fk.shape[1], tab.sink_u.numel()
+        return (self._sink_mask(tab, causal, fq_u.device), _grouped(fq_u, hk), fk[:, :, None, :ns],
+                v[:, :, None, :ns])
+
+    def forward(self, call, fq, fk, v, before: bool = False):
+        """Sums over each query's keys in P(i) (its interval and the sinks outside it); ``before``
+        (:attr:`Tables.ends_at_query` only): over ``A(i) \\ P(i)`` = the keys before the interval, sinks excluded."""
         tab = tables(call.pattern, call.layout, call.is_causal, self.chunk)
         ct = fq.dtype
         n = tab.n
         rows = -(-n // self.chunk) * self.chunk
         fq_u, fk_u, v_u = self._to_u(tab, fq, fk, v.to(ct))
-        keys = self._keys(tab, fk_u, v_u, max(tab.hi.width, tab.lo.width))
+        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
         fqp = self._pad_rows(fq_u, rows)
-        n_hi, d_hi = self._eval(tab, tab.hi, fqp, keys)
         n_lo, d_lo = self._eval(tab, tab.lo, fqp, keys)
-        keep = (~tab.empty).to(fq.device)
-        num = n_hi[:, :, :n].sub_(n_lo[:, :, :n]).mul_(keep[:, None])
-        den = d_hi[:, :, :n].sub_(d_lo[:, :, :n]).mul_(keep)
-        if tab.sink_u.numel():
-            hk = fk.shape[1]
-            sm = self._sink_mask(tab, call.is_causal, fq.device)
-            ns = tab.sink_u.numel()
-            kap = (_grouped(fq_u, hk) @ fk[:, :, None, :ns].transpose(-2, -1)) * sm   # sinks: token order = first keys
-            num = num + (kap @ v.to(ct)[:, :, None, :ns]).flatten(1, 2)
-            den = den + kap.sum(-1).flatten(1, 2)
+        if before:
+            num, den = n_lo[:, :, :n], d_lo[:, :, :n]
+        else:
+            n_hi, d_hi = self._eval(tab, tab.hi, fqp, keys)
+            keep = (~tab.empty).to(fq.device)
+            num = n_hi[:, :, :n].sub_(n_lo[:, :, :n]).mul_(keep[:, None])
+            den = d_hi[:, :, :n].sub_(d_lo[:, :, :n]).mul_(keep)
+        if tab.sink_u.numel():  # rows in u-order, sink keys in token order (the first keys)
+            sm, qg, ks, vs = self._sinks(tab, call.is_causal, fq_u, fk, v.to(ct))
+            kap = (qg @ ks.transpose(-2, -1)) * sm
+            sign = -1.0 if before else 1.0
+            num = num.add((kap @ vs).flatten(1, 2), alpha=sign)
+            den = den.add(kap.sum(-1).flatten(1, 2), alpha=sign)
         if tab.tok is not None:  # back to token order
             num = torch.empty_like(num).index_copy_(2, tab.tok.to(fq.device), num)
             den = torch.empty_like(den).index_copy_(2, tab.tok.to(fq.device), den)
         return num, den
 
-    def backward(self, call, fq, fk, v, gn, gd):
+    def backward(self, call, fq, fk, v, gn, gd, before: bool = False):
         tab = tables(call.pattern, call.layout, call.is_causal, self.chunk)
         ct = fq.dtype
         fq_u, fk_u, v_u, gn_u, gd_u = self._to_u(tab, fq, fk, v.to(ct), gn, gd)
-        keep = (~tab.empty).to(fq.device)
         n = tab.n
         rows = -(-n // self.chunk) * self.chunk
-        width = max(tab.hi.width, tab.lo.width)
-        keys = self._keys(tab, fk_u, v_u, width)
+        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
         fqp = self._pad_rows(fq_u, rows)
-        gn_w = self._pad_rows(gn_u * keep[:, None], rows)        # empty intervals: the window part is 0
-        gd_w = self._pad_rows(gd_u * keep, rows)
-        b_, hk = fk.shape[:2]
         dfq = torch.zeros_like(fqp)
         dfk, dv = torch.zeros_like(keys[0]), torch.zeros_like(keys[1])
         dh, dz = torch.zeros_like(keys[2]), torch.zeros_like(keys[3])
-        self._eval_backward(tab, tab.hi, fqp, keys, gn_w, gd_w, dfq, dfk, dv, dh, dz)
-        self._eval_backward(tab, tab.lo, fqp, keys, gn_w.neg_(), gd_w.neg_(), dfq, dfk, dv, dh, dz)
+        if before:
+            self._eval_backward(tab, tab.lo, fqp, keys, self._pad_rows(gn_u, rows), self._pad_rows(gd_u, rows), dfq,
+                                dfk, dv, dh, dz)
+        else:
+            keep = (~tab.empty).to(fq.device)
+            gn_w = self._pad_rows(gn_u * keep[:, None], rows)    # empty intervals: the window part is 0
+            gd_w = self._pad_rows(gd_u * keep, rows)
+            self._eval_backward(tab, tab.hi, fqp, keys, gn_w, gd_w, dfq, dfk, dv, dh, dz)
+            self._eval_backward(tab, tab.lo, fqp, keys, gn_w.neg_(), gd_w.neg_(), dfq, dfk, dv, dh, dz)
         self._states_backward(tab, keys, dh, dz, dfk, dv)
         dfq, dfk, dv = dfq[:, :, :n], dfk[:, :, :n], dv[:, :, :n]
-        if tab.sink_u.numel():  # rows in u-order, sink keys in token order (the first keys)
+        ns = tab.sink_u.numel()
+        if ns:
+            sm, qg, ks, vs = self._sinks(tab, call.is_causal, fq_u, fk, v.to(ct))
             hk = fk.shape[1]
-            ns = tab.sink_u.numel()
-            sm = self._sink_mask(tab, call.is_causal, fq.device)
-            qg, gng, gdg = _grouped(fq_u, hk), _grouped(gn_u, hk), _grouped(gd_u, hk)
-            ks, vs = fk[:, :, None, :ns], v.to(ct)[:, :, None, :ns]
+            sign = -1.0 if before else 1.0
+            gng, gdg = _grouped(gn_u, hk) * sign, _grouped(gd_u, hk) * sign
             kap = (qg @ ks.transpose(-2, -1)) * sm
             dk_ = (gng @ vs.transpose(-2, -1) + gdg[..., None]) * sm
             dfq += (dk_ @ ks).flatten(1, 2)
@@ -343,7 +357,7 @@ class IntervalSums:
             dfq = torch.empty_like(dfq).index_copy_(2, tok, dfq)
             dfk = torch.empty_like(dfk).index_copy_(2, tok, dfk)
             dv = torch.empty_like(dv).index_copy_(2, tok, dv)
-        if tab.sink_u.numel():
+        if ns:
             dfk[:, :, :ns] += d_fk_s
             dv[:, :, :ns] += d_v_s
         return dfq, dfk, dv
