@@ -7,13 +7,18 @@ unless the site mask differs per query head under GQA (then k is repeated to ``H
 The kernel of two features is ``kappa_ij = exp(cq_i + ck) * (fq_i . fk_j)``: ``cq`` [B, Hq, Sq] and ``ck``
 [B, Hk', 1] are log-scales that keep favor's exponentials in range (0 for elu / relu):
 
-* favor, queries: ``h = W x - |x|^2 / 2``, ``cq = max_r h_r`` per row, ``fq = exp(h - cq) / sqrt(m)``;
-* favor, keys: ``ck = max`` of ``h`` over every unmasked key and feature of the head (Performer's key
-  stabiliser), ``fk = exp(h - ck) / sqrt(m)``.
+* favor, keys: ``h = W y - |y|^2 / 2``, ``mk_r = max_j h_jr`` per feature over the unmasked keys of the head,
+  ``fk = exp(h - mk) / sqrt(m)``;
+* favor, queries: ``h = W x - |x|^2 / 2``, ``cq = max_r (h_r + mk_r)`` per row (the key stabiliser moved to the
+  query side, feature by feature), ``fq = exp(h + mk - cq) / sqrt(m)``; ``ck = 0``.
 
-So ``fq`` and ``fk`` lie in ``[0, 1 / sqrt(m)]`` and ``kappa = phi(x) . phi(y)`` exactly. The log-scales are
-constants of the backward: ``exp(c) * exp(h - c)`` does not depend on ``c``, so differentiating ``fq`` with
-``c`` held fixed is exact. Masked keys (bool key-padding mask False) get ``fk = 0``: they drop out of every sum.
+So ``fq`` and ``fk`` lie in ``[0, 1 / sqrt(m)]`` and ``kappa = phi(x) . phi(y)`` exactly. A per-feature key
+stabiliser (Performer uses one maximum over every key and feature) matters in fp32: with one global maximum,
+a key whose features all sit ~90 below it underflows to 0 although its kernel with some query is not small;
+per feature, a key underflows only where another key's term in that feature is e^87 times larger. The
+log-scales are constants of the backward: ``exp(c) * exp(h - c)`` does not depend on ``c``, so
+differentiating the features with ``c`` held fixed is exact. Masked keys (bool key-padding mask False) get
+``fk = 0``: they drop out of every sum.
 """
 
 from __future__ import annotations
@@ -96,10 +101,13 @@ class Features:
         return self.cq + ck
 
 
-def _phi(x: torch.Tensor, mech: Mechanism, query: bool, scale: float, mask: torch.Tensor | None):
-    """Features of one side: ``(f, c)``; ``x`` already in the compute dtype. Few passes over the [.., S, m]
-    output (memory-bound on CPU): one GEMM with the norm term as its bias, the max, one fused exp. In place
-    unless autograd records ``x`` (the reference's forward is differentiated in tests)."""
+def _phi(x: torch.Tensor, mech: Mechanism, query: bool, scale: float, mask: torch.Tensor | None,
+         key_max: torch.Tensor | None = None):
+    """Features of one side: ``(f, c)`` (favor keys: ``c`` = the per-feature maxima ``mk`` [B, H, 1, m]; favor
+    queries, given ``key_max`` broadcastable to them: ``c = cq`` [B, H, S]); ``x`` already in the compute dtype.
+    Few passes over the [.., S, m] output (memory-bound on CPU): one GEMM with the norm term as its bias, the
+    max, one fused exp. In place unless autograd records ``x`` (the reference's forward is differentiated in
+    tests)."""
     grad = x.requires_grad and torch.is_grad_enabled()
     if mech.feature_map == "elu":
         f = F.elu(x) + 1 if grad else F.elu(x).add_(1)
@@ -113,16 +121,17 @@ def _phi(x: torch.Tensor, mech: Mechanism, query: bool, scale: float, mask: torc
         x2 = x.reshape(-1, x.shape[-1])
         sq = (x2 * x2).sum(-1, keepdim=True) * (-0.5 * a * a)
         h = torch.addmm(sq, x2, w.T, alpha=a).view(*lead, m)                   # W (a x) - |a x|^2 / 2
-        if mask is not None:
-            h = h.masked_fill(~mask, float("-inf")) if grad else h.masked_fill_(~mask, float("-inf"))
         if query:
+            h = h + key_max if grad else h.add_(key_max)
             c = h.amax(-1)                                                      # [B, H, S]
-            cb = c[..., None]
+            shift = c[..., None]
         else:
-            c = h.amax(dim=(-2, -1))[..., None]                                 # [B, H, 1]
+            if mask is not None:
+                h = h.masked_fill(~mask, float("-inf")) if grad else h.masked_fill_(~mask, float("-inf"))
+            c = h.amax(-2, keepdim=True)                                        # [B, H, 1, m]
             c = torch.where(torch.isinf(c), torch.zeros_like(c), c)             # every key masked
-            cb = c[..., None]
-        shift = cb + 0.5 * math.log(m)                                          # exp(h - c) / sqrt(m)
+            shift = c
+        shift = shift + 0.5 * math.log(m)                                       # exp(h - c) / sqrt(m)
         f = torch.exp(h - shift) if grad else h.sub_(shift).exp_()
         return f, c
     return (f if mask is None else f * mask), None
@@ -137,13 +146,15 @@ def features(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale:
     expanded = km is not None and km.shape[1] not in (1, hk)
     if expanded:  # a mask per query head under GQA: the key features differ per query head
         k = k.repeat_interleave(hq // hk, dim=1)
-    fq, cq = _phi(q.to(ct), mech, True, scale, None)
-    fk, ck = _phi(k.to(ct), mech, False, scale, km)
-    if ck is not None and ck.shape[0] != k.shape[0]:
-        ck = ck.expand(k.shape[0], *ck.shape[1:])
-    if ck is not None and ck.shape[1] != fk.shape[1]:
-        ck = ck.expand(ck.shape[0], fk.shape[1], ck.shape[2])
-    return Features(fq, fk, cq, ck, expanded)
+    fk, mk = _phi(k.to(ct), mech, False, scale, km)
+    if mk is None:
+        fq, _ = _phi(q.to(ct), mech, True, scale, None)
+        return Features(fq, fk, None, None, expanded)
+    if mk.shape[0] != q.shape[0]:
+        mk = mk.expand(q.shape[0], *mk.shape[1:])
+    mq = mk if mk.shape[1] == hq else mk.repeat_interleave(hq // mk.shape[1], dim=1)    # [B, Hq, 1, m]
+    fq, cq = _phi(q.to(ct), mech, True, scale, None, mq)
+    return Features(fq, fk, cq, cq.new_zeros(cq.shape[0], fk.shape[1], 1), expanded)
 
 
 def _phi_backward(x: torch.Tensor, f: torch.Tensor, df: torch.Tensor, mech: Mechanism, query: bool,
