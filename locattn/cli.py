@@ -1,5 +1,7 @@
-"""Command line: ``python -m locattn explain FILE.py:FUNC [--policy P] [--json]`` and
-``python -m locattn show --pattern NAME --grid 32,32 [--param k=v ...] [--query c1,c2] -o out.png``."""
+"""Command line: ``python -m locattn explain FILE.py:FUNC [--policy P] [--json]``,
+``python -m locattn show --pattern NAME --grid 32,32 [--param k=v ...] [--query c1,c2] -o out.png`` and
+``python -m locattn graft FILE.py:FUNC --policy P --steps N [--lr 1e-4] [--params attention|all] [-o state.pt]``
+(FUNC returns ``(model, samples)``; see :func:`locattn.graft`)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--query", default=None, help="query coordinate, e.g. 3,5 (default: centre)")
     sh.add_argument("--block", type=int, default=64)
     sh.add_argument("-o", "--output", default="pattern.png")
+    gr = sub.add_parser("graft", help="fine-tune a model so its rewritten attention sites match the dense model")
+    gr.add_argument("target", help="FILE.py:FUNC where FUNC() returns (model, samples)")
+    gr.add_argument("--policy", required=True, help="policy TOML")
+    gr.add_argument("--steps", type=int, required=True)
+    gr.add_argument("--lr", type=float, default=1e-4)
+    gr.add_argument("--params", choices=["attention", "all"], default="attention")
+    gr.add_argument("--inputs", choices=["teacher", "student"], default="teacher",
+                    help="each student site module sees the teacher's input (layer-local) or its own (end to end)")
+    gr.add_argument("--output-weight", type=float, default=0.0, help="weight of the final-output MSE (--inputs "
+                    "student)")
+    gr.add_argument("-o", "--output", default="grafted.pt", help="where the trained state dict goes")
+    gr.add_argument("--log", default=None, help="write the per-step losses (JSON) here")
+    gr.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
     if args.cmd == "explain":
@@ -68,6 +83,23 @@ def main(argv: list[str] | None = None) -> int:
         query = tuple(int(x) for x in args.query.split(",")) if args.query else None
         path = show(args.pattern, grid, params, query=query, block=args.block, output=args.output)
         print(path)
+        return 0
+    if args.cmd == "graft":
+        from .grafting import graft, save_history
+
+        made = _load_func(args.target)()
+        model, samples = made[0], made[1]
+        history: list = []
+        try:
+            graft(model, args.policy, samples, steps=args.steps, lr=args.lr, params=args.params,
+                  progress=not args.quiet, inputs=args.inputs, output_weight=args.output_weight, save=args.output,
+                  history=history)
+        except ValueError as e:
+            raise SystemExit(f"locattn {e}") from None
+        if args.log:
+            save_history(history, args.log)
+        print(f"{args.output}: loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g} after "
+              f"{len(history)} steps")
         return 0
     return 1
 

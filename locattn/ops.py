@@ -91,6 +91,14 @@ def _check_inputs(q, k, v, mask, bias, scale: float, spec: SiteSpec) -> None:
         raise ValueError(f"locattn: mask must be bool (True = attend), got {mask.dtype}; pass a float mask as bias")
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"locattn: bias must be floating point, got {bias.dtype}")
+    for g in spec.groups:
+        if not g.mechanism.is_softmax:
+            if bias is not None:
+                raise ValueError(f"locattn: mechanism {g.mechanism.kind} cannot take a float bias (linear attention "
+                                 "has no scores to add it to)")
+            if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+                raise ValueError(f"locattn: mechanism {g.mechanism.kind} takes a key-padding mask ([..., 1, Sk]) only, "
+                                 f"got a mask of shape {tuple(mask.shape)}")
     hq = q.shape[1]
     heads = [h for g in spec.groups for h in (range(hq) if g.heads is None else g.heads)]
     if sorted(heads) != list(range(hq)):
@@ -125,11 +133,14 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
                 q_offset = s_k - s_q
             layout = layout.resolve(s_k)
             g.pattern.validate(layout.grid)
+            if q_offset and not g.mechanism.is_softmax:
+                raise PatternError(f"mechanism {g.mechanism.kind}: queries at an offset (S_q={s_q} < S_k={s_k}) "
+                                   f"are not supported; only softmax groups take a causal rule's offset")
             if q_offset and len(layout.grid) != 1:
                 raise PatternError(f"pattern {g.pattern.name}: queries at an offset (S_q={s_q} < S_k={s_k}) need a "
                                    f"1-D layout, got grid {list(layout.grid)}")
         resolved.append((g, layout, q_offset))
-    if len(resolved) > 1 and not any(g.pattern.dynamic for g, _, _ in resolved):
+    if len(resolved) > 1 and not any(g.pattern.dynamic or not g.mechanism.is_softmax for g, _, _ in resolved):
         local = [r for r in resolved if r[0].pattern.local]
         g0, lay0, off0 = local[0] if local else resolved[0]
         multi = AttentionCall(q, k, v, mask, bias, scale, is_causal, g0.pattern, lay0, q_offset=off0,
@@ -142,7 +153,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
     for g, layout, q_offset in resolved:
         if g.heads is None:
             out.append((None, None, AttentionCall(q, k, v, mask, bias, scale, is_causal, g.pattern, layout,
-                                                  q_offset=q_offset, softcap=spec.softcap)))
+                                                  q_offset=q_offset, softcap=spec.softcap, mechanism=g.mechanism)))
             continue
         heads = sorted(g.heads)
         owners = [h // rep for h in heads]  # non-decreasing
@@ -153,7 +164,7 @@ def _group_calls(q, k, v, mask, bias, scale, is_causal, spec: SiteSpec, backend:
             bump("kv_repeated", f"query heads {head_ranges(tuple(heads))} take unequal shares of GQA groups of {rep}")
         call = AttentionCall(_take_heads(q, heads), _take_heads(k, kv), _take_heads(v, kv), _take_heads(mask, heads),
                              _take_heads(bias, heads), scale, is_causal, g.pattern, layout, q_offset=q_offset,
-                             softcap=spec.softcap)
+                             softcap=spec.softcap, mechanism=g.mechanism)
         out.append((tuple(heads), tuple(kv), call))
     return out, None
 
@@ -310,6 +321,19 @@ def _register_implementations() -> None:
     registry.register(Triton())      # CUDA tensors (CPU only under TRITON_INTERPRET=1, when forced)
     registry.register(Blocked())     # any device
     registry.register(Reference())   # any device, O(S^2): the semantic definition
+    _register_linear()
+
+
+def _register_linear() -> None:
+    """The linear / hybrid mechanisms (``locattn/codegen/linear``): every softmax implementation above declines
+    them, and these decline softmax calls (``Implementation.mechanisms``)."""
+    from .codegen.linear.chunked import LinearChunked
+    from .codegen.linear.naive import LinearReference
+    from .codegen.linear.triton import LinearTriton
+
+    registry.register(LinearChunked())    # CPU tensors
+    registry.register(LinearTriton())     # CUDA tensors (CPU only under TRITON_INTERPRET=1, when forced)
+    registry.register(LinearReference())  # any device, O(S^2): the definition
 
 
 _register_implementations()

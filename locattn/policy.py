@@ -15,7 +15,10 @@ Rule keys: ``match`` (str or list), ``pattern`` and the pattern's parameters, ``
 ``"auto"``), ``globals`` (``{prefix = N}``, ``{suffix = N}`` or ``"auto"``), ``sinks``, ``heads`` (list of
 ints or ``"0-3,6"``), ``skip = true`` (leave the site untouched), ``backend``, ``timesteps = [lo, hi]`` (the rule
 applies only to model calls whose diffusion timestep lies in that inclusive range, see
-:mod:`locattn.passes.phases`).
+:mod:`locattn.passes.phases`), and the mechanism keys ``mechanism`` (``"softmax"``, ``"linear"``, ``"hybrid"``),
+``feature_map`` (``"elu"``, ``"relu"``, ``"favor"``), ``features`` and ``seed`` (favor only): see
+:mod:`locattn.patterns.mechanism`. ``mechanism = "linear"`` takes ``pattern = "dense"`` or no pattern; ``"hybrid"``
+takes a pattern whose keys get exact softmax.
 
 Per head: rules with ``heads`` take those heads of a matching site; heads no rule took fall to the next
 matching rule, then to ``[default]``. Everything is validated when loaded; errors name the file, line, rule
@@ -36,6 +39,7 @@ from typing import Any, Union
 
 from .patterns import PATTERNS
 from .patterns.base import Pattern, PatternError
+from .patterns.mechanism import DEFAULT_FEATURES, FEATURE_MAPS, KINDS, SOFTMAX, Mechanism, MechanismError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +51,8 @@ POLICY_VERSION = 1
 TOP_KEYS = {"version", "backend", "default", "rule"}
 #: keys a rule may carry besides its pattern's parameters
 RULE_KEYS = {"match", "pattern", "grid", "globals", "sinks", "heads", "skip", "backend", "timesteps"}
+#: keys of the attention mechanism (linear / hybrid), allowed on any rule
+MECHANISM_KEYS = {"mechanism", "feature_map", "features", "seed"}
 
 
 class PolicyError(ValueError):
@@ -77,6 +83,7 @@ class Rule:
     sinks: int = 0
     backend: str = ""
     timesteps: tuple[int | float, int | float] | None = None  # inclusive [lo, hi] of the model's timestep
+    mechanism: Mechanism = SOFTMAX
     index: int = -1                    # position in the file; -1 for [default]
     line: int = dataclasses.field(default=0, compare=False)  # 1-based line of the rule header (0: unknown)
 
@@ -116,6 +123,13 @@ class Rule:
             d["backend"] = self.backend
         if self.timesteps is not None:
             d["timesteps"] = list(self.timesteps)
+        if not self.mechanism.is_softmax:
+            d["mechanism"] = self.mechanism.kind
+            d["feature_map"] = self.mechanism.feature_map
+            if self.mechanism.features != DEFAULT_FEATURES:
+                d["features"] = self.mechanism.features
+            if self.mechanism.seed:
+                d["seed"] = self.mechanism.seed
         return d
 
     def active_at(self, t: float) -> bool:
@@ -286,16 +300,19 @@ def _parse_rule(d: Any, index: int, source: str, line: int) -> Rule:
     skip = d.get("skip", False)
     if not isinstance(skip, bool):
         raise err("skip", f"expected true/false, got {skip!r}")
+    mechanism = _parse_mechanism(d, skip, err)
     name = d.get("pattern")
+    if name is None and mechanism.kind == "linear":
+        name = "dense"  # linear attention attends every key the site allows
     if name is None and not skip:
         raise err("pattern", f"missing; one of {sorted(PATTERNS)} (or skip = true)")
     pattern = None
     params: set[str] = set()
     if name is not None:
         pattern, params = _parse_pattern(name, d, err)
-    unknown = set(d) - RULE_KEYS - params
+    unknown = set(d) - RULE_KEYS - MECHANISM_KEYS - params
     if unknown:
-        allowed = RULE_KEYS | set(PATTERNS[name].params if name in PATTERNS else ())
+        allowed = RULE_KEYS | MECHANISM_KEYS | set(PATTERNS[name].params if name in PATTERNS else ())
         allowed = sorted(allowed - ({"match"} if index < 0 else set()))
         raise err(sorted(unknown)[0], f"unknown key for pattern {name!r}; allowed keys: {allowed}")
 
@@ -337,8 +354,14 @@ def _parse_rule(d: Any, index: int, source: str, line: int) -> Rule:
     if pattern is not None and pattern.local is False and (grid is not None or glob is not None or sinks):
         raise err("grid" if grid is not None else "globals" if glob is not None else "sinks",
                   "the dense pattern takes no grid, globals or sinks")
+    if mechanism.kind == "linear" and pattern is not None and pattern.local:
+        raise err("pattern", f"mechanism = \"linear\" attends every key the site allows (pattern = \"dense\" or "
+                             f"none), got {pattern.name!r}; mechanism = \"hybrid\" gives a pattern's keys exact softmax")
+    if mechanism.kind == "hybrid" and pattern is not None and pattern.dynamic:
+        raise err("mechanism", "mechanism = \"hybrid\" takes a static local pattern (its exact keys are known at "
+                               "compile time), not \"dynamic\"")
     return Rule(match=match, pattern=pattern, skip=skip, heads=heads, grid=grid, globals=glob, sinks=sinks,
-                backend=backend, timesteps=timesteps, index=index, line=line)
+                backend=backend, timesteps=timesteps, mechanism=mechanism, index=index, line=line)
 
 
 def _parse_timesteps(v, index: int, skip: bool, err) -> tuple[int | float, int | float]:
@@ -390,6 +413,31 @@ def _parse_nested(v, key: str, err) -> Pattern:
     if not pattern.local or pattern.dynamic:
         raise err(key, f"must be a static local pattern, got {pattern.name!r}")
     return pattern
+
+
+def _parse_mechanism(d: dict, skip: bool, err) -> Mechanism:
+    """The rule's :class:`Mechanism` from ``mechanism`` / ``feature_map`` / ``features`` / ``seed``."""
+    kind = d.get("mechanism", "softmax")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise err("mechanism", f"unknown mechanism {kind!r}; known: {list(KINDS)}")
+    extra = sorted(k for k in ("feature_map", "features", "seed") if k in d)
+    if kind == "softmax":
+        if extra:
+            raise err(extra[0], "applies to mechanism = \"linear\" or \"hybrid\" only")
+        return SOFTMAX
+    if skip:
+        raise err("mechanism", "skip = true leaves the site untouched; it takes no mechanism")
+    fm = d.get("feature_map", "")
+    if fm != "" and (not isinstance(fm, str) or fm not in FEATURE_MAPS):
+        raise err("feature_map", f"unknown feature map {fm!r}; known: {list(FEATURE_MAPS)}")
+    kw = {}
+    for key, minimum in (("features", 1), ("seed", 0)):
+        if key in d:
+            kw[key] = _check_int(d[key], key, minimum, err)
+    try:
+        return Mechanism(kind, fm, **kw)
+    except MechanismError as e:
+        raise err(extra[-1] if extra else "mechanism", str(e)) from None
 
 
 def _parse_param(v, typ, per_axis, minimum, key, err):

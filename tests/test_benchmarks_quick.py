@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,3 +71,23 @@ def test_compile_time_quick(tmp_path):
         assert r["runs"]["inductor"][0]["rewrites"] == 0
     site = data["meta"]["site_3d"]
     assert 0 < site["density"] < 1 and sum(site["blocks_full_partial"]) > 0
+
+
+@pytest.mark.slow
+def test_linear_attention_quick(tmp_path):
+    data, stdout = _run("linear_attention.py", tmp_path / "lin.json", 180)
+    assert "| variant |" in stdout
+    assert {r["variant"] for r in data["rows"]} == {"sdpa", "linear-elu", "linear-favor", "sliding_window", "hybrid"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["rows"])
+    assert "hybrid overhead fwd+bwd" in data["meta"]["ratios"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_graft_smollm2_quick(tmp_path):
+    data, stdout = _run("graft_smollm2.py", tmp_path / "graft.json", 300)
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "sliding_window", "hybrid", "sliding_window + graft 3", "hybrid + graft 3"}
+    assert all(math.isfinite(r["perplexity"]) for r in rows.values())
+    assert rows["hybrid"]["dispatch"].get("linear_chunked")                 # the hybrid path ran
+    assert len(rows["hybrid + graft 3"]["graft_curve"]) == 3

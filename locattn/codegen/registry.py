@@ -18,6 +18,7 @@ import torch
 
 from ..counters import bump, log
 from ..patterns.base import Layout, Pattern
+from ..patterns.mechanism import SOFTMAX, Mechanism
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,6 +37,8 @@ class AttentionCall:
     own mask, bias and ``is_causal`` keep SDPA's meaning on query rows.
     ``softcap``: c > 0 caps the scaled scores before the bias, ``s = c * tanh(scale * q·k / c)`` (Gemma 2's
     logit soft-capping, FlexAttention's ``score_mod``); 0 = none. Fields after ``layout`` are passed by keyword.
+    ``mechanism``: softmax, or linear / hybrid (:mod:`locattn.patterns.mechanism`); an implementation runs only
+    the kinds in its ``mechanisms``.
     """
 
     q: torch.Tensor
@@ -53,6 +56,7 @@ class AttentionCall:
     #: implementations with ``multi_group`` see such calls (:func:`select_multi`).
     head_groups: tuple | None = None
     softcap: float = 0.0
+    mechanism: Mechanism = SOFTMAX
     _kept: torch.Tensor | None = field(default=None, repr=False)
     _tables: object = field(default=None, repr=False)
 
@@ -111,9 +115,22 @@ class Implementation:
     name: str = ""
     #: runs a site's per-head rules as one call (``AttentionCall.head_groups``), e.g. one kernel launch
     multi_group: bool = False
+    #: the mechanism kinds this implementation computes; dispatch declines any other before asking ``can_run``
+    mechanisms: frozenset[str] = frozenset({"softmax"})
 
     def can_run(self, call: AttentionCall) -> tuple[bool, str]:
         return True, ""
+
+    def supports(self, call: AttentionCall) -> tuple[bool, str]:
+        """``can_run`` behind the mechanism check every dispatch makes: an implementation of softmax attention
+        declines a linear / hybrid call (and vice versa) with the reason, without each ``can_run`` spelling it."""
+        if call.mechanism.kind not in self.mechanisms:
+            return False, f"mechanism {call.mechanism.kind} (runs {'/'.join(sorted(self.mechanisms))} only)"
+        if call.softcap and not call.mechanism.is_softmax:
+            return False, f"softcap with mechanism {call.mechanism.kind} (the features estimate exp(q·k) only)"
+        if call.q_offset and not call.mechanism.is_softmax:
+            return False, f"queries at an offset with mechanism {call.mechanism.kind}"
+        return self.can_run(call)
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``out [B, Hq, Sq, Dv]`` (q's dtype) and ``lse [B, Hq, Sq]`` (:func:`lse_dtype`; -inf for empty
@@ -147,7 +164,7 @@ def get(name: str) -> Implementation:
 
 def candidates(call: AttentionCall) -> list[tuple[str, bool, str]]:
     """Which implementations could run ``call``: ``[(name, ok, reason)]`` in dispatch order."""
-    return [(impl.name, *impl.can_run(call)) for impl in IMPLEMENTATIONS]
+    return [(impl.name, *impl.supports(call)) for impl in IMPLEMENTATIONS]
 
 
 def select_multi(call: AttentionCall, override: str = "") -> Implementation | None:
@@ -175,13 +192,13 @@ def select_multi(call: AttentionCall, override: str = "") -> Implementation | No
 def select(call: AttentionCall, override: str = "") -> Implementation:
     if override and override != "auto":
         impl = get(override)
-        ok, why = impl.can_run(call)
+        ok, why = impl.supports(call)
         if not ok:
             raise BackendUnavailable(f"locattn backend {override!r} was requested but cannot run: {why}")
         bump("dispatch", impl.name)
         return impl
     for impl in IMPLEMENTATIONS:
-        ok, why = impl.can_run(call)
+        ok, why = impl.supports(call)
         if ok:
             bump("dispatch", impl.name)
             return impl

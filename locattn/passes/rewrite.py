@@ -18,6 +18,7 @@ from ..counters import bump, log
 from ..ops_phased import phased_specs  # (and registers torch.ops.locattn.attention_phased)
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, PatternError, count_allowed
+from ..patterns.mechanism import SOFTMAX, Mechanism
 from ..patterns.plan import build_plan, count_pairs
 from ..patterns.spec import DENSE_SPEC, HeadGroup, SiteSpec, head_ranges
 from ..policy import Globals, Policy, PolicyError, Rule
@@ -52,8 +53,9 @@ class Decision:
     notes: list[str] = field(default_factory=list)
     #: timestep-dependent sites: ``(phase label, decision in that phase)`` for every phase, in phase order
     phases: tuple[tuple[str, "Decision"], ...] = ()
-    #: (density, blocks_full, blocks_partial), computed on first read: compiling never pays for statistics
-    _stats: tuple[float | None, int, int] | None = field(default=None, repr=False)
+    #: (density, blocks_full, blocks_partial, linear_flops), computed on first read: compiling never pays for
+    #: statistics
+    _stats: tuple[float | None, int, int, int] | None = field(default=None, repr=False)
 
     @property
     def density(self) -> float | None:
@@ -71,7 +73,12 @@ class Decision:
     def blocks_partial(self) -> int:
         return self._measure()[2]
 
-    def _measure(self) -> tuple[float | None, int, int]:
+    @property
+    def linear_flops(self) -> int:
+        """FLOPs of linear / hybrid feature sums (not part of ``density``)."""
+        return self._measure()[3]
+
+    def _measure(self) -> tuple[float | None, int, int, int]:
         if self._stats is None:
             self._stats = _measure(self)
         return self._stats
@@ -83,7 +90,8 @@ class Decision:
 
     @property
     def attn_flops(self) -> int:
-        return int(round(self.attn_flops_dense * (self.density if self.density is not None else 1.0)))
+        return int(round(self.attn_flops_dense * (self.density if self.density is not None else 1.0))) + \
+            self.linear_flops
 
 
 def _assign_heads(site: AttentionSite, policy: Policy) -> tuple[list[tuple[tuple[int, ...], Rule]], Rule | None]:
@@ -187,7 +195,18 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
     for heads, rule in groups:
         pattern = rule.pattern
         assert pattern is not None
+        mech = rule.mechanism
         offset = pattern.local and site.s_q < site.s_k and pattern.causal_rule
+        if not mech.is_softmax:
+            refused = mechanism_refusal(site, mech, offset)
+            if refused:
+                msg = (f"mechanism {mech.kind} from {rule.where(policy.source)} refused: {refused}; "
+                       f"heads {list(heads)} stay exact softmax")
+                notes.append(msg)
+                warnings.warn(f"locattn: site {site.path or '<root>'!r}: {msg}", LocattnWarning, stacklevel=2)
+                bump("fallback", f"mechanism {mech.kind} refused: {refused.split(' (')[0]}")
+                head_groups.append((heads, rule, PATTERNS["dense"](), Layout(), SOFTMAX))
+                continue
         if pattern.local and site.s_q != site.s_k and not offset:
             msg = (f"cross-attention (Sq={site.s_q} != Sk={site.s_k}): {pattern.name} from "
                    f"{rule.where(policy.source)} needs self-attention (or a causal rule: queries at the end); "
@@ -195,7 +214,7 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
             notes.append(msg)
             warnings.warn(f"locattn: site {site.path or '<root>'!r}: {msg}", LocattnWarning, stacklevel=2)
             bump("fallback", "cross-attention kept dense")
-            head_groups.append((heads, rule, PATTERNS["dense"](), Layout()))
+            head_groups.append((heads, rule, PATTERNS["dense"](), Layout(), SOFTMAX))
             continue
         layout = _layout_for(site, rule, policy) if pattern.local else Layout()
         if offset:
@@ -204,15 +223,16 @@ def decide(site: AttentionSite, policy: Policy, backend: str = "") -> Decision:
                                   f"a site with fewer queries than keys (Sq={site.s_q} < Sk={site.s_k}) needs a 1-D "
                                   f"layout, got grid {list(layout.grid)}")
             notes.append(f"queries are the last {site.s_q} of {site.s_k} positions (causal rule)")
-        head_groups.append((heads, rule, pattern, layout))
+        head_groups.append((heads, rule, pattern, layout, mech))
     all_heads = len(head_groups) == 1
-    dynamic = any(p.dynamic for _, _, p, _ in head_groups)
+    dynamic = any(p.dynamic for _, _, p, _, _ in head_groups)
     if dynamic:
         notes.append("dynamic: density measured at run time (locattn.densities(), explain after a call)")
-    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay) for heads, _, p, lay in head_groups),
+    spec = SiteSpec(tuple(HeadGroup(None if all_heads else heads, p, lay, mech)
+                          for heads, _, p, lay, mech in head_groups),
                     site=(site.path or "<root>") if dynamic else "", softcap=site.softcap)
     return Decision(site, True, spec=spec, backend=chosen_backend,
-                    rules=tuple(r.index for _, r, _, _ in head_groups), notes=notes)
+                    rules=tuple(r.index for _, r, _, _, _ in head_groups), notes=notes)
 
 
 def decide_phased(site: AttentionSite, policy: Policy, phases: Phases, backend: str = "") -> Decision:
@@ -233,23 +253,43 @@ def decide_phased(site: AttentionSite, policy: Policy, phases: Phases, backend: 
                     phases=tuple((phases.label(k), d) for k, d in enumerate(per)))
 
 
-def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
+def mechanism_refusal(site: AttentionSite, mech: Mechanism, offset: bool = False) -> str:
+    """Why ``mech`` (linear / hybrid) cannot attend ``site`` ("" if it can): it sums feature products over the
+    keys the site allows, so a float bias, or a mask that is not a key-padding mask, has no place to go; a soft
+    cap bends the scores the features estimate; queries at the end of the keys (``offset``: a causal rule with
+    S_q < S_k) are not among the linear sums' alignments."""
+    if site.softcap:
+        return f"the site soft-caps its scores (softcap={site.softcap:g}; linear features estimate exp(q·k) only)"
+    if offset:
+        return f"queries at the end of the keys (Sq={site.s_q} < Sk={site.s_k}) under a causal rule"
+    if site.bias is not None:
+        return f"the site adds a float bias {site.mask_desc} (linear attention has no scores to add it to)"
+    if site.mask is not None:
+        shape = site.mask_shape
+        if shape is None or (len(shape) >= 2 and shape[-2] != 1):
+            return (f"the site's bool mask {site.mask_desc} is not a key-padding mask ([..., 1, Sk]; linear "
+                    f"attention honours key padding only)")
+    return ""
+
+
+def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int, int]:
     """``(density, full blocks, partial blocks)`` of a rewritten site: density exact in O(S) per head group
     (:func:`count_allowed`, pattern & causal), blocks from the block plan in O(blocks visited). A phased site
-    reports its densest phase; a site with a ``dynamic`` group has no static density (None)."""
+    reports its densest phase; a site with a ``dynamic`` group has no static density (None). Linear / hybrid
+    groups count their softmax pairs (none for linear) in the density and their feature sums in ``linear_flops``."""
     if d.phases:
         stats = [pd._measure() for _, pd in d.phases]
         if any(st[0] is None for st in stats):
-            return None, 0, 0
+            return None, 0, 0, 0
         return max(stats, key=lambda st: st[0])
     s = d.site
     if d.spec is None or s.s_q <= 0 or s.s_k <= 0:
-        return None, 0, 0
-    total, full, partial = 0.0, 0, 0
+        return None, 0, 0, 0
+    total, full, partial, lin = 0.0, 0, 0, 0
     for g in d.spec.groups:
         n_h = len(g.heads) if g.heads is not None else s.heads
         if g.pattern.dynamic:  # chosen per call: measured at run time
-            return None, 0, 0
+            return None, 0, 0, 0
         layout = g.layout.resolve(s.s_k) if g.pattern.local else g.layout
         off = s.s_k - s.s_q if g.pattern.local else 0
         plan = build_plan(g.pattern, layout, s.s_q, s.s_k, block, block, s.is_causal, off)
@@ -257,10 +297,17 @@ def _measure(d: Decision, block: int = 64) -> tuple[float | None, int, int]:
             pairs = count_pairs(plan, g.pattern, layout, s.is_causal)
         else:
             pairs = count_allowed(g.pattern, layout, s.s_q, s.s_k, s.is_causal)
-        total += n_h * pairs / (s.s_q * s.s_k)
-        full += plan.n_full * n_h
-        partial += (plan.nnz - plan.n_full) * n_h
-    return total / s.heads, full, partial
+        if g.mechanism.kind != "linear":
+            total += n_h * pairs / (s.s_q * s.s_k)
+            full += plan.n_full * n_h
+            partial += (plan.nnz - plan.n_full) * n_h
+        if not g.mechanism.is_softmax:
+            m = g.mechanism.features if g.mechanism.feature_map == "favor" else s.head_dim
+            per_row = 2 * m * (s.v_dim + 1) + (2 * 64 * (m + s.v_dim) if s.is_causal else 0)  # states + intra
+            lin_pairs = pairs if g.mechanism.kind == "hybrid" and g.pattern.local else 0       # all - P
+            feat = 2 * m * s.head_dim if g.mechanism.feature_map == "favor" else 0
+            lin += s.batch * n_h * ((s.s_q + s.s_k) * (per_row + feat) + 2 * lin_pairs * (m + s.v_dim))
+    return total / s.heads, full, partial, lin
 
 
 def find_sites(gm: fx.GraphModule, graph_id: int = 0, left: list[SoftmaxLeft] | None = None) -> list[AttentionSite]:

@@ -14,15 +14,18 @@ from dataclasses import dataclass
 
 from . import PATTERNS
 from .base import Layout, Pattern
+from .mechanism import SOFTMAX, Mechanism
 
 
 @dataclass(frozen=True)
 class HeadGroup:
-    """One pattern applied to ``heads`` (query head indices; ``None`` = all heads) on ``layout``."""
+    """One pattern applied to ``heads`` (query head indices; ``None`` = all heads) on ``layout``, attended by
+    ``mechanism`` (:mod:`locattn.patterns.mechanism`; softmax unless a policy asks for linear / hybrid)."""
 
     heads: tuple[int, ...] | None
     pattern: Pattern
     layout: Layout
+    mechanism: Mechanism = SOFTMAX
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,22 @@ class SiteSpec:
 
     @property
     def is_dense(self) -> bool:
-        return all(not g.pattern.local for g in self.groups)
+        """Every group attends every key by exact softmax."""
+        return all(not g.pattern.local and g.mechanism.is_softmax for g in self.groups)
 
     def to_json(self) -> str:
         out = []
         for g in self.groups:
-            out.append({
+            d = {
                 "heads": list(g.heads) if g.heads is not None else None,
                 "pattern": g.pattern.name,
                 "params": g.pattern.to_params(),
                 "grid": list(g.layout.grid) if g.layout.grid is not None else None,
                 "prefix": g.layout.prefix, "suffix": g.layout.suffix, "sinks": g.layout.sinks,
-            })
+            }
+            if not g.mechanism.is_softmax:  # absent for softmax: every softmax spec string stays as it was
+                d["mechanism"] = g.mechanism.to_params()
+            out.append(d)
         d = {"v": 1, "groups": out}
         if self.site:
             d["site"] = self.site
@@ -75,6 +82,8 @@ class SiteSpec:
                 extras.append(f"sinks={lay.sinks}")
             if extras:
                 s += "[" + ", ".join(extras) + "]"
+            if not g.mechanism.is_softmax:
+                s = f"{g.mechanism.describe()}:{s}"
             if g.heads is not None:
                 s = f"h{head_ranges(g.heads)}:" + s
             parts.append(s)
@@ -114,8 +123,9 @@ def parse_spec(text: str) -> SiteSpec:
     for g in d["groups"]:
         layout = Layout(grid=tuple(g["grid"]) if g["grid"] is not None else None,
                         prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
+        mech = Mechanism.from_params(g["mechanism"]) if "mechanism" in g else SOFTMAX
         groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
-                                _pattern_from_params(g["pattern"], g["params"]), layout))
+                                _pattern_from_params(g["pattern"], g["params"]), layout, mech))
     return SiteSpec(tuple(groups), d.get("site", ""), softcap=float(d.get("softcap", 0.0)))
 
 
