@@ -6,6 +6,7 @@
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn.*)
 from .backend import LocattnBackend, backend
+from .calibration import CalibrationError, calibrate
 from .counters import counters, reset_counters
 from .explain import Report, explain
 from .passes.rewrite import LocattnWarning
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend", "LocattnBackend", "explain", "Report", "counters", "reset_counters", "Policy", "PolicyError",
-    "PatternError", "PATTERNS", "Layout", "LocattnWarning",
+    "PatternError", "PATTERNS", "Layout", "LocattnWarning", "calibrate", "CalibrationError",
 ]

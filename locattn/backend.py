@@ -5,6 +5,9 @@ entry point to :func:`locattn_backend`. Options:
 
 * ``policy``: a path, a dict or a :class:`locattn.Policy` (else ``$LOCATTN_POLICY``, else all-dense),
 * ``backend``: implementation override for every site (``"reference"``, ``"blocked"``, ...),
+* ``policy = "auto"`` with ``budget`` (default 0.02), ``calibration_calls`` (default 2), ``save_policy`` (a
+  path), ``metric``, ``candidates``, ``cost``, ``progress``, ``rows``: calibrate on the first calls, then
+  recompile once with the chosen policy (:mod:`locattn.calibration.auto`),
 * any other key is an Inductor config patch, passed to ``compile_fx``.
 
 ``locattn.backend(policy=...)`` returns a :class:`LocattnBackend` object for users who prefer objects; it
@@ -23,14 +26,24 @@ from .passes.rewrite import Decision, rewrite_graph, warn_unmatched
 from .policy import Policy
 
 OUR_OPTIONS = {"policy", "backend"}
+#: options of ``policy = "auto"`` (:class:`locattn.calibration.auto.AutoOptions`)
+AUTO_OPTIONS = {"budget", "calibration_calls", "save_policy", "metric", "candidates", "cost", "progress", "rows"}
 
 
 class LocattnBackend:
     """A torch.compile backend: rewrite attention sites per ``policy``, then Inductor (or eager)."""
 
     def __init__(self, policy: Any = None, backend: str = "", inductor: bool = True,
-                 inductor_config: dict | None = None):
-        self.policy = Policy.coerce(policy)
+                 inductor_config: dict | None = None, auto: dict | None = None):
+        self.auto = None
+        if isinstance(policy, str) and policy == "auto":
+            from .calibration.auto import AutoOptions
+
+            self.auto = AutoOptions.from_options(auto or {})
+            policy = None
+        elif auto:
+            raise ValueError(f"locattn: option(s) {sorted(auto)} need policy = \"auto\"")
+        self.policy = Policy.coerce(policy) if self.auto is None else Policy(source="auto")
         self.backend = backend
         self.inductor = inductor
         self.inductor_config = dict(inductor_config or {})
@@ -38,6 +51,10 @@ class LocattnBackend:
         self._graphs = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
+        if self.auto is not None:
+            from .calibration.auto import AutoGraph
+
+            return AutoGraph(gm, example_inputs, self.auto, self._compile_with)
         graph_id = self._graphs
         self._graphs += 1
         decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id)
@@ -50,6 +67,18 @@ class LocattnBackend:
             return compile_fx(gm, example_inputs)
         return gm.forward
 
+    def _compile_with(self, policy: Policy, gm: fx.GraphModule, example_inputs):
+        """How an ``auto`` graph recompiles once calibrated: this backend's settings with ``policy``; the
+        decisions join ours (``explain``)."""
+        child = LocattnBackend(policy, backend=self.backend, inductor=self.inductor,
+                               inductor_config=self.inductor_config)
+        compiled = child(gm, example_inputs)
+        self.decisions.extend(child.decisions)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            child.warn_unmatched()
+        return compiled
+
     def warn_unmatched(self) -> None:
         warn_unmatched(self.policy, self.decisions)
 
@@ -58,16 +87,21 @@ class LocattnBackend:
 
 
 def backend(policy: Any = None, backend: str = "", inductor: bool = True, **inductor_config) -> LocattnBackend:
-    """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``."""
-    return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config)
+    """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``; with
+    ``policy="auto"`` the auto options (``budget``, ``calibration_calls``, ...) are keywords too."""
+    auto = {k: inductor_config.pop(k) for k in list(inductor_config) if k in AUTO_OPTIONS}
+    return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config, auto=auto)
 
 
 def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Entry point of ``backend="locattn"``. Reads the policy afresh at every compile."""
     options = dict(options or {})
     ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
-    b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options)
+    auto = {k: options.pop(k) for k in list(options) if k in AUTO_OPTIONS}
+    b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options, auto=auto)
     compiled = b(gm, example_inputs)
+    if b.auto is not None:
+        return compiled
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         b.warn_unmatched()
