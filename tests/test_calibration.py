@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 import locattn
 from locattn.calibration import CalibrationError, calibrate_with_report
-from locattn.calibration.candidates import Candidate, RecordedSite, SiteShape, candidates_for, register_family, FAMILIES
+from locattn.calibration.candidates import FAMILIES, Candidate, SiteShape, candidates_for, register_family
 from locattn.calibration.engine import Engine, Options
 from locattn.calibration.record import Session, TapBackend
 from locattn.calibration.report import build_policy
 from locattn.calibration.scoring import SiteStats, score
 from locattn.calibration.solver import solve
+from locattn.codegen.registry import AttentionCall
+from locattn.patterns import Dense, Layout
 from locattn.patterns.spec import DENSE_SPEC
 
 
@@ -108,7 +110,7 @@ def test_scores_equal_the_op_on_the_sampled_rows(causal):
              Candidate.make(site, "tiled", {"tile": 8, "window": 3})]
     stats = SiteStats(h, len(cands))
     rows = torch.tensor([0, 7, 33, 69])
-    score(RecordedSite(q, k, v, mask, None, 0.3, causal), cands, stats, rows)
+    score(AttentionCall(q, k, v, mask, None, 0.3, causal, Dense(), Layout()), cands, stats, rows)
 
     def op(c):
         spec = DENSE_SPEC.to_json() if c.is_dense else \

@@ -26,7 +26,7 @@ top-p levels are one family entry. Its scoring cannot come from a static predica
     class DynamicCandidate(Candidate):
         static: bool = False                           # content-dependent: scored per call
         def keep(self, rec, rows):                     # -> bool [B, Hq, R, Sk]
-            return select_blocks(self.pattern, self.layout.resolve(rec.s_k), rec.q, rec.k, rows)
+            return select_blocks(self.pattern, self.layout.resolve(rec.k.shape[-2]), rec.q, rec.k, rows)
 
     @register_family
     def dynamic(site):
@@ -45,6 +45,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..codegen.registry import AttentionCall
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, Pattern, PatternError, allowed
 from ..patterns.plan import choose_tile
@@ -78,27 +79,6 @@ class SiteShape:
     @property
     def axes(self) -> tuple[int, ...]:
         return self.grid if self.grid is not None else (self.n_grid,)
-
-
-@dataclass(frozen=True)
-class RecordedSite:
-    """The tensors of one site call, as the op receives them (canonical form).
-
-    q: [B, Hq, Sq, D]; k: [B, Hk, Sk, D]; v: [B, Hk, Sk, Dv]; mask: bool broadcastable to [B, Hq, Sq, Sk] or
-    None; bias: float, likewise, or None.
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None
-    bias: torch.Tensor | None
-    scale: float
-    is_causal: bool
-
-    @property
-    def s_k(self) -> int:
-        return self.k.shape[-2]
 
 
 @dataclass(frozen=True)
@@ -145,10 +125,11 @@ class Candidate:
             d["sinks"] = lay.sinks
         return d
 
-    def keep(self, rec: RecordedSite, rows: torch.Tensor) -> torch.Tensor:
+    def keep(self, rec: AttentionCall, rows: torch.Tensor) -> torch.Tensor:
         """Keys the pattern lets query ``rows`` attend: bool broadcastable to ``[B, Hq, R, Sk]`` (the site's own
-        mask and causality are applied by the scorer). Static patterns: ``[R, Sk]`` from the predicate."""
-        s_k = rec.s_k
+        mask and causality are applied by the scorer). ``rec`` is the recorded call (q / k / v, mask, bias as the
+        op receives them; its pattern field is unused). Static patterns: ``[R, Sk]`` from the predicate."""
+        s_k = rec.k.shape[-2]
         kj = torch.arange(s_k, device=rows.device)[None, :]
         if self.is_dense:
             return torch.ones(rows.numel(), s_k, dtype=torch.bool, device=rows.device)

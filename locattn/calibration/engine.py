@@ -178,20 +178,20 @@ class Engine:
             for rec, c in jobs:
                 cand = rec.candidates[c]
                 if mode == "blocks":
-                    rec.costs[c] = costmod.block_cost(cand, rec.s_q, rec.s_k, rec.is_causal)
+                    rec.costs[c] = costmod.block_cost(cand, rec.site.s_q, rec.site.s_k, rec.site.is_causal)
                     bar.update(1)
                     continue
                 cache = caches.setdefault(str(rec.device), costmod.CostCache(rec.device))
-                shapes = (rec.q_shape, rec.k_shape, rec.v_shape, rec.dtype, str(rec.device))
-                if shapes not in inputs:
-                    inputs[shapes] = costmod.make_inputs(rec.q_shape, rec.k_shape, rec.v_shape, rec.dtype, rec.device)
-                q, k, v = inputs[shapes]
+                shapes = (rec.site.q_shape, rec.site.k_shape, rec.site.v_shape)
+                if (shapes, rec.dtype, rec.device) not in inputs:
+                    inputs[shapes, rec.dtype, rec.device] = costmod.make_inputs(*shapes, rec.dtype, rec.device)
+                q, k, v = inputs[shapes, rec.dtype, rec.device]
                 kind = "causal" if rec.mask_causal else ("mask" if rec.example_mask is not None else "none")
-                key = costmod._key(cand, q, k, v, rec.example_mask, rec.example_bias, rec.is_causal, kind)
+                key = costmod._key(cand, q, k, v, rec.example_mask, rec.example_bias, rec.site.is_causal, kind)
                 if key not in cache.data:
                     try:
                         cache.data[key] = costmod.time_candidate(cand, q, k, v, rec.example_mask, rec.example_bias,
-                                                                 rec.scale, rec.is_causal, self.opts.backend)
+                                                                 rec.scale, rec.site.is_causal, self.opts.backend)
                     except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not a choice
                         log.warning("locattn.calibrate: %s at %s cannot run (%s); dropped", cand.label,
                                     rec.path or "<root>", e)

@@ -19,15 +19,18 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..codegen.registry import AttentionCall
 from ..counters import bump
 from ..passes.grid_infer import infer_token_grids
 from ..passes.rewrite import _checkpoint_bodies, find_sites
 from ..passes.sites import AttentionSite
+from ..patterns.base import Layout
 from ..patterns.spec import DENSE_SPEC
 from . import scoring
-from .candidates import Candidate, RecordedSite, SiteShape, parse_candidates
+from .candidates import Candidate, SiteShape, parse_candidates
 
 DENSE_JSON = DENSE_SPEC.to_json()
+DENSE = DENSE_SPEC.groups[0].pattern
 
 
 class CalibrationError(ValueError):
@@ -36,18 +39,10 @@ class CalibrationError(ValueError):
 
 @dataclass
 class SiteRecord:
-    """One policy site (a module path) of the traced model, with its candidates and accumulated statistics.
+    """One policy site (a module path) of the traced model: the traced :class:`AttentionSite` (shapes as the op
+    receives them, q ``[B, Hq, Sq, D]``), its candidates and accumulated statistics."""
 
-    Shapes: q ``[B, Hq, Sq, D]``, k ``[B, Hk, Sk, D]``, v ``[B, Hk, Sk, Dv]`` as the op receives them.
-    """
-
-    path: str
-    form: str
-    q_shape: tuple[int, ...]
-    k_shape: tuple[int, ...]
-    v_shape: tuple[int, ...]
-    is_causal: bool
-    token_grid: tuple[tuple[int, ...], int, int] | None
+    site: AttentionSite
     keys: list[str] = field(default_factory=list)      # tap keys (graph.site) sharing this path
     dtype: torch.dtype | None = None
     device: torch.device | None = None
@@ -59,28 +54,24 @@ class SiteRecord:
     candidates: list[Candidate] = field(default_factory=list)
     stats: scoring.SiteStats | None = None
     costs: list[float] | None = None                    # per candidate, one call of the whole site
-    site: AttentionSite | None = field(default=None, repr=False)   # the traced site (for ``decide``)
     shapes_seen: dict[int, tuple] = field(default_factory=dict)   # sample index -> call shapes
 
     @property
+    def path(self) -> str:
+        return self.site.path
+
+    @property
     def heads(self) -> int:
-        return self.q_shape[1]
-
-    @property
-    def s_q(self) -> int:
-        return self.q_shape[2]
-
-    @property
-    def s_k(self) -> int:
-        return self.k_shape[2]
+        return self.site.heads
 
     @property
     def causal(self) -> bool:
-        return self.is_causal or bool(self.mask_causal)
+        return self.site.is_causal or bool(self.mask_causal)
 
     def shape(self) -> SiteShape:
-        grid, pre, suf = self.token_grid if self.token_grid is not None else (None, 0, 0)
-        return SiteShape(self.s_q, grid, pre, suf, self.causal, self.s_q == self.s_k)
+        s = self.site
+        grid, pre, suf = s.token_grid if s.token_grid is not None else (None, 0, 0)
+        return SiteShape(s.s_q, grid, pre, suf, self.causal, s.s_q == s.s_k)
 
 
 def _mask_is_causal(mask: torch.Tensor | None, s_q: int, s_k: int) -> bool:
@@ -124,15 +115,13 @@ class Session:
             key = f"{graph_id}.{site.index}"
             rec = self.sites.get(site.path)
             if rec is None:
-                rec = self.sites[site.path] = SiteRecord(site.path, site.form, site.q_shape, site.k_shape,
-                                                         site.v_shape, site.is_causal, site.token_grid)
-            elif (rec.q_shape, rec.k_shape, rec.v_shape, rec.is_causal) != \
+                rec = self.sites[site.path] = SiteRecord(site)
+            elif (rec.site.q_shape, rec.site.k_shape, rec.site.v_shape, rec.site.is_causal) != \
                     (site.q_shape, site.k_shape, site.v_shape, site.is_causal):
                 raise CalibrationError(
                     f"locattn.calibrate: site {site.path or '<root>'!r} is called with different shapes "
-                    f"(q {list(rec.q_shape)} and {list(site.q_shape)}): a policy rule matches a module path, so "
-                    f"calibrate one shape at a time (samples of one shape)")
-            rec.site = rec.site or site
+                    f"(q {list(rec.site.q_shape)} and {list(site.q_shape)}): a policy rule matches a module path, "
+                    f"so calibrate one shape at a time (samples of one shape)")
             rec.keys.append(key)
             self.by_key[key] = rec
             site.replace(_make_tap(self, key, site.effective_scale(), site.is_causal))
@@ -173,7 +162,7 @@ class Session:
             rec.candidates = parse_candidates(self.candidate_spec, rec.shape())
             rec.stats = scoring.SiteStats(q.shape[1], len(rec.candidates))
         rows = scoring.sample_rows(q.shape[-2], self.rows, seed=self.sample)
-        rs = RecordedSite(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal)
+        rs = AttentionCall(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal, DENSE, Layout())
         if self._keep_sample != self.sample:
             self._keep_cache, self._keep_sample = {}, self.sample
         scoring.score(rs, rec.candidates, rec.stats, rows, self._keep_cache)

@@ -24,7 +24,8 @@ import torch
 
 from ..codegen.reference import expand_kv, masked_softmax
 from ..codegen.registry import bias_scores
-from .candidates import Candidate, RecordedSite
+from ..codegen.registry import AttentionCall
+from .candidates import Candidate
 
 #: elements of one [B, Hq, rows, Sk] score chunk
 CHUNK_ELEMS = 1 << 23
@@ -86,7 +87,7 @@ def _heads_sum(x: torch.Tensor, b: int, hq: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(rec: RecordedSite, cands: list[Candidate], stats: SiteStats, rows: torch.Tensor,
+def score(rec: AttentionCall, cands: list[Candidate], stats: SiteStats, rows: torch.Tensor,
           keep_cache: dict | None = None) -> None:
     """Add one site call's statistics for query ``rows`` to ``stats``. ``keep_cache`` shares the candidates'
     key sets between the sites of one sample (they depend on the candidate, the rows and the length only)."""
