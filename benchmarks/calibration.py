@@ -78,8 +78,10 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
                      "predicted_kept": cal.report.scores_kept, "calibration_fit_error": cal.report.fit_error,
                      "calibration_holdout_error": cal.report.holdout_error, "eval_ppl": r.ppl,
                      "dense_ppl": dense.ppl, "eval_change": r.ppl / dense.ppl - 1, "calibration_wall_s": wall,
-                     "calibration_cpu_s": cpu, "forward_s": t, "default_forward_s": t_default,
-                     "speedup_vs_default": t_default / t, "note": cal.report.note, "load": smollm2.load_avg()})
+                     "calibration_cpu_s": cpu, "phases": cal.report.phases, "forward_s": t,
+                     "default_forward_s": t_default, "speedup_vs_default": t_default / t, "note": cal.report.note,
+                     "backed_off": len(cal.report.backed_off), "evaluations": cal.report.evaluations,
+                     "load": smollm2.load_avg()})
         print(_fmt(rows[-1]), flush=True)
     return {"model": lm.name, "tokens": n, "calibration_texts": "+".join(CAL_TEXTS),
             "eval_text": "+".join(smollm2.FIDELITY_TEXTS), "dense_ppl": dense.ppl}, rows
@@ -115,8 +117,9 @@ def dit_rows(args, out_dir) -> tuple[dict, list]:
                      "calibration_fit_error": cal.report.fit_error,
                      "calibration_holdout_error": cal.report.holdout_error,
                      "eval_error": float((out - ref).norm() / ref.norm()), "calibration_wall_s": wall,
-                     "calibration_cpu_s": cpu, "forward_s": t, "default_forward_s": t_default,
-                     "speedup_vs_default": t_default / t, "note": cal.report.note, "load": smollm2.load_avg()})
+                     "calibration_cpu_s": cpu, "phases": cal.report.phases, "forward_s": t,
+                     "default_forward_s": t_default, "speedup_vs_default": t_default / t, "note": cal.report.note,
+                     "backed_off": len(cal.report.backed_off), "load": smollm2.load_avg()})
         print(_fmt(rows[-1]), flush=True)
     return {"model": f"TinyDiT(layers={layers}) random weights", "tokens": (size // 2) ** 2}, rows
 
@@ -138,7 +141,7 @@ def _fmt(r: dict) -> str:
     kept = r.get("causal_kept", r.get("kept"))
     err = r.get("eval_change", r.get("eval_error"))
     return (f"| {r['model']} | {r['budget']:g} | {kept:.1%} | {err:+.2%} | {r['calibration_wall_s']:.0f} s "
-            f"({r['calibration_cpu_s']:.0f} s CPU) | {r['speedup_vs_default']:.2f}x | {r['rules']} | {r['load']} |")
+            f"({r['calibration_cpu_s']:.0f} s CPU) | {r['speedup_vs_default']:.3g}x | {r['rules']} | {r['load']} |")
 
 
 def main(argv=None) -> int:

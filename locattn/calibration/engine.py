@@ -88,6 +88,26 @@ def versions() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+class _Phases:
+    """``with clock("name"):`` records (wall s, process CPU s) of the block into ``phases[name]``."""
+
+    def __init__(self, phases: dict):
+        self.phases = phases
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def run():
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                yield
+            finally:
+                self.phases[name] = (time.perf_counter() - w, time.process_time() - c)
+
+        return run()
+
+
 class Engine:
     """Runs steps 1-4 on ``n`` samples: ``run(i)`` runs sample ``i`` through the tapped graphs of ``session``."""
 
@@ -232,23 +252,28 @@ class Engine:
         model's own first calls)."""
         t0 = time.perf_counter()
         opts = self.opts
-        if recorded:
-            self._collect_sites()
-        else:
-            self.record()
-        self.measure_costs()
+        phases: dict[str, tuple[float, float]] = {}
+        clock = _Phases(phases)
+        with clock("record"):
+            if recorded:
+                self._collect_sites()
+            else:
+                self.record()
+        with clock("cost"):
+            self.measure_costs()
         cost, err, items = self._matrices()
         report = CalibrationReport(self.model, self.sample_shapes, len(self.fit), len(self.hold), opts.budget,
                                    getattr(self.metric, "__name__", type(self.metric).__name__), self.cost_mode,
                                    versions=versions())
-        dense_col = torch.zeros(len(items), dtype=torch.long)
-        choice = dense_col
+        report.phases = phases
+        choice = torch.zeros(len(items), dtype=torch.long)
         if opts.budget == 0:
             report.note = "budget 0 allows no error: every site stays dense"
-            report.met = True
         else:
-            choice = self._search(cost, err, items, report)
-            choice = self._validate(choice, err, items, report)
+            with clock("search"):
+                choice = self._search(cost, err, items, report)
+            with clock("validate"):
+                choice = self._validate(choice, err, items, report)
         self._fill_report(report, choice, cost, items)
         report.wall_s = time.perf_counter() - t0
         policy = build_policy(self.sites, self._choice(choice, items), header=report.header())

@@ -62,6 +62,8 @@ class CalibrationReport:
     backed_off: list[str] = field(default_factory=list)
     sites: list[SiteResult] = field(default_factory=list)
     wall_s: float = 0.0
+    #: phase -> (wall s, process CPU s): record, cost, search, validate
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
     versions: str = ""
 
     def header(self) -> list[str]:
@@ -78,7 +80,8 @@ class CalibrationReport:
             lines.append(f"validation backed off {len(self.backed_off)} site(s) to dense: {', '.join(self.backed_off)}")
         if self.note:
             lines.append(self.note)
-        lines.append(f"{self.versions}; calibration took {self.wall_s:.0f} s")
+        split = ", ".join(f"{k} {w:.0f}" for k, (w, _) in self.phases.items())
+        lines.append(f"{self.versions}; calibration took {self.wall_s:.0f} s" + (f" ({split})" if split else ""))
         return lines
 
     def summary(self) -> str:
