@@ -70,10 +70,11 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
         torch._dynamo.reset()
         cal, wall, cpu = _timed_calibration(lm.model, samples, budget, metric=perplexity_change,
                                             progress=not args.quick, cost=args.cost)
-        path = _save(cal.policy, f"calibrated_smollm2_{budget:g}{'_quick' if args.quick else ''}.toml", out_dir)
+        path = _save(cal.policy, f"calibrated_smollm2_{budget:g}_{args.cost}{'_quick' if args.quick else ''}.toml",
+                     out_dir)
         r = smollm2.perplexity(lm, eval_ids, cal.policy)
         t = smollm2.forward_time(r.compiled, eval_ids, args.reps)
-        rows.append({"model": "smollm2", "budget": budget, "policy": path, "rules": len(cal.policy.rules),
+        rows.append({"model": "smollm2", "budget": budget, "cost": args.cost, "policy": path, "rules": len(cal.policy.rules),
                      "causal_kept": smollm2.causal_kept(r.decisions, n),
                      "predicted_kept": cal.report.scores_kept, "calibration_fit_error": cal.report.fit_error,
                      "calibration_holdout_error": cal.report.holdout_error, "eval_ppl": r.ppl,
@@ -104,7 +105,8 @@ def dit_rows(args, out_dir) -> tuple[dict, list]:
     for budget in args.budgets:
         torch._dynamo.reset()
         cal, wall, cpu = _timed_calibration(model, samples, budget, progress=not args.quick, cost=args.cost)
-        path = _save(cal.policy, f"calibrated_dit_{budget:g}{'_quick' if args.quick else ''}.toml", out_dir)
+        path = _save(cal.policy, f"calibrated_dit_{budget:g}_{args.cost}{'_quick' if args.quick else ''}.toml",
+                     out_dir)
         torch._dynamo.reset()
         b = locattn.backend(cal.policy)
         compiled = torch.compile(model, backend=b)
@@ -112,7 +114,7 @@ def dit_rows(args, out_dir) -> tuple[dict, list]:
         with torch.no_grad():
             out = compiled(x)
         dens = [d.density if d.rewritten and d.density is not None else 1.0 for d in b.decisions]
-        rows.append({"model": "dit", "budget": budget, "policy": path, "rules": len(cal.policy.rules),
+        rows.append({"model": "dit", "budget": budget, "cost": args.cost, "policy": path, "rules": len(cal.policy.rules),
                      "kept": sum(dens) / len(dens), "predicted_kept": cal.report.scores_kept,
                      "calibration_fit_error": cal.report.fit_error,
                      "calibration_holdout_error": cal.report.holdout_error,
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--cost", choices=["time", "blocks"], default="time")
+    ap.add_argument("--cost", choices=["time", "blocks", "scores"], default="time")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.budgets = args.budgets or ([0.05] if args.quick else [0.01, 0.02, 0.05])
@@ -167,7 +169,8 @@ def main(argv=None) -> int:
     if args.only in (None, "dit"):
         m, r = dit_rows(args, out_dir)
         meta["dit"], rows = m, rows + r
-    write_results("calibration", args.quick, meta, rows, args.out)
+    name = "calibration" if args.cost == "time" else f"calibration_{args.cost}"
+    write_results(name, args.quick, meta, rows, args.out)
     return 0
 
 

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("target", help="FILE.py:FUNC where FUNC() returns (model, samples) or (model, samples, metric)")
     ca.add_argument("--budget", type=float, default=0.02, help="largest allowed metric (default 0.02)")
     ca.add_argument("-o", "--output", default="policy.toml", help="policy TOML to write")
-    ca.add_argument("--cost", choices=["time", "blocks"], default="time",
-                    help="candidate cost: measured time (cached per machine) or the plan's block count")
+    ca.add_argument("--cost", choices=["time", "blocks", "scores"], default="time",
+                    help="candidate cost: measured time (cached per machine), the plan's block count, or the "
+                         "attention scores kept (FLOPs)")
     ca.add_argument("--holdout", type=int, default=None, help="samples held out for validation (default n // 4)")
     ca.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

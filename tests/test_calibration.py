@@ -176,6 +176,12 @@ def test_huge_budget_gives_the_cheapest_candidates():
         assert r.heads is None and r.pattern.describe() == "sliding_window(window=2)"
 
 
+def test_scores_cost_prefers_fewer_scores():
+    cal = calibrate_with_report(_model(), _samples(), budget=1e9, candidates=WINDOWS, cost="scores", progress=False)
+    assert [r.pattern.describe() for r in cal.policy.rules] == ["sliding_window(window=2)"] * 2
+    assert cal.report.scores_kept < 0.02
+
+
 def test_unmeetable_budget_gives_all_dense_saying_so():
     cal = calibrate_with_report(_model(), _samples(), budget=1e-12, candidates=WINDOWS, cost="blocks",
                                 progress=False)

@@ -11,6 +11,9 @@ spec, shapes, dtypes, mask kind, thread count and torch version.
 ``blocks``: ``full + PARTIAL_BLOCK_COST x partial`` 64 x 64 blocks of the candidate's plan (the kernels'
 work), used when timing is impossible (tensors on a device that cannot run, ``cost="blocks"``).
 
+``scores`` (``cost="scores"``): the attention scores the candidate keeps on the sampled rows (:mod:`.scoring`),
+the FLOPs of an exact sparse kernel: for targets stated in scores kept rather than in time on this machine.
+
 Costs are per site call for all heads; the solver charges each head ``cost / Hq`` (a per-head rule runs as
 its own head group: the copies that costs are not modelled).
 """
@@ -32,7 +35,7 @@ from ..patterns.spec import HeadGroup, SiteSpec
 from .candidates import Candidate
 
 REPS = 3
-COST_MODES = ("time", "blocks")
+COST_MODES = ("time", "blocks", "scores")
 
 
 def machine_key(device: torch.device) -> str:

@@ -39,7 +39,8 @@ class Options:
     metric: Callable[[Any, Any], float] | None = None
     candidates: list | None = None
     progress: bool = True
-    #: "time" (measured, cached per machine) or "blocks" (the plan's block count)
+    #: "time" (measured, cached per machine), "blocks" (the plan's block count) or "scores" (attention scores
+    #: kept on the sampled rows: the FLOPs of an exact sparse kernel, whatever runs it)
     cost: str = "time"
     #: query rows scored per site call
     rows: int = 128
@@ -197,6 +198,10 @@ class Engine:
         with bar:
             for rec, c in jobs:
                 cand = rec.candidates[c]
+                if mode == "scores":   # the attention scores the candidate computes (an exact kernel's FLOPs)
+                    rec.costs[c] = float(rec.stats.kept[:, c].sum())
+                    bar.update(1)
+                    continue
                 if mode == "blocks":
                     rec.costs[c] = costmod.block_cost(cand, rec.site.s_q, rec.site.s_k, rec.site.is_causal)
                     bar.update(1)
