@@ -8,8 +8,8 @@ their predicate alone; a content-dependent pattern answers from the recorded q /
 Families (``FAMILIES``, in order) build ladders on the site's token grid:
 
 * ``dense`` — always present, error 0 (the solver's fallback),
-* ``sliding_window`` — radius ladder (1-D: powers of two, causal when the site is causal, with and without
-  4 sinks; grids: a fraction of each axis),
+* ``sliding_window`` — radius ladder (1-D: powers of two; on a causal site causal windows, with 1.5x steps
+  between, each with 4 sinks; grids: a fraction of each axis),
 * ``neighborhood`` — odd kernel ladder (grids and non-causal 1-D; on a causal 1-D site it equals a causal
   sliding window, so it is skipped),
 * ``tiled`` — STA tiles of one kernel block (64 tokens), window ladder in tiles,
@@ -162,11 +162,13 @@ def _odd(x: float, lo: int, hi: int) -> int:
     return k if k % 2 else (k + 1 if k + 1 <= hi else k - 1)
 
 
-def _windows_1d(n: int) -> list[int]:
-    """1-D window radii: powers of two from 16 up to n / 2, and 3n / 4."""
+def _windows_1d(n: int, half_steps: bool = False) -> list[int]:
+    """1-D window radii: powers of two from 16 up to n / 2 (with ``half_steps`` also 1.5x each), and 3n / 4."""
     out, w = [], 16
     while w <= n // 2:
         out.append(w)
+        if half_steps and 3 * w // 2 <= n // 2:
+            out.append(3 * w // 2)
         w *= 2
     if n >= 32:
         out.append(3 * n // 4)
@@ -199,9 +201,10 @@ def dense(site: SiteShape) -> Iterable[Candidate]:
 @register_family
 def sliding_window(site: SiteShape) -> Iterable[Candidate]:
     if len(site.axes) == 1:
-        for w in _windows_1d(site.n_grid):
-            for sinks in ((0, SINKS) if site.causal else (0,)):
-                yield Candidate.make(site, "sliding_window", {"window": w, "causal": site.causal}, sinks=sinks)
+        # causal 1-D (LMs): the finer ladder, always with sinks (4 keys: they cost nothing and only add mass)
+        for w in _windows_1d(site.n_grid, half_steps=site.causal):
+            yield Candidate.make(site, "sliding_window", {"window": w, "causal": site.causal},
+                                 sinks=SINKS if site.causal else 0)
         return
     for k in _kernels(site):
         yield Candidate.make(site, "sliding_window", {"window": _per_axis(tuple(x // 2 for x in k))})
