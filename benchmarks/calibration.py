@@ -69,12 +69,12 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
     for budget in args.budgets:
         torch._dynamo.reset()
         cal, wall, cpu = _timed_calibration(lm.model, samples, budget, metric=perplexity_change,
-                                            progress=not args.quick, cost=args.cost)
-        path = _save(cal.policy, f"calibrated_smollm2_{budget:g}_{args.cost}{'_quick' if args.quick else ''}.toml",
-                     out_dir)
+                                            progress=not args.quick, cost=args.cost, proxy=args.proxy)
+        tag = f"{budget:g}_{args.cost}_{args.proxy}{'_quick' if args.quick else ''}"
+        path = _save(cal.policy, f"calibrated_smollm2_{tag}.toml", out_dir)
         r = smollm2.perplexity(lm, eval_ids, cal.policy)
         t = smollm2.forward_time(r.compiled, eval_ids, args.reps)
-        rows.append({"model": "smollm2", "budget": budget, "cost": args.cost, "policy": path, "rules": len(cal.policy.rules),
+        rows.append({"model": "smollm2", "budget": budget, "cost": args.cost, "proxy": cal.report.proxy, "policy": path, "rules": len(cal.policy.rules),
                      "causal_kept": smollm2.causal_kept(r.decisions, n),
                      "predicted_kept": cal.report.scores_kept, "calibration_fit_error": cal.report.fit_error,
                      "calibration_holdout_error": cal.report.holdout_error, "eval_ppl": r.ppl,
@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--cost", choices=["time", "blocks", "scores"], default="time")
+    ap.add_argument("--proxy", choices=["output", "gradient"], default="output",
+                    help="the LM's per-head error proxy (the DiT's metric has no gradient at the reference)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.budgets = args.budgets or ([0.05] if args.quick else [0.01, 0.02, 0.05])
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
     if args.only in (None, "dit"):
         m, r = dit_rows(args, out_dir)
         meta["dit"], rows = m, rows + r
-    name = "calibration" if args.cost == "time" else f"calibration_{args.cost}"
+    name = "calibration" + ("" if args.cost == "time" else f"_{args.cost}") + \
+        ("" if args.proxy == "output" else f"_{args.proxy}")
     write_results(name, args.quick, meta, rows, args.out)
     return 0
 

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ca.add_argument("--cost", choices=["time", "blocks", "scores"], default="time",
                     help="candidate cost: measured time (cached per machine), the plan's block count, or the "
                          "attention scores kept (FLOPs)")
+    ca.add_argument("--proxy", choices=["output", "gradient"], default="output",
+                    help="per-head error the solver adds up: the site's output error, or weighted by the metric's "
+                         "gradient (needs a metric like perplexity_change)")
     ca.add_argument("--holdout", type=int, default=None, help="samples held out for validation (default n // 4)")
     ca.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         metric = made[2] if len(made) == 3 else None
         try:
             cal = calibrate_with_report(made[0], made[1], budget=args.budget, metric=metric, cost=args.cost,
-                                        holdout=args.holdout, progress=not args.no_progress)
+                                        proxy=args.proxy, holdout=args.holdout, progress=not args.no_progress)
         except CalibrationError as e:
             raise SystemExit(str(e)) from None
         with open(args.output, "w") as f:

@@ -110,7 +110,8 @@ def test_scores_equal_the_op_on_the_sampled_rows(causal):
              Candidate.make(site, "tiled", {"tile": 8, "window": 3})]
     stats = SiteStats(h, len(cands))
     rows = torch.tensor([0, 7, 33, 69])
-    score(AttentionCall(q, k, v, mask, None, 0.3, causal, Dense(), Layout()), cands, stats, rows)
+    g = torch.randn(b, h, rows.numel(), d, dtype=torch.float64)
+    score(AttentionCall(q, k, v, mask, None, 0.3, causal, Dense(), Layout()), cands, stats, rows, weights=g)
 
     def op(c):
         spec = DENSE_SPEC.to_json() if c.is_dense else \
@@ -123,6 +124,8 @@ def test_scores_equal_the_op_on_the_sampled_rows(causal):
         o_c, l_c = op(c)
         share = ((o_c - o_d) ** 2).sum((0, 2, 3)) / (o_d ** 2).sum()
         torch.testing.assert_close(stats.error()[:, j], share, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.grad_error()[:, j], ((g * (o_c - o_d)).sum(-1) ** 2).sum((0, 2)),
+                                   rtol=1e-9, atol=1e-12)
         mass = torch.exp(l_c - l_d).nan_to_num(1.0).mean((0, 2))   # a row the mask empties loses nothing
         torch.testing.assert_close(stats.mass_kept()[:, j], mass, rtol=1e-9, atol=1e-12)
     assert float(stats.error()[:, 0].abs().max()) == 0.0
@@ -180,6 +183,36 @@ def test_scores_cost_prefers_fewer_scores():
     cal = calibrate_with_report(_model(), _samples(), budget=1e9, candidates=WINDOWS, cost="scores", progress=False)
     assert [r.pattern.describe() for r in cal.policy.rules] == ["sliding_window(window=2)"] * 2
     assert cal.report.scores_kept < 0.02
+
+
+class Readout(Net):
+    """Output: a loss (mean squared distance of a readout of the tokens to a fixed target), like an LM's."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.target = torch.randn(512, 32)
+
+    def forward(self, x):
+        return ((super().forward(x) - self.target) ** 2).mean()
+
+
+def loss_change(ref, out):
+    return torch.exp(out - ref.detach()) - 1
+
+
+def test_gradient_proxy_weighs_rows_by_the_metric_gradient():
+    torch.manual_seed(0)
+    model = Readout(bias=_distance_bias(512, 0.5)).eval()
+    cal = calibrate_with_report(model, _samples(), budget=0.01, metric=loss_change, candidates=WINDOWS,
+                                cost="blocks", proxy="gradient", progress=False)
+    assert cal.report.proxy == "gradient" and "proxy: gradient" in cal.policy.to_toml()
+    assert cal.report.holdout_error is None or cal.report.holdout_error <= 0.01
+    assert not any(p.requires_grad is False for p in model.parameters())   # nothing was switched off
+    assert all(p.grad is None for p in model.parameters())                # and no gradient left behind
+    # relative L2 has no gradient at the reference: the output proxy is used, saying so
+    cal = calibrate_with_report(_model(), _samples(), budget=0.05, candidates=WINDOWS, cost="blocks",
+                                proxy="gradient", progress=False)
+    assert cal.report.proxy == "output" and "gradient proxy unavailable" in cal.report.note
 
 
 def test_unmeetable_budget_gives_all_dense_saying_so():

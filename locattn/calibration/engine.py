@@ -44,6 +44,10 @@ class Options:
     cost: str = "time"
     #: query rows scored per site call
     rows: int = 128
+    #: the per-head error the solver adds up: "output" (each head's share of its site's relative squared output
+    #: error) or "gradient" (Σ (g · Δo)² with g = d(metric)/d(site output) from one backward per fit sample;
+    #: needs a metric with a nonzero gradient at the reference, e.g. perplexity_change; else "output" is used)
+    proxy: str = "output"
     #: samples held out for validation (None: n // 4, at least 1 when there are 2 or more)
     holdout: int | None = None
     #: end-to-end evaluations of the search on the fit samples
@@ -61,6 +65,8 @@ class Options:
         if self.metric is not None and not callable(self.metric):
             raise CalibrationError(f"locattn.calibrate: metric must be callable(reference, output) -> float, "
                                    f"got {self.metric!r}")
+        if self.proxy not in ("output", "gradient"):
+            raise CalibrationError(f"locattn.calibrate: proxy must be 'output' or 'gradient', got {self.proxy!r}")
         if self.rows < 1 or self.max_evals < 1:
             raise CalibrationError("locattn.calibrate: rows and max_evals must be >= 1")
 
@@ -168,13 +174,34 @@ class Engine:
         with bar:
             for i in range(self.n):
                 self.session.mode = "score" if i in self.fit else "shapes"
+                grad = self.opts.proxy == "gradient" and i in self.fit
+                self.session.gradients = grad
                 try:
-                    with torch.no_grad():
-                        self.refs[i] = detach(self._run(i))
+                    with torch.set_grad_enabled(grad):
+                        out = self._run(i)
+                    self.refs[i] = detach(out)
+                    if grad:
+                        self._gradients(i, out)
                 finally:
-                    self.session.mode = "off"
+                    self.session.mode, self.session.gradients, self.session.pending = "off", False, []
                 bar.update(1)
         self._collect_sites()
+
+    def _gradients(self, i: int, out) -> None:
+        """d(metric)/d(site output) for every site call of sample ``i`` (the metric at the reference itself),
+        then the pending scores; a metric without a usable gradient there leaves the gradient proxy unset."""
+        zs = [z for _, z in self.session.pending]
+        try:
+            obj = self.metric(self.refs[i], out)
+            ok = isinstance(obj, torch.Tensor) and obj.requires_grad
+            grads = torch.autograd.grad(obj, zs, allow_unused=True) if ok and zs else None
+        except RuntimeError as e:
+            log.info("locattn calibrate: no gradient of the metric (%s); output proxy", e)
+            grads = None
+        if grads is not None and not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+            grads = None
+        self.grad_ok = getattr(self, "grad_ok", True) and grads is not None
+        self.session.score_pending(list(grads) if grads is not None else None)
 
     def _collect_sites(self) -> None:
         self.sites = [r for r in self.session.sites.values() if r.stats is not None]
@@ -237,8 +264,10 @@ class Engine:
         cost = torch.full((len(items), width), math.inf, dtype=torch.float64)
         err = torch.zeros(len(items), width, dtype=torch.float64)
         i = 0
+        use_grad = self.opts.proxy == "gradient" and getattr(self, "grad_ok", False)
+        self.proxy_used = "gradient" if use_grad else "output"
         for rec in self.sites:
-            e = rec.stats.error()
+            e = rec.stats.grad_error() if use_grad else rec.stats.error()
             c = torch.tensor(rec.costs, dtype=torch.float64) / rec.heads
             n = len(rec.candidates)
             cost[i:i + rec.heads, :n] = c
@@ -271,6 +300,10 @@ class Engine:
                                    getattr(self.metric, "__name__", type(self.metric).__name__), self.cost_mode,
                                    versions=versions())
         report.phases = phases
+        report.proxy = self.proxy_used
+        if self.opts.proxy != self.proxy_used:
+            report.note = "gradient proxy unavailable (the metric has no nonzero gradient at the reference): " \
+                          "used the output error"
         choice = torch.zeros(len(items), dtype=torch.long)
         if opts.budget == 0:
             report.note = "budget 0 allows no error: every site stays dense"

@@ -24,16 +24,16 @@ def tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
-def relative_l2(reference: Any, output: Any) -> float:
-    """Relative L2 error of the first output tensor."""
+def relative_l2(reference: Any, output: Any) -> torch.Tensor:
+    """Relative L2 error of the first output tensor (a 0-d tensor)."""
     a, b = tensors(reference), tensors(output)
     if not a or not b:
         raise ValueError("relative_l2: the model's output holds no tensor; pass metric=")
-    a, b = a[0].detach().double(), b[0].detach().double()
-    return float((b - a).norm() / a.norm().clamp_min(1e-300))
+    a, b = a[0].detach().double(), b[0].double()
+    return (b - a).norm() / a.norm().clamp_min(1e-300)
 
 
-def _loss(x: Any) -> float:
+def _loss(x: Any):
     loss = getattr(x, "loss", None)
     if loss is None and isinstance(x, dict):
         loss = x.get("loss")
@@ -41,12 +41,16 @@ def _loss(x: Any) -> float:
         loss = x
     if loss is None:
         raise ValueError("perplexity_change: the output has no 'loss' (call the LM with labels=...)")
-    return float(loss)
+    return loss
 
 
-def perplexity_change(reference: Any, output: Any) -> float:
-    """``ppl / ppl_ref − 1`` from the outputs' mean token cross-entropy (``loss``)."""
-    return math.exp(_loss(output) - _loss(reference)) - 1.0
+def perplexity_change(reference: Any, output: Any):
+    """``ppl / ppl_ref − 1`` from the outputs' mean token cross-entropy (``loss``); a 0-d tensor (differentiable
+    in ``output``) when the losses are tensors."""
+    a, b = _loss(reference), _loss(output)
+    if isinstance(b, torch.Tensor):
+        return torch.exp(b.double() - torch.as_tensor(a, dtype=torch.float64).detach()) - 1.0
+    return math.exp(b - float(a)) - 1.0
 
 
 def detach(x: Any) -> Any:

@@ -100,6 +100,9 @@ class Session:
         self.graphs = 0
         self._keep_cache: dict = {}     # candidates' key sets of the current sample (shared by its sites)
         self._keep_sample = -1
+        #: gradient proxy: scored site calls wait for d(metric)/d(out) (see :meth:`score_pending`)
+        self.gradients = False
+        self.pending: list = []
 
     # -- tracing ---------------------------------------------------------------------------------------------
     def tap_graph(self, gm: fx.GraphModule) -> list[AttentionSite]:
@@ -137,11 +140,34 @@ class Session:
         spec = self.specs.get(rec.path, DENSE_JSON)
         out = torch.ops.locattn.attention(q, k, v, mask, bias, scale, is_causal, spec, self.backend)
         if self.mode != "off":
-            self._record(rec, q, k, v, mask, bias, scale, is_causal, self.mode == "score")
+            pending = self._record(rec, q, k, v, mask, bias, scale, is_causal, self.mode == "score")
+            if pending is not None and self.gradients and torch.is_grad_enabled():
+                # gradient proxy: out + z with z a zero leaf: d(metric)/dz = d(metric)/d(out), whether or not the
+                # model's parameters require grad; scoring waits for the gradients (score_pending)
+                z = torch.zeros_like(out[0], requires_grad=True)
+                self.pending.append((pending, z))
+                return out[0] + z, out[1]
+            if pending is not None:
+                self._score(*pending, None)
         return out
 
+    def score_pending(self, grads: list[torch.Tensor | None] | None) -> None:
+        """Score the site calls recorded in gradient mode, each weighted by its output's gradient (None: none)."""
+        for j, (pending, _) in enumerate(self.pending):
+            g = grads[j] if grads is not None else None
+            self._score(*pending, g)
+        self.pending = []
+
+    def _score(self, rec: SiteRecord, rs: AttentionCall, rows: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if self._keep_sample != self.sample:
+            self._keep_cache, self._keep_sample = {}, self.sample
+        w = grad.index_select(2, rows.to(grad.device)).detach() if grad is not None else None
+        scoring.score(rs, rec.candidates, rec.stats, rows, self._keep_cache, weights=w)
+        bump("calibration", "site calls scored")
+
     @torch.no_grad()
-    def _record(self, rec: SiteRecord, q, k, v, mask, bias, scale, is_causal, score: bool) -> None:
+    def _record(self, rec: SiteRecord, q, k, v, mask, bias, scale, is_causal, score: bool):
+        """Check the call's shapes; when scoring, return what :meth:`_score` needs."""
         shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
         if rec.shapes_seen and shapes not in rec.shapes_seen.values():
             other, seen = next(iter(rec.shapes_seen.items()))
@@ -151,7 +177,7 @@ class Session:
                 f"samples of one shape at a time")
         rec.shapes_seen.setdefault(self.sample, shapes)
         if not score:
-            return
+            return None
         first = rec.stats is None
         mc = _mask_is_causal(mask, q.shape[-2], k.shape[-2]) if mask is not None else None
         if mc is not None:
@@ -163,10 +189,7 @@ class Session:
             rec.stats = scoring.SiteStats(q.shape[1], len(rec.candidates))
         rows = scoring.sample_rows(q.shape[-2], self.rows, seed=self.sample)
         rs = AttentionCall(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal, DENSE, Layout())
-        if self._keep_sample != self.sample:
-            self._keep_cache, self._keep_sample = {}, self.sample
-        scoring.score(rs, rec.candidates, rec.stats, rows, self._keep_cache)
-        bump("calibration", "site calls scored")
+        return rec, rs, rows
 
 
 def _make_tap(session: Session, key: str, scale: float, is_causal: bool):

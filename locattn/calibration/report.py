@@ -52,6 +52,7 @@ class CalibrationReport:
     budget: float
     metric: str
     cost_mode: str
+    proxy: str = "output"
     fit_error: float | None = None
     holdout_error: float | None = None
     met: bool = True
@@ -74,7 +75,8 @@ class CalibrationReport:
             f"budget {self.budget:g} on {self.metric}; measured end-to-end: "
             f"{_fmt(self.holdout_error)} held out, {_fmt(self.fit_error)} on the fit samples",
             f"predicted savings: attention scores kept {self.scores_kept:.1%} of those the sites allow; "
-            f"attention time {self.time_ratio:.1%} of dense (cost: {self.cost_mode})",
+            f"attention time {self.time_ratio:.1%} of dense (cost: {self.cost_mode}, per-head error proxy: "
+            f"{self.proxy})",
         ]
         if self.backed_off:
             lines.append(f"validation backed off {len(self.backed_off)} site(s) to dense: {', '.join(self.backed_off)}")

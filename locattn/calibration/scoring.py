@@ -11,7 +11,9 @@ keys ``A`` (``[.., R, Sk]``) then has, per row,
 and the accumulated statistics per (head, candidate) are the squared output error ``Σ ||o_c − o||²``, the mass
 kept and the fraction of the site's allowed scores the candidate keeps. The error of head ``h`` is reported as
 its share of the site's relative squared output error, ``Σ_rows ||o_c,h − o_h||² / Σ_rows Σ_h' ||o_h'||²``:
-summed over heads it is the site's ``||Δo||² / ||o||²``, which is what the solver adds up over sites.
+summed over heads it is the site's ``||Δo||² / ||o||²``, which is what the solver adds up over sites (the
+``output`` proxy). The ``gradient`` proxy weighs each row's error by the metric's gradient at the site's output,
+``Σ (g · Δo)²`` (one scale across sites: a site the metric is insensitive to costs little error).
 
 Cost: ``B · Hq · R · Sk · (D + C · Dv)`` for ``C`` candidates; rows are chunked to bound memory.
 """
@@ -55,6 +57,7 @@ class SiteStats:
     heads: int
     n_cands: int
     sq_err: torch.Tensor = field(init=False)     # [H, C] Σ ||o_c - o||² over sampled rows
+    grad_sq: torch.Tensor = field(init=False)    # [H, C] Σ (g · (o_c - o))² over sampled rows (gradient proxy)
     mass: torch.Tensor = field(init=False)       # [H, C] Σ mass kept over sampled rows
     kept: torch.Tensor = field(init=False)       # [H, C] allowed scores the candidate keeps
     allowed: torch.Tensor = field(init=False)    # [H] scores the site allows (mask, causal)
@@ -64,12 +67,17 @@ class SiteStats:
 
     def __post_init__(self):
         z = torch.zeros(self.heads, self.n_cands, dtype=torch.float64)
-        self.sq_err, self.mass, self.kept = z.clone(), z.clone(), z.clone()
+        self.sq_err, self.mass, self.kept, self.grad_sq = z.clone(), z.clone(), z.clone(), z.clone()
         self.allowed = torch.zeros(self.heads, dtype=torch.float64)
 
     def error(self) -> torch.Tensor:
         """[H, C] each head's share of the site's relative squared output error."""
         return self.sq_err / max(self.ref_sq, 1e-300)
+
+    def grad_error(self) -> torch.Tensor:
+        """[H, C] the gradient proxy: Σ_rows (g · (o_c − o))², g = d(metric)/d(site output) at the row — the
+        second-order (Fisher) estimate of the metric's change, on one scale for every site."""
+        return self.grad_sq.clone()
 
     def mass_kept(self) -> torch.Tensor:
         """[H, C] mean attention mass kept per sampled row."""
@@ -88,9 +96,10 @@ def _heads_sum(x: torch.Tensor, b: int, hq: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score(rec: AttentionCall, cands: list[Candidate], stats: SiteStats, rows: torch.Tensor,
-          keep_cache: dict | None = None) -> None:
+          keep_cache: dict | None = None, weights: torch.Tensor | None = None) -> None:
     """Add one site call's statistics for query ``rows`` to ``stats``. ``keep_cache`` shares the candidates'
-    key sets between the sites of one sample (they depend on the candidate, the rows and the length only)."""
+    key sets between the sites of one sample (they depend on the candidate, the rows and the length only);
+    ``weights`` ``[B, Hq, R, Dv]``: the metric's gradient at the site's output rows (gradient proxy)."""
     q, k, v = rec.q, rec.k, rec.v
     b, hq, s_q, _ = q.shape
     s_k = k.shape[-2]
@@ -103,6 +112,7 @@ def score(rec: AttentionCall, cands: list[Candidate], stats: SiteStats, rows: to
     cache = keep_cache if keep_cache is not None else {}
     for i in range(0, rows.numel(), step):
         r = rows[i:i + step]
+        g = weights[:, :, i:i + step].to(ct) if weights is not None else None
         s = (q.index_select(2, r).to(ct) @ kk.transpose(-2, -1)) * rec.scale  # [B, H, R, Sk]
         bias = _rows_of(rec.bias, r)
         if bias is not None:
@@ -136,6 +146,8 @@ def score(rec: AttentionCall, cands: list[Candidate], stats: SiteStats, rows: to
             m = res[..., -1]                                                    # [B, H, R] mass kept
             oc = res[..., :-1] / torch.where(m > 0, m, torch.ones_like(m))[..., None]
             stats.sq_err[:, c] += ((oc - o).double() ** 2).sum((0, 2, 3)).cpu()
+            if g is not None:
+                stats.grad_sq[:, c] += ((g * (oc - o)).sum(-1).double() ** 2).sum((0, 2)).cpu()
             stats.mass[:, c] += torch.where(empty, torch.ones_like(m), m).double().sum((0, 2)).cpu()
             stats.kept[:, c] += _heads_sum(keep & a, b, hq)
     stats.rows += b * rows.numel()
