@@ -6,6 +6,7 @@
 
 from . import ops  # noqa: F401  (registers torch.ops.locattn.*)
 from .backend import LocattnBackend, backend
+from .calibration import CalibrationError, calibrate
 from .counters import counters, densities, reset_counters
 from .explain import Report, explain
 from .grafting import graft
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend", "LocattnBackend", "explain", "Report", "counters", "densities", "reset_counters", "Policy",
-    "PolicyError", "PatternError", "PATTERNS", "Layout", "LocattnWarning", "graft", "Mechanism",
+    "PolicyError", "PatternError", "PATTERNS", "Layout", "LocattnWarning", "graft", "Mechanism", "calibrate",
+    "CalibrationError",
 ]

@@ -8,6 +8,9 @@ entry point to :func:`locattn_backend`. Options:
 * ``timestep_arg``: the model input holding the diffusion timestep for ``timesteps`` rules (default
   ``"timestep"``, diffusers' name),
 * ``sequence_parallel``: shard the token sequence over a process group (:mod:`locattn.parallel`),
+* ``policy = "auto"`` with ``budget`` (default 0.02), ``calibration_calls`` (default 2), ``save_policy`` (a
+  path), ``metric``, ``candidates``, ``cost``, ``progress``, ``rows``: calibrate on the first calls, then
+  recompile once with the chosen policy (:mod:`locattn.calibration.auto`),
 * any other key is an Inductor config patch, passed to ``compile_fx``.
 
 ``locattn.backend(policy=...)`` returns a :class:`LocattnBackend` object for users who prefer objects; it
@@ -27,6 +30,8 @@ from .passes.sites import SoftmaxLeft
 from .policy import Policy
 
 OUR_OPTIONS = {"policy", "backend", "timestep_arg", "sequence_parallel"}
+#: options of ``policy = "auto"`` (:class:`locattn.calibration.auto.AutoOptions`)
+AUTO_OPTIONS = {"budget", "calibration_calls", "save_policy", "metric", "candidates", "cost", "progress", "rows"}
 
 
 class LocattnBackend:
@@ -34,9 +39,20 @@ class LocattnBackend:
 
     def __init__(self, policy: Any = None, backend: str = "", inductor: bool = True,
                  inductor_config: dict | None = None, timestep_arg: str = "timestep",
-                 sequence_parallel: Any = None):
-        self.policy = Policy.coerce(policy)
+                 sequence_parallel: Any = None, auto: dict | None = None):
+        self.auto = None
+        if isinstance(policy, str) and policy == "auto":
+            from .calibration.auto import AutoOptions
+
+            self.auto = AutoOptions.from_options(auto or {})
+            policy = None
+        elif auto:
+            raise ValueError(f"locattn: option(s) {sorted(auto)} need policy = \"auto\"")
+        self.policy = Policy.coerce(policy) if self.auto is None else Policy(source="auto")
         self.sequence_parallel = _parallel_config(sequence_parallel)
+        if self.auto is not None and self.sequence_parallel is not None:
+            raise ValueError("locattn: policy = \"auto\" with sequence_parallel is not supported: calibrate once "
+                             "(locattn.calibrate or python -m locattn calibrate) and pass the policy file")
         self.parallel_reports: list = []  # one locattn.parallel.graph.ParallelReport per graph, when sharding
         self.backend = backend
         self.timestep_arg = timestep_arg
@@ -48,6 +64,10 @@ class LocattnBackend:
         self._graphs = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **kwargs):
+        if self.auto is not None:
+            from .calibration.auto import AutoGraph
+
+            return AutoGraph(gm, example_inputs, self.auto, self._compile_with)
         graph_id = self._graphs
         self._graphs += 1
         decisions = rewrite_graph(gm, self.policy, self.backend, graph_id=graph_id, timestep_arg=self.timestep_arg,
@@ -72,6 +92,19 @@ class LocattnBackend:
             compiled = wrap_compiled(compiled, gm, self.sequence_parallel, self.parallel_reports[-1])
         return compiled
 
+    def _compile_with(self, policy: Policy, gm: fx.GraphModule, example_inputs):
+        """How an ``auto`` graph recompiles once calibrated: this backend's settings with ``policy``; the
+        decisions join ours (``explain``)."""
+        child = LocattnBackend(policy, backend=self.backend, inductor=self.inductor,
+                               inductor_config=self.inductor_config, timestep_arg=self.timestep_arg)
+        compiled = child(gm, example_inputs)
+        self.decisions.extend(child.decisions)
+        self.softmax_left.extend(child.softmax_left)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            child.warn_unmatched()
+        return compiled
+
     def warn_unmatched(self) -> None:
         warn_unmatched(self.policy, self.decisions)
 
@@ -81,9 +114,11 @@ class LocattnBackend:
 
 def backend(policy: Any = None, backend: str = "", inductor: bool = True, timestep_arg: str = "timestep",
             sequence_parallel: Any = None, **inductor_config) -> LocattnBackend:
-    """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``."""
+    """A backend object: ``torch.compile(model, backend=locattn.backend(policy="p.toml"))``; with
+    ``policy="auto"`` the auto options (``budget``, ``calibration_calls``, ...) are keywords too."""
+    auto = {k: inductor_config.pop(k) for k in list(inductor_config) if k in AUTO_OPTIONS}
     return LocattnBackend(policy, backend=backend, inductor=inductor, inductor_config=inductor_config,
-                          timestep_arg=timestep_arg, sequence_parallel=sequence_parallel)
+                          timestep_arg=timestep_arg, sequence_parallel=sequence_parallel, auto=auto)
 
 
 def _parallel_config(value: Any):
@@ -105,9 +140,13 @@ def locattn_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
 
         options = {**list_mode_options(mode), **options}
     ours = {k: options.pop(k) for k in list(options) if k in OUR_OPTIONS}
+    auto = {k: options.pop(k) for k in list(options) if k in AUTO_OPTIONS}
     b = LocattnBackend(ours.get("policy"), backend=ours.get("backend", ""), inductor_config=options,
-                       timestep_arg=ours.get("timestep_arg", "timestep"), sequence_parallel=ours.get("sequence_parallel"))
+                       timestep_arg=ours.get("timestep_arg", "timestep"), sequence_parallel=ours.get("sequence_parallel"),
+                       auto=auto)
     compiled = b(gm, example_inputs)
+    if b.auto is not None:
+        return compiled
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         b.warn_unmatched()

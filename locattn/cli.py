@@ -1,7 +1,9 @@
 """Command line: ``python -m locattn explain FILE.py:FUNC [--policy P] [--json]``,
 ``python -m locattn show --pattern NAME --grid 32,32 [--param k=v ...] [--query c1,c2] -o out.png`` and
 ``python -m locattn graft FILE.py:FUNC --policy P --steps N [--lr 1e-4] [--params attention|all] [-o state.pt]``
-(FUNC returns ``(model, samples)``; see :func:`locattn.graft`)."""
+(FUNC returns ``(model, samples)``; see :func:`locattn.graft`) and
+``python -m locattn calibrate FILE.py:FUNC --budget 0.02 -o policy.toml`` (FUNC returns ``(model, samples)`` or
+``(model, samples, metric)``)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("-o", "--output", default="grafted.pt", help="where the trained state dict goes")
     gr.add_argument("--log", default=None, help="write the per-step losses (JSON) here")
     gr.add_argument("--quiet", action="store_true")
+    ca = sub.add_parser("calibrate", help="choose a pattern per site and head within an end-to-end error budget")
+    ca.add_argument("target", help="FILE.py:FUNC where FUNC() returns (model, samples) or (model, samples, metric)")
+    ca.add_argument("--budget", type=float, default=0.02, help="largest allowed metric (default 0.02)")
+    ca.add_argument("-o", "--output", default="policy.toml", help="policy TOML to write")
+    ca.add_argument("--cost", choices=["time", "blocks", "scores"], default="time",
+                    help="candidate cost: measured time (cached per machine), the plan's block count, or the "
+                         "attention scores kept (FLOPs)")
+    ca.add_argument("--proxy", choices=["output", "gradient"], default="output",
+                    help="per-head error the solver adds up: the site's output error, or weighted by the metric's "
+                         "gradient (needs a metric like perplexity_change)")
+    ca.add_argument("--holdout", type=int, default=None, help="samples held out for validation (default n // 4)")
+    ca.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     if args.cmd == "explain":
@@ -71,6 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         ex_kwargs = made[2] if len(made) > 2 else {}
         report = locattn.explain(model, *ex_args, policy=args.policy, **ex_kwargs)
         print(report.to_json(indent=2) if args.json else report)
+        return 0
+    if args.cmd == "calibrate":
+        from .calibration import CalibrationError, calibrate_with_report
+
+        made = _load_func(args.target)()
+        if not isinstance(made, (tuple, list)) or len(made) not in (2, 3):
+            raise SystemExit(f"{args.target} must return (model, samples) or (model, samples, metric)")
+        metric = made[2] if len(made) == 3 else None
+        try:
+            cal = calibrate_with_report(made[0], made[1], budget=args.budget, metric=metric, cost=args.cost,
+                                        proxy=args.proxy, holdout=args.holdout, progress=not args.no_progress)
+        except CalibrationError as e:
+            raise SystemExit(str(e)) from None
+        with open(args.output, "w") as f:
+            f.write(cal.policy.to_toml())
+        print(cal.report.summary())
+        print(f"wrote {args.output} ({len(cal.policy.rules)} rule(s))")
         return 0
     if args.cmd == "show":
         from .show import show

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,10 @@ def _fmt_flops(f: float) -> str:
     return f"{f:.0f}"
 
 
+#: how a calibrated policy's rule comment states the error it measured (``locattn.calibration.report``)
+PREDICTED_ERROR = re.compile(r"predicted error ([0-9.]+(?:e[-+]?[0-9]+)?)")
+
+
 def phase_groups(d: Decision) -> list[tuple[str, Decision]]:
     """A timestep-dependent site's phases, those with the same decision merged: ``[(labels, decision)]``."""
     groups: dict[tuple[str, str], tuple[list[str], Decision]] = {}
@@ -50,6 +56,20 @@ class Report:
     parallel: list = field(default_factory=list)
     #: softmaxes that are not attention sites, each with its reason
     softmax_left: list[SoftmaxLeft] = field(default_factory=list)
+    #: the policy, when known: a calibrated one's rule comments give each site's predicted error
+    policy: Any = None
+
+    def predicted_error(self, d: Decision) -> float | None:
+        """A calibrated site's predicted relative output error: its rules' comments combined (root of the sum of
+        squares over the site's head groups); None when no rule used says."""
+        if self.policy is None:
+            return None
+        errs = []
+        for i in d.rules:
+            m = PREDICTED_ERROR.search(self.policy.rules[i].comment) if 0 <= i < len(self.policy.rules) else None
+            if m:
+                errs.append(float(m.group(1)))
+        return math.sqrt(sum(e * e for e in errs)) if errs else None
 
     @property
     def rewritten(self) -> list[Decision]:
@@ -85,6 +105,7 @@ class Report:
                 "rules": list(d.rules),
                 "density": density,
                 "density_measured": dict(meas) if meas else None,
+                "predicted_error": self.predicted_error(d),
                 "blocks_full": d.blocks_full,
                 "blocks_partial": d.blocks_partial,
                 "attn_flops_dense": d.attn_flops_dense,
@@ -112,7 +133,10 @@ class Report:
 
     def __str__(self) -> str:
         rows = self.rows()
+        calibrated = any(r["predicted_error"] is not None for r in rows)
         head = ["#", "path", "form", "q", "k", "mask", "pattern", "density", "blocks f/p", "FLOPs dense->ours"]
+        if calibrated:
+            head.insert(8, "pred. err")
         table = []
         for r in rows:
             if r["rewritten"] and r["phases"]:   # one density per distinct phase decision, in the pattern's order
@@ -133,6 +157,9 @@ class Report:
                 pat, dens, blocks, flops = "(left alone)", "1", "-", _fmt_flops(r["attn_flops_dense"])
             table.append([str(r["index"]), r["path"] or "<root>", r["form"] + (" gqa" if r["gqa"] else ""),
                           _fmt_shape(r["q"]), _fmt_shape(r["k"]), r["mask"], pat, dens, blocks, flops])
+            if calibrated:
+                e = r["predicted_error"]
+                table[-1].insert(8, "0" if e is None and r["rewritten"] else (f"{e:.2e}" if e is not None else "-"))
         widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
         lines = [f"locattn explain: {len(rows)} attention site(s), {len(self.rewritten)} rewritten, "
                  f"{len(self.left)} left alone (policy: {self.policy_source})"]
@@ -189,4 +216,4 @@ def explain(model: torch.nn.Module | Any, *args, policy: Any = None, backend: st
         warnings.simplefilter("default")
         b.warn_unmatched()
     torch._dynamo.reset()
-    return Report(b.decisions, b.policy.source, measured, list(b.parallel_reports), b.softmax_left)
+    return Report(b.decisions, b.policy.source, measured, list(b.parallel_reports), b.softmax_left, b.policy)

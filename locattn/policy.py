@@ -86,6 +86,8 @@ class Rule:
     mechanism: Mechanism = SOFTMAX
     index: int = -1                    # position in the file; -1 for [default]
     line: int = dataclasses.field(default=0, compare=False)  # 1-based line of the rule header (0: unknown)
+    #: ``# ...`` lines written right under the rule's header (calibration writes each rule's measured error)
+    comment: str = dataclasses.field(default="", compare=False)
 
     def matches(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, g) for g in self.match)
@@ -145,6 +147,8 @@ class Policy:
     default: Rule = Rule(match=(), pattern=PATTERNS["dense"]())
     backend: str = ""
     source: str = dataclasses.field(default="<dict>", compare=False)
+    #: ``# ...`` lines at the top of the file (provenance of a calibrated policy); not part of the fingerprint
+    comments: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -166,6 +170,7 @@ class Policy:
         if not isinstance(data, dict):
             raise PolicyError(f"{source}: a policy is a table/dict, got {type(data).__name__}")
         lines = _rule_lines(_text) if _text is not None else ([], 0)
+        header, rule_comments = _comments(_text) if _text is not None else ((), [])
         unknown = set(data) - TOP_KEYS
         if unknown:
             raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
@@ -188,7 +193,9 @@ class Policy:
         rules = tuple(_parse_rule(r, i, source, lines[0][i] if i < len(lines[0]) else 0)
                       for i, r in enumerate(rules_d))
         _check_head_overlap(rules, source)
-        return cls(rules=rules, default=default, backend=backend, source=source)
+        rules = tuple(dataclasses.replace(r, comment=rule_comments[i]) if i < len(rule_comments) else r
+                      for i, r in enumerate(rules))
+        return cls(rules=rules, default=default, backend=backend, source=source, comments=header)
 
     @classmethod
     def coerce(cls, p: Union["Policy", dict, str, os.PathLike, None]) -> "Policy":
@@ -212,8 +219,12 @@ class Policy:
             d["rule"] = [r.to_dict() for r in self.rules]
         return d
 
-    def to_toml(self) -> str:
-        return _dump_toml(self.to_dict())
+    def to_toml(self, comments: bool = True) -> str:
+        """The policy as TOML; with ``comments``, :attr:`comments` head the file and each rule's
+        :attr:`Rule.comment` follows its ``[[rule]]`` line (``Policy.load`` reads both back)."""
+        if not comments:
+            return _dump_toml(self.to_dict())
+        return _dump_toml(self.to_dict(), self.comments, [r.comment for r in self.rules])
 
     @property
     def timestep_rules(self) -> tuple[Rule, ...]:
@@ -221,8 +232,8 @@ class Policy:
         return tuple(r for r in self.rules if r.timesteps is not None)
 
     def fingerprint(self) -> str:
-        """Content hash (part of every cache key derived from this policy)."""
-        return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
+        """Content hash (part of every cache key derived from this policy); comments are not part of it."""
+        return hashlib.sha256(self.to_toml(comments=False).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,6 +249,26 @@ def _rule_lines(text: str) -> tuple[list[int], int]:
         elif re.match(r"^\[\s*default\s*\]", s):
             default_line = n
     return rule_lines, default_line
+
+
+def _comments(text: str) -> tuple[tuple[str, ...], list[str]]:
+    """The ``#`` lines heading the file, and per ``[[rule]]`` the ``#`` lines right under its header."""
+    header: list[str] = []
+    rules: list[str] = []
+    lines = text.splitlines()
+    for line in lines:
+        if not line.strip().startswith("#"):
+            break
+        header.append(line.strip()[1:].strip())
+    for n, line in enumerate(lines):
+        if re.match(r"^\[\[\s*rule\s*\]\]", line.strip()):
+            own = []
+            for nxt in lines[n + 1:]:
+                if not nxt.strip().startswith("#"):
+                    break
+                own.append(nxt.strip()[1:].strip())
+            rules.append("\n".join(own))
+    return tuple(header), rules
 
 
 def _err(source: str, rule_index: int, match, line: int, key: str, msg: str) -> PolicyError:
@@ -495,10 +526,13 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def _dump_toml(d: dict[str, Any]) -> str:
-    out = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in ("default", "rule")]
+def _dump_toml(d: dict[str, Any], header: tuple[str, ...] = (), rule_comments: list[str] = ()) -> str:
+    out = [f"# {c}".rstrip() for c in header] + ([""] if header else [])
+    out += [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in ("default", "rule")]
     if "default" in d:
         out += ["", "[default]"] + [f"{k} = {_toml_value(v)}" for k, v in d["default"].items()]
-    for r in d.get("rule", []):
-        out += ["", "[[rule]]"] + [f"{k} = {_toml_value(v)}" for k, v in r.items()]
+    for i, r in enumerate(d.get("rule", [])):
+        note = rule_comments[i] if i < len(rule_comments) else ""
+        out += ["", "[[rule]]"] + [f"# {c}".rstrip() for c in note.splitlines()]
+        out += [f"{k} = {_toml_value(v)}" for k, v in r.items()]
     return "\n".join(out) + "\n"

@@ -91,3 +91,25 @@ def test_graft_smollm2_quick(tmp_path):
     assert all(math.isfinite(r["perplexity"]) for r in rows.values())
     assert rows["hybrid"]["dispatch"].get("linear_chunked")                 # the hybrid path ran
     assert len(rows["hybrid + graft 3"]["graft_curve"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_lm_fidelity_quick(tmp_path):
+    data, stdout = _run("lm_fidelity.py", tmp_path / "lm.json", 300)
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert rows["dense"]["causal_kept"] == 1.0
+    w = rows["sliding_window 64 + 4 sinks"]
+    assert 0 < w["causal_kept"] < 1
+    assert abs(w["independent_ppl"] / w["ppl"] - 1) < 1e-4     # locattn == an explicit masked attention
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_calibration_quick(tmp_path):
+    data, stdout = _run("calibration.py", tmp_path / "cal.json", 600)
+    rows = {r["model"]: r for r in data["rows"]}
+    assert set(rows) == {"smollm2", "dit"}
+    for r in rows.values():
+        assert r["calibration_holdout_error"] is None or r["calibration_holdout_error"] <= r["budget"]
+        assert os.path.exists(r["policy"])
