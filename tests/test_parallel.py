@@ -385,3 +385,41 @@ def test_explain_plans_without_a_group():
     rep = locattn.explain(Toy(0, "mean").double(), *_toy_inputs().values(), policy=_toy_policy(0),
                           sequence_parallel={"world_size": 2})
     assert "not applied" in str(rep) and "reduces over the token axis" in str(rep)
+
+
+def test_cut_spec_keeps_the_sites_softcap():
+    """The halo-cut spec a rank runs keeps the site's score modifier (it used to drop it: a soft-capped site ran
+    uncapped on every rank)."""
+    import json
+
+    from locattn.parallel.attention import cut_spec
+    from locattn.parallel.planner import make_sharding, plan_attention
+    from locattn.parallel.sharding import to_json
+    from locattn.patterns import Layout, SlidingWindow
+    from locattn.patterns.spec import HeadGroup, SiteSpec, parse_spec
+
+    spec = SiteSpec((HeadGroup(None, SlidingWindow(window=2), Layout(grid=(16,))),), softcap=5.0)
+    plan = plan_attention(spec, make_sharding((16,), 0, 2, "", 0), 0, 0)
+    assert not isinstance(plan, str), plan
+    cut = parse_spec(cut_spec(spec.to_json(), to_json(plan), 0, 10))
+    assert cut.softcap == 5.0 and json.loads(cut.to_json())["softcap"] == 5.0
+
+
+def test_linear_and_hybrid_sites_are_not_sharded():
+    """A linear / hybrid group sums over every key, which a shard's halo does not hold: refused with the reason."""
+    import locattn
+    from locattn.parallel.planner import make_sharding, plan_attention
+    from locattn.patterns import Dense, Layout, SlidingWindow
+    from locattn.patterns.mechanism import Mechanism
+    from locattn.patterns.spec import HeadGroup, SiteSpec
+
+    sh = make_sharding((16,), 0, 2, "", 0)
+    for pattern, kind in ((Dense(), "linear"), (SlidingWindow(window=2), "hybrid")):
+        lay = Layout(grid=(16,)) if pattern.local else Layout()
+        spec = SiteSpec((HeadGroup(None, pattern, lay, Mechanism(kind, "elu")),))
+        why = plan_attention(spec, sh, 0, 0)
+        assert isinstance(why, str) and f"a {kind} mechanism sums over every key" in why, why
+    policy = {"version": 1, "default": {**_toy_policy(0)["default"], "mechanism": "hybrid", "feature_map": "elu"}}
+    rep = locattn.explain(Toy(0).double(), *_toy_inputs().values(), policy=policy,
+                          sequence_parallel={"world_size": 2})
+    assert rep.parallel and not rep.parallel[0].applied and "hybrid mechanism" in rep.parallel[0].reason

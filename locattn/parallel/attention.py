@@ -49,17 +49,18 @@ def _rows(gv: torch.Tensor, axis: int, lo: int, n: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=1024)
 def cut_spec(spec_json: str, plan_json: str, a0: int, a1: int) -> str:
     """The site's spec on the grid cut to rows ``[a0, a1)`` of the sharded axis, with this rank's sink copies as
-    extra prefix tokens."""
+    extra prefix tokens (its ``softcap`` kept; linear / hybrid groups never get here: the planner refuses them)."""
     plan = parse_attention_plan(plan_json)
     sh, rank = plan.sharding, plan.sharding.rank
     copies = plan.copies(rank)
     groups = []
-    for g in parse_spec(spec_json).groups:
+    spec = parse_spec(spec_json)
+    for g in spec.groups:
         pattern = g.pattern.on_subrange(sh.axis, len(sh.grid), a0)
         layout = Layout(grid=sh.cut_grid(a0, a1), prefix=plan.prefix + copies, suffix=plan.suffix,
                         sinks=0 if copies else g.layout.sinks)
         groups.append(HeadGroup(g.heads, pattern, layout))
-    return SiteSpec(tuple(groups)).to_json()
+    return SiteSpec(tuple(groups), softcap=spec.softcap).to_json()   # the site's score modifier travels too
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,6 +54,10 @@ def plan_attention(spec: SiteSpec, sh: Sharding, prefix: int, suffix: int, overl
                    label: str = "") -> AttentionPlan | str:
     """The plan of one self-attention site whose tokens are ``[prefix][grid][suffix]``, or why it cannot run
     sharded. Local head groups exchange a halo, an all-dense site all-gathers k / v."""
+    if any(not g.mechanism.is_softmax for g in spec.groups):
+        kinds = sorted({g.mechanism.kind for g in spec.groups if not g.mechanism.is_softmax})
+        return (f"a {'/'.join(kinds)} mechanism sums over every key of the site (a shard holds its halo only): "
+                f"not sharded")
     if spec.is_dense:
         return AttentionPlan(sh, prefix, suffix, tuple((0, sh.grid[sh.axis]) for _ in sh.rows), dense=True,
                              label=label)
