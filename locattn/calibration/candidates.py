@@ -158,10 +158,15 @@ class DynamicCandidate(Candidate):
         part, sinks and globals OR the selected block pairs) for query ``rows`` of the recorded call."""
         from ..codegen.reference import keep_mask  # noqa: PLC0415 (codegen imports the calibration's users)
 
-        s_k = rec.k.shape[-2]
-        call = AttentionCall(rec.q, rec.k, rec.v, None, None, rec.scale, False, self.pattern,
-                             self.layout.resolve(s_k), q_offset=s_k - rec.q.shape[-2])
-        return keep_mask(call, rows.to(rec.q.device)[:, None], torch.arange(s_k, device=rec.q.device)[None, :])
+        call = self.call(rec.q, rec.k, rec.v, rec.scale, False)
+        s_k, dev = rec.k.shape[-2], rec.q.device
+        return keep_mask(call, rows.to(dev)[:, None], torch.arange(s_k, device=dev)[None, :])
+
+    def call(self, q, k, v, scale: float, is_causal: bool) -> AttentionCall:
+        """The op's call of this candidate on q / k / v (no mask or bias): its ``kept()`` is the selection."""
+        s_k = k.shape[-2]
+        return AttentionCall(q, k, v, None, None, scale, is_causal, self.pattern, self.layout.resolve(s_k),
+                             q_offset=s_k - q.shape[-2])
 
 
 Family = Callable[[SiteShape], Iterable[Candidate]]

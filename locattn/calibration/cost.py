@@ -150,12 +150,7 @@ def head_costs(cand: Candidate, site_cost: float, kept: torch.Tensor) -> torch.T
 def dynamic_block_cost(cand: Candidate, q, k, v, scale: float, is_causal: bool) -> float:
     """``full + PARTIAL_BLOCK_COST x partial`` pooling blocks a content-dependent candidate visits per (batch,
     head) on these (recorded) tensors: its call's block tables, as the kernels walk them."""
-    from ..codegen.registry import AttentionCall  # noqa: PLC0415
-
-    s_q, s_k = q.shape[-2], k.shape[-2]
-    call = AttentionCall(q, k, v, None, None, scale, is_causal, cand.pattern, cand.layout.resolve(s_k),
-                         q_offset=s_k - s_q)
-    t = call.dynamic_tables()
+    t = cand.call(q, k, v, scale, is_causal).dynamic_tables()
     n = (t.kv_ptr[:, -1] - t.kv_ptr[:, 0]).double()
     full = (t.kv_split - t.kv_ptr[:, :-1]).sum(-1).double()
     return float((full + PARTIAL_BLOCK_COST * (n - full)).mean())
