@@ -135,10 +135,11 @@ def test_scores_equal_the_op_on_the_sampled_rows(causal):
 def test_candidate_families_cover_every_pattern_on_the_grid():
     one_d = candidates_for(SiteShape(2048, None, 0, 0, True, True))
     names = {c.pattern.name for c in one_d}
-    assert names == {"dense", "sliding_window", "tiled", "strided"}   # causal 1-D: neighborhood = window
+    assert names == {"dense", "sliding_window", "tiled", "strided", "dynamic"}  # causal 1-D: neighborhood = window
     assert any(c.layout.sinks for c in one_d)
     grid = candidates_for(SiteShape(1024 + 1, (32, 32), 1, 0, False, True))
-    assert {c.pattern.name for c in grid} == {"dense", "sliding_window", "neighborhood", "tiled", "strided"}
+    assert {c.pattern.name for c in grid} == {"dense", "sliding_window", "neighborhood", "tiled", "strided",
+                                              "dynamic"}
     assert all(c.layout.grid == (32, 32) and c.layout.prefix == 1 for c in grid if not c.is_dense)
     cross = candidates_for(SiteShape(64, None, 0, 0, False, False))
     assert [c.pattern.name for c in cross] == ["dense"]

@@ -17,29 +17,21 @@ Families (``FAMILIES``, in order) build ladders on the site's token grid:
 
 Add a family with :func:`register_family`; a family is ``fn(site: SiteShape) -> Iterable[Candidate]``.
 
-EXTENSION POINT (issue 14, ``pattern = "dynamic"``): once ``locattn.patterns`` has the dynamic pattern, its
-top-p levels are one family entry. Its scoring cannot come from a static predicate, so it subclasses
-:class:`Candidate` and overrides :meth:`Candidate.keep` with the pattern's own block selector on the recorded
-``q`` / ``k`` (per batch and head)::
+* ``dynamic`` — content-dependent top-p block selection (:mod:`locattn.patterns.dynamic`), levels
+  :data:`TOP_P`: on a causal 1-D site blocks of 64 tokens, ``causal = true``, an exact causal sliding window of
+  64 as ``base`` and 4 sinks; on a non-causal site (1-D or a grid) the site's tile (``tiled``'s) and no base.
+  Its key set depends on the recorded q / k, so :class:`DynamicCandidate` overrides :meth:`Candidate.keep`
+  with the op's own predicate (:func:`locattn.codegen.reference.keep_mask` on the pattern's
+  :func:`~locattn.patterns.dynamic.select_blocks` of the recorded call, per batch element and head).
 
-    @dataclass(frozen=True)
-    class DynamicCandidate(Candidate):
-        static: bool = False                           # content-dependent: scored per call
-        def keep(self, rec, rows):                     # -> bool [B, Hq, R, Sk]
-            return select_blocks(self.pattern, self.layout.resolve(rec.k.shape[-2]), rec.q, rec.k, rows)
-
-    @register_family
-    def dynamic(site):
-        if site.self_attention:
-            for p in (0.5, 0.7, 0.8, 0.9, 0.95):
-                yield DynamicCandidate.make(site, "dynamic", {"top_p": p, "block": 64}, sinks=site.sinks)
-
-Costs are measured by running the op on the candidate's spec (:mod:`.cost`), so they need nothing more.
+Costs are measured by running the op on the candidate's spec (:mod:`.cost`); a content-dependent candidate is
+timed on the site's recorded tensors (random ones would select other blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -49,11 +41,16 @@ from ..codegen.registry import AttentionCall
 from ..patterns import PATTERNS
 from ..patterns.base import Layout, Pattern, PatternError, allowed
 from ..patterns.plan import choose_tile
+from ..patterns.spec import pattern_from_params
 
 #: sinks tried beside every causal 1-D window (attention sinks, StreamingLLM)
 SINKS = 4
-#: tokens of one tile of ``tiled`` / one stride of ``strided`` (one kernel block)
+#: tokens of one tile of ``tiled`` / one stride of ``strided`` / one pooling block of ``dynamic`` (one kernel block)
 BLOCK = 64
+#: ``dynamic`` top-p levels
+TOP_P = (0.8, 0.9, 0.95)
+#: ``dynamic``'s exact causal base window on causal 1-D sites (with :data:`SINKS` sinks)
+DYNAMIC_BASE_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,9 @@ class Candidate:
     @classmethod
     def make(cls, site: SiteShape, name: str, params: dict, sinks: int = 0) -> "Candidate":
         """A candidate of pattern ``name`` with ``params`` on the site's grid and globals."""
-        pattern = PATTERNS[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+        pattern = pattern_from_params(name, params)
+        if pattern.dynamic and not issubclass(cls, DynamicCandidate):
+            cls = DynamicCandidate
         if not pattern.local:
             return cls(name, pattern)
         grid = site.grid if site.grid is not None and len(site.grid) > 1 else None
@@ -145,6 +144,29 @@ class Candidate:
         except PatternError:
             return False
         return True
+
+
+@dataclass(frozen=True)
+class DynamicCandidate(Candidate):
+    """A content-dependent candidate (``dynamic``): the keys a query row keeps come from the pattern's block
+    selection on the recorded q / k, per batch element and head, exactly as the op selects them."""
+
+    static: bool = False
+
+    def keep(self, rec: AttentionCall, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, R, Sk]`` bool: the op's predicate (:func:`~locattn.codegen.reference.keep_mask`: the static
+        part, sinks and globals OR the selected block pairs) for query ``rows`` of the recorded call."""
+        from ..codegen.reference import keep_mask  # noqa: PLC0415 (codegen imports the calibration's users)
+
+        call = self.call(rec.q, rec.k, rec.v, rec.scale, False)
+        s_k, dev = rec.k.shape[-2], rec.q.device
+        return keep_mask(call, rows.to(dev)[:, None], torch.arange(s_k, device=dev)[None, :])
+
+    def call(self, q, k, v, scale: float, is_causal: bool) -> AttentionCall:
+        """The op's call of this candidate on q / k / v (no mask or bias): its ``kept()`` is the selection."""
+        s_k = k.shape[-2]
+        return AttentionCall(q, k, v, None, None, scale, is_causal, self.pattern, self.layout.resolve(s_k),
+                             q_offset=s_k - q.shape[-2])
 
 
 Family = Callable[[SiteShape], Iterable[Candidate]]
@@ -254,6 +276,22 @@ def strided(site: SiteShape) -> Iterable[Candidate]:
         if site.causal:
             params["causal"] = True
         yield Candidate.make(site, "strided", params, sinks=SINKS if site.causal else 0)
+
+
+@register_family
+def dynamic(site: SiteShape) -> Iterable[Candidate]:
+    tile = _tile(site)
+    n_blocks = math.prod(-(-n // t) for n, t in zip(site.axes, tile))
+    if n_blocks < 3:      # two blocks or fewer: nothing for a selection to leave out
+        return
+    if len(site.axes) == 1 and site.causal:
+        base = {"pattern": "sliding_window", "window": DYNAMIC_BASE_WINDOW, "causal": True}
+        params, sinks = {"block": tile[0], "causal": True, "base": base}, SINKS
+    else:
+        params = {"block": tile[0]} if len(tile) == 1 else {"tile": list(tile)}
+        sinks = 0
+    for p in TOP_P:
+        yield DynamicCandidate.make(site, "dynamic", {**params, "top_p": p}, sinks=sinks)
 
 
 def candidates_for(site: SiteShape, families: Iterable[Family] | None = None) -> list[Candidate]:

@@ -11,17 +11,22 @@ spec, shapes, dtypes, mask kind, thread count and torch version.
 ``blocks``: ``full + PARTIAL_BLOCK_COST x partial`` 64 x 64 blocks of the candidate's plan (the kernels'
 work), used when timing is impossible (tensors on a device that cannot run, ``cost="blocks"``).
 
+A content-dependent candidate (``dynamic``) is timed, or its blocks counted, on the site's recorded q / k / v
+(random tensors would select other blocks); those costs are not cached (they depend on the data).
+
 ``scores`` (``cost="scores"``): the attention scores the candidate keeps on the sampled rows (:mod:`.scoring`),
 the FLOPs of an exact sparse kernel: for targets stated in scores kept rather than in time on this machine.
 
-Costs are per site call for all heads; the solver charges each head ``cost / Hq`` (a per-head rule runs as
-its own head group: the copies that costs are not modelled).
+Costs are per site call for all heads; the solver charges each head ``cost / Hq``, a content-dependent
+candidate in proportion to the scores each head keeps (:func:`head_costs`; a per-head rule runs as its own head
+group: the copies that costs are not modelled).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -130,6 +135,25 @@ def block_cost(cand: Candidate, s_q: int, s_k: int, is_causal: bool, block: int 
     layout = cand.layout.resolve(s_q) if not cand.is_dense else Layout()
     plan = build_plan(cand.pattern, layout, s_q, s_k, block, block, is_causal)
     return float(plan.n_full + PARTIAL_BLOCK_COST * (plan.nnz - plan.n_full))
+
+
+def head_costs(cand: Candidate, site_cost: float, kept: torch.Tensor) -> torch.Tensor:
+    """``[H]`` each head's share of one site call's cost ``site_cost`` (``kept``: ``[H]`` scores each head keeps on
+    the sampled rows). A static candidate costs every head the same; a content-dependent one keeps more keys on
+    some heads than on others, so each head pays in proportion to the scores it keeps."""
+    h = kept.shape[0]
+    if cand.static or not float(kept.sum()) > 0 or not math.isfinite(site_cost):
+        return torch.full((h,), site_cost / h, dtype=torch.float64)
+    return site_cost * kept.double() / kept.double().sum()
+
+
+def dynamic_block_cost(cand: Candidate, q, k, v, scale: float, is_causal: bool) -> float:
+    """``full + PARTIAL_BLOCK_COST x partial`` pooling blocks a content-dependent candidate visits per (batch,
+    head) on these (recorded) tensors: its call's block tables, as the kernels walk them."""
+    t = cand.call(q, k, v, scale, is_causal).dynamic_tables()
+    n = (t.kv_ptr[:, -1] - t.kv_ptr[:, 0]).double()
+    full = (t.kv_split - t.kv_ptr[:, :-1]).sum(-1).double()
+    return float((full + PARTIAL_BLOCK_COST * (n - full)).mean())
 
 
 def make_inputs(q_shape, k_shape, v_shape, dtype, device, seed: int = 0):

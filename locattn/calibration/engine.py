@@ -229,6 +229,10 @@ class Engine:
                     rec.costs[c] = float(rec.stats.kept[:, c].sum())
                     bar.update(1)
                     continue
+                if not cand.static:    # content-dependent: on the site's recorded tensors, not cached
+                    rec.costs[c] = self._dynamic_cost(rec, cand, mode)
+                    bar.update(1)
+                    continue
                 if mode == "blocks":
                     rec.costs[c] = costmod.block_cost(cand, rec.site.s_q, rec.site.s_k, rec.site.is_causal)
                     bar.update(1)
@@ -258,6 +262,20 @@ class Engine:
             if not math.isfinite(rec.costs[0]):
                 raise CalibrationError(f"locattn.calibrate: dense attention at {rec.path!r} could not be timed")
 
+    def _dynamic_cost(self, rec: SiteRecord, cand, mode: str) -> float:
+        """A content-dependent candidate's cost at ``rec``: measured on the site's recorded q / k / v (its first
+        scored call) — the op's time, or its selection's block count."""
+        q, k, v = rec.example_qkv
+        try:
+            if mode == "blocks":
+                return costmod.dynamic_block_cost(cand, q, k, v, rec.scale, rec.site.is_causal)
+            bump("calibration", "candidates timed")
+            return costmod.time_candidate(cand, q, k, v, rec.example_mask, rec.example_bias, rec.scale,
+                                          rec.site.is_causal, self.opts.backend)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot run is not a choice
+            log.warning("locattn.calibrate: %s at %s cannot run (%s); dropped", cand.label, rec.path or "<root>", e)
+            return math.inf
+
     def _matrices(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[SiteRecord, int]]]:
         width = max(len(r.candidates) for r in self.sites)
         items = [(rec, h) for rec in self.sites for h in range(rec.heads)]
@@ -268,9 +286,9 @@ class Engine:
         self.proxy_used = "gradient" if use_grad else "output"
         for rec in self.sites:
             e = rec.stats.grad_error() if use_grad else rec.stats.error()
-            c = torch.tensor(rec.costs, dtype=torch.float64) / rec.heads
             n = len(rec.candidates)
-            cost[i:i + rec.heads, :n] = c
+            cost[i:i + rec.heads, :n] = torch.stack([costmod.head_costs(cand, rec.costs[j], rec.stats.kept[:, j])
+                                                      for j, cand in enumerate(rec.candidates)], 1)
             err[i:i + rec.heads, :n] = e
             i += rec.heads
         return cost, err, items
@@ -399,9 +417,12 @@ class Engine:
         choice = self._choice(col, items)
         kept_num = kept_den = 0.0
         t_dense = t_chosen = 0.0
+        i = 0
         for rec in self.sites:
             ch = choice[rec.path]
             h = torch.arange(rec.heads)
+            per_head = cost[i:i + rec.heads].gather(1, ch[:, None]).squeeze(1)   # each head's share of the cost
+            i += rec.heads
             e = rec.stats.error()[h, ch]
             kept = rec.stats.kept_fraction()[h, ch]
             allowed = rec.stats.allowed
@@ -409,10 +430,10 @@ class Engine:
             kept_den += float(allowed.sum())
             c = torch.tensor(rec.costs, dtype=torch.float64)
             t_dense += float(c[0])
-            t_chosen += float(c[ch].mean())
+            t_chosen += float(per_head.sum())
             report.sites.append(SiteResult(rec.path, rec.heads, [rec.candidates[i].label for i in ch.tolist()],
                                            math.sqrt(float(e.sum())), float(rec.stats.mass_kept()[h, ch].mean()),
-                                           float(kept.mean()), float(c[0]), float(c[ch].mean()),
+                                           float(kept.mean()), float(c[0]), float(per_head.sum()),
                                            rec.path in report.backed_off))
         report.scores_kept = kept_num / kept_den if kept_den else 1.0
         report.time_ratio = t_chosen / t_dense if t_dense else 1.0

@@ -51,6 +51,9 @@ class SiteRecord:
     mask_causal: bool | None = None
     example_mask: torch.Tensor | None = field(default=None, repr=False)
     example_bias: torch.Tensor | None = field(default=None, repr=False)
+    #: q / k / v of the first scored call, kept only when a candidate is content-dependent (``dynamic``): its cost
+    #: is measured on them (on random tensors it would select other blocks)
+    example_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     candidates: list[Candidate] = field(default_factory=list)
     stats: scoring.SiteStats | None = None
     costs: list[float] | None = None                    # per candidate, one call of the whole site
@@ -187,6 +190,8 @@ class Session:
             rec.example_mask, rec.example_bias = mask, bias
             rec.candidates = parse_candidates(self.candidate_spec, rec.shape())
             rec.stats = scoring.SiteStats(q.shape[1], len(rec.candidates))
+            if not all(c.static for c in rec.candidates):
+                rec.example_qkv = (q.detach(), k.detach(), v.detach())
         rows = scoring.sample_rows(q.shape[-2], self.rows, seed=self.sample)
         rs = AttentionCall(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal, DENSE, Layout())
         return rec, rs, rows

@@ -18,6 +18,7 @@ import torch
 from ..patterns.spec import head_ranges
 from ..policy import Policy
 from .candidates import Candidate
+from .cost import head_costs
 
 
 def escape_glob(path: str) -> str:
@@ -125,7 +126,10 @@ def build_policy(sites: list, choice: dict[str, torch.Tensor], header: list[str]
                 r = {"match": r.pop("match"), "heads": head_ranges(tuple(heads)), **r}
             rules.append(r)
             idx = torch.tensor(heads)
-            ratio = rec.costs[c] / rec.costs[0] if rec.costs is not None and rec.costs[0] > 0 else float("nan")
+            ratio = float("nan")
+            if rec.costs is not None and rec.costs[0] > 0:   # the rule's heads' share of the cost vs dense's
+                ratio = float(head_costs(cand, rec.costs[c], rec.stats.kept[:, c])[idx].sum()) / \
+                    (rec.costs[0] * len(heads) / rec.heads)
             comments.append(rule_comment(rec.path, heads, rec.heads, err[idx, c], mass[idx, c], kept[idx, c], ratio))
     d = {"version": 1, "default": {"pattern": "dense"}}
     if rules:

@@ -106,12 +106,14 @@ def head_ranges(heads: tuple[int, ...]) -> str:
     return ",".join(out)
 
 
-def _pattern_from_params(name: str, params: dict) -> Pattern:
+def pattern_from_params(name: str, params: dict) -> Pattern:
+    """Pattern ``name`` with ``params`` as a spec / policy spells them (lists for tuples, a nested pattern as a
+    ``{"pattern": ..., ...}`` dict)."""
     cls = PATTERNS[name]
     kw = {}
     for k, v in params.items():
         if isinstance(v, dict):  # a nested pattern (``dynamic``'s ``base``)
-            v = _pattern_from_params(v["pattern"], {x: y for x, y in v.items() if x != "pattern"})
+            v = pattern_from_params(v["pattern"], {x: y for x, y in v.items() if x != "pattern"})
         kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
@@ -125,7 +127,7 @@ def parse_spec(text: str) -> SiteSpec:
                         prefix=g["prefix"], suffix=g["suffix"], sinks=g["sinks"])
         mech = Mechanism.from_params(g["mechanism"]) if "mechanism" in g else SOFTMAX
         groups.append(HeadGroup(tuple(g["heads"]) if g["heads"] is not None else None,
-                                _pattern_from_params(g["pattern"], g["params"]), layout, mech))
+                                pattern_from_params(g["pattern"], g["params"]), layout, mech))
     return SiteSpec(tuple(groups), d.get("site", ""), softcap=float(d.get("softcap", 0.0)))
 
 
