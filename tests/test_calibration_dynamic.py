@@ -172,3 +172,30 @@ def test_calibration_picks_dynamic_where_no_static_window_meets_the_budget(tmp_p
     dyn = Candidate.make(site, "dynamic", rules[(0,)].pattern.to_params(), sinks=4)
     per_head = [dynamic_block_cost(dyn, qk[:, h:h + 1], qk[:, h:h + 1], v[:, h:h + 1], 0.25, True) for h in (0, 1)]
     assert per_head[0] < 0.65 * block_cost(Candidate.make(site, "dense", {}), s, s, True) < per_head[1]
+
+
+def test_softcap_site_scores_equal_the_op():
+    """A soft-capped site (Gemma 2) is scored with its cap: candidates' errors and mass equal the op with the
+    site's softcap, against the capped dense reference (without it the scores measured another attention)."""
+    from locattn.patterns.spec import SiteSpec, parse_spec
+
+    b, h, s, d = 1, 2, 96, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    site = SiteShape(s, None, 0, 0, True, True)
+    cands = [Candidate.make(site, "dense", {}), Candidate.make(site, "sliding_window", {"window": 16, "causal": True})]
+    rows = torch.tensor([0, 7, 40, 95])
+    stats = SiteStats(h, len(cands))
+    score(AttentionCall(q, k, v, None, None, 0.4, True, Dense(), Layout(), softcap=2.0), cands, stats, rows)
+
+    def op(c):
+        spec = parse_spec(DENSE_SPEC.to_json() if c.is_dense else spec_json(c))
+        capped = SiteSpec(spec.groups, softcap=2.0).to_json()
+        o, lse = torch.ops.locattn.attention(q, k, v, None, None, 0.4, True, capped, "reference")
+        return o[:, :, rows], lse[:, :, rows]
+
+    o_d, l_d = op(cands[0])
+    o_c, l_c = op(cands[1])
+    torch.testing.assert_close(stats.error()[:, 1], ((o_c - o_d) ** 2).sum((0, 2, 3)) / (o_d ** 2).sum(),
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.mass_kept()[:, 1], torch.exp(l_c - l_d).mean((0, 2)), rtol=1e-9, atol=1e-12)

@@ -25,7 +25,7 @@ from ..passes.grid_infer import infer_token_grids
 from ..passes.rewrite import _checkpoint_bodies, find_sites
 from ..passes.sites import AttentionSite
 from ..patterns.base import Layout
-from ..patterns.spec import DENSE_SPEC
+from ..patterns.spec import DENSE_SPEC, SiteSpec
 from . import scoring
 from .candidates import Candidate, SiteShape, parse_candidates
 
@@ -66,6 +66,13 @@ class SiteRecord:
     @property
     def heads(self) -> int:
         return self.site.heads
+
+    @property
+    def dense_json(self) -> str:
+        """The exact dense spec of this site (its ``softcap`` kept: a soft-capped site's reference is capped)."""
+        if not self.site.softcap:
+            return DENSE_JSON
+        return SiteSpec(DENSE_SPEC.groups, softcap=self.site.softcap).to_json()
 
     @property
     def causal(self) -> bool:
@@ -140,7 +147,7 @@ class Session:
     # -- at run time -----------------------------------------------------------------------------------------
     def call(self, key: str, q, k, v, mask, bias, scale: float, is_causal: bool):
         rec = self.by_key[key]
-        spec = self.specs.get(rec.path, DENSE_JSON)
+        spec = self.specs.get(rec.path) or rec.dense_json
         out = torch.ops.locattn.attention(q, k, v, mask, bias, scale, is_causal, spec, self.backend)
         if self.mode != "off":
             pending = self._record(rec, q, k, v, mask, bias, scale, is_causal, self.mode == "score")
@@ -193,7 +200,8 @@ class Session:
             if not all(c.static for c in rec.candidates):
                 rec.example_qkv = (q.detach(), k.detach(), v.detach())
         rows = scoring.sample_rows(q.shape[-2], self.rows, seed=self.sample)
-        rs = AttentionCall(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal, DENSE, Layout())
+        rs = AttentionCall(q.detach(), k.detach(), v.detach(), mask, bias, scale, is_causal, DENSE, Layout(),
+                           softcap=rec.site.softcap)
         return rec, rs, rows
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..codegen.reference import expand_kv, masked_softmax
+from ..codegen.reference import expand_kv, masked_softmax, softcap_scores
 from ..codegen.registry import bias_scores
 from ..codegen.registry import AttentionCall
 from .candidates import Candidate
@@ -114,6 +114,7 @@ def score(rec: AttentionCall, cands: list[Candidate], stats: SiteStats, rows: to
         r = rows[i:i + step]
         g = weights[:, :, i:i + step].to(ct) if weights is not None else None
         s = (q.index_select(2, r).to(ct) @ kk.transpose(-2, -1)) * rec.scale  # [B, H, R, Sk]
+        s = softcap_scores(s, rec.softcap)[0]                                    # the site's score modifier
         bias = _rows_of(rec.bias, r)
         if bias is not None:
             s = s + bias_scores(bias, ct)
