@@ -62,6 +62,7 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
     samples = [smollm2.lm_sample(x) for x in smollm2.chunks(lm, CAL_TEXTS, n, 4)]
     eval_ids = smollm2.tokens(lm, n=n)
     dense = smollm2.perplexity(lm, eval_ids, None)
+    t_dense = smollm2.forward_time(dense.compiled, eval_ids, args.reps)   # locattn, all-dense policy
     torch._dynamo.reset()
     default = torch.compile(lm.model)
     t_default = smollm2.forward_time(default, eval_ids, args.reps)
@@ -72,6 +73,7 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
                                             progress=not args.quick, cost=args.cost, proxy=args.proxy)
         tag = f"{budget:g}_{args.cost}_{args.proxy}{'_quick' if args.quick else ''}"
         path = _save(cal.policy, f"calibrated_smollm2_{tag}.toml", out_dir)
+        locattn.reset_counters()       # dynamic rules' kept fraction is measured during this run
         r = smollm2.perplexity(lm, eval_ids, cal.policy)
         t = smollm2.forward_time(r.compiled, eval_ids, args.reps)
         rows.append({"model": "smollm2", "budget": budget, "cost": args.cost, "proxy": cal.report.proxy, "policy": path, "rules": len(cal.policy.rules),
@@ -80,7 +82,9 @@ def lm_rows(args, out_dir) -> tuple[dict, list]:
                      "calibration_holdout_error": cal.report.holdout_error, "eval_ppl": r.ppl,
                      "dense_ppl": dense.ppl, "eval_change": r.ppl / dense.ppl - 1, "calibration_wall_s": wall,
                      "calibration_cpu_s": cpu, "phases": cal.report.phases, "forward_s": t,
-                     "default_forward_s": t_default, "speedup_vs_default": t_default / t, "note": cal.report.note,
+                     "default_forward_s": t_default, "speedup_vs_default": t_default / t,
+                     "dense_locattn_forward_s": t_dense, "speedup_vs_dense_locattn": t_dense / t,
+                     "note": cal.report.note,
                      "backed_off": len(cal.report.backed_off), "evaluations": cal.report.evaluations,
                      "load": smollm2.load_avg()})
         print(_fmt(rows[-1]), flush=True)

@@ -158,7 +158,10 @@ def _kept(pattern, layout, s: int) -> float:
 
 
 def causal_kept(decisions, s: int) -> float:
-    """Mean over sites and heads of the fraction of causal scores (j <= i) the policy keeps."""
+    """Mean over sites and heads of the fraction of causal scores (j <= i) the policy keeps: exact for static
+    patterns, *measured* for ``dynamic`` groups (``locattn.densities()`` of the run that made ``decisions``: call
+    ``locattn.reset_counters()`` before that run)."""
+    measured = locattn.densities()
     fracs = []
     for d in decisions:
         heads = d.site.heads
@@ -167,6 +170,10 @@ def causal_kept(decisions, s: int) -> float:
             continue
         for g in d.spec.groups:
             n = heads if g.heads is None else len(g.heads)
+            if g.pattern.dynamic:   # density = pairs / S^2 over the group's heads; causal scores are S(S+1)/2
+                m = measured.get(d.spec.site)
+                fracs += [m["mean"] * (2 * s / (s + 1)) if m else float("nan")] * n
+                continue
             fracs += [1.0 if not g.pattern.local else _kept(g.pattern, g.layout, s)] * n
     return sum(fracs) / len(fracs) if fracs else 1.0
 
