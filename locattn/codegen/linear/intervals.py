@@ -439,7 +439,6 @@ class IntervalSums:
         rows = -(-n // c) * c
         keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
         fqp = self._pad_rows(fq_u, rows)
-        dfq = torch.zeros_like(fqp)
         dfk, dv = torch.zeros_like(keys[0]), torch.zeros_like(keys[1])
         dh, dz = torch.zeros_like(keys[2]), torch.zeros_like(keys[3])
         if outside:
@@ -450,8 +449,8 @@ class IntervalSums:
             qg = _grouped(fqp, hk).view(b_, hk, rep, nb, c, m)
             gg = _grouped(gn_p, hk).view(b_, hk, rep, nb, c, -1)
             gz = _grouped(gd_p, hk).view(b_, hk, rep, nb, c, 1)
-            dfq.copy_((gg @ sh[:, :, None].transpose(-2, -1)).addcmul_(gz, sz[:, :, None, :, None, :])
-                      .view(b_, hq, rows, m))
+            dfq = (gg @ sh[:, :, None].transpose(-2, -1)).addcmul_(gz, sz[:, :, None, :, None, :])
+            dfq = dfq.view(b_, hq, rows, m)
             dsh = (qg.transpose(-2, -1) @ gg).sum(2)                           # [B, Hk, nb, m, Dv]
             dsz = (qg * gz).sum((2, 4))                                         # [B, Hk, nb, m]
             self._scatter_states(tab, dh, dsh)
@@ -460,9 +459,11 @@ class IntervalSums:
             self._eval_backward(tab, tab.hi, fqp, keys, gn_p.neg(), gd_p.neg(), dfq, dfk, dv, dh, dz,
                                 states=False)
         elif before:
+            dfq = torch.zeros_like(fqp)
             self._eval_backward(tab, tab.lo, fqp, keys, self._pad_rows(gn_u, rows), self._pad_rows(gd_u, rows), dfq,
                                 dfk, dv, dh, dz)
         else:
+            dfq = torch.zeros_like(fqp)
             keep = (~tab.empty).to(fq.device)
             gn_w = self._pad_rows(gn_u * keep[:, None], rows)    # empty intervals: the window part is 0
             gd_w = self._pad_rows(gd_u * keep, rows)
