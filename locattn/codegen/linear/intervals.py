@@ -193,16 +193,18 @@ class IntervalSums:
         self.chunk = chunk
 
     # -- shared by both ends -------------------------------------------------------------------------------
-    def _keys(self, tab: Tables, fk, v, width: int):
-        """Keys padded with zeros to ``(n_chunks + width) C`` rows and the states ``H`` [B, Hk, n_chunks + 1,
-        m, Dv], ``Z`` [B, Hk, n_chunks + 1, m] (``H[0] = 0``, ``H[n_chunks]`` = all keys)."""
+    def _keys(self, tab: Tables, fk, v, ends: tuple[End, ...]):
+        """Keys (contiguous) padded with zeros to whole chunks and as far as the runs of ``ends`` read (no copy
+        when neither pads: a window of a sequence of whole chunks stays inside it) and the states ``H``
+        [B, Hk, n_chunks + 1, m, Dv], ``Z`` [B, Hk, n_chunks + 1, m] (``H[0] = 0``, ``H[n_chunks]`` = all keys)."""
         c, n = self.chunk, tab.n
         b, hk, _, m = fk.shape
         dv = v.shape[-1]
         n_chunks = -(-n // c)
-        rows = (n_chunks + width) * c
-        fkp = torch.cat([fk, fk.new_zeros(b, hk, rows - n, m)], 2)
-        vp = torch.cat([v, v.new_zeros(b, hk, rows - n, dv)], 2)
+        reach = max((r.c_start + r.step * (r.b1 - r.b0 - 1) + e.width) * c for e in ends for r in e.runs)
+        rows = max(n_chunks * c, reach)
+        fkp = torch.cat([fk, fk.new_zeros(b, hk, rows - n, m)], 2) if rows > n else fk.contiguous()
+        vp = torch.cat([v, v.new_zeros(b, hk, rows - n, dv)], 2) if rows > n else v.contiguous()
         st = fkp[:, :, :n_chunks * c].view(b, hk, n_chunks, c, m)
         h = fk.new_zeros(b, hk, n_chunks + 1, m, dv)
         torch.matmul(st.transpose(-2, -1), vp[:, :, :n_chunks * c].view(b, hk, n_chunks, c, dv), out=h[:, :, 1:])
@@ -398,7 +400,7 @@ class IntervalSums:
         c = self.chunk
         rows = -(-n // c) * c
         fq_u, fk_u, v_u = self._to_u(tab, fq, fk, v.to(ct))
-        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
+        keys = self._keys(tab, fk_u, v_u, (tab.lo,) if before else (tab.lo, tab.hi))
         fqp = self._pad_rows(fq_u, rows)
         if outside:
             sh, sz = self._block_states(tab, keys)
@@ -437,7 +439,7 @@ class IntervalSums:
         n = tab.n
         c = self.chunk
         rows = -(-n // c) * c
-        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
+        keys = self._keys(tab, fk_u, v_u, (tab.lo,) if before else (tab.lo, tab.hi))
         fqp = self._pad_rows(fq_u, rows)
         dfk, dv = torch.zeros_like(keys[0]), torch.zeros_like(keys[1])
         dh, dz = torch.zeros_like(keys[2]), torch.zeros_like(keys[3])
