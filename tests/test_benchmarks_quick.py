@@ -77,7 +77,8 @@ def test_compile_time_quick(tmp_path):
 def test_linear_attention_quick(tmp_path):
     data, stdout = _run("linear_attention.py", tmp_path / "lin.json", 180)
     assert "| variant |" in stdout
-    assert {r["variant"] for r in data["rows"]} == {"sdpa", "linear-elu", "linear-favor", "sliding_window", "hybrid"}
+    assert {r["variant"] for r in data["rows"]} == {"sdpa", "linear-elu", "linear-favor", "sliding_window", "hybrid",
+                                                   "hybrid-elu"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["rows"])
     assert "hybrid overhead fwd+bwd" in data["meta"]["ratios"]
 

@@ -30,6 +30,9 @@ from . import intervals
 from .common import LinearImplementation, Sums
 
 CHUNK = 64
+#: query rows (x heads) per slice of the linear part (:attr:`LinearImplementation.slice_rows`): [16K, 64] fp32
+#: temporaries are 4 MB
+SLICE_ROWS = 1 << 14
 #: elements of one chunk of the plan walk's kappa matrix (bounds peak memory)
 WALK_ELEMS = 1 << 23
 
@@ -60,9 +63,10 @@ def _exclusive_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch
 class ChunkedSums(Sums):
     """The sums of :mod:`locattn.codegen.linear.common` in plain PyTorch."""
 
-    def __init__(self, chunk: int = CHUNK, intervals: bool = True):
+    def __init__(self, chunk: int = CHUNK, intervals: bool = True, outside: bool = True):
         self.chunk = chunk
         self.intervals = intervals
+        self.outside = outside  # non-causal 1-D: A \ P directly (False: all keys - P, kept for the tests)
 
     def _intervals(self, call) -> intervals.IntervalSums | None:
         if self.intervals and intervals.supported(call.pattern, call.layout):
@@ -161,21 +165,27 @@ class ChunkedSums(Sums):
             vb = v.index_select(2, ik).view(b, hk, 1, nc, -1, v.shape[-1]).to(fq.dtype)
             yield tq, tk, keep, fqb, fkb, vb
 
-    def _before(self, call) -> intervals.IntervalSums | None:
-        """Causal 1-D windows ending at their query: ``A \\ P`` is the prefix before each window (no all-keys sum,
-        no cancellation)."""
+    def _direct(self, call) -> tuple[intervals.IntervalSums | None, str]:
+        """How ``A \\ P`` is summed directly on a 1-D pattern, if it is: ``"before"`` for causal windows ending at
+        their query (the prefix before each window: no all-keys sum, no cancellation), ``"outside"`` for
+        non-causal ones without an empty interval (every key but the window: one state product per row instead
+        of three); otherwise ``(None, "")``: all keys minus the pattern's."""
         fast = self._intervals(call)
-        if fast is not None and intervals.tables(call.pattern, call.layout, call.is_causal, self.chunk).ends_at_query:
-            return fast
-        return None
+        if fast is None:
+            return None, ""
+        if intervals.tables(call.pattern, call.layout, call.is_causal, self.chunk).ends_at_query:
+            return fast, "before"
+        if self.outside and intervals.outside_supported(call.pattern, call.layout, call.is_causal, self.chunk):
+            return fast, "outside"
+        return None, ""
 
     def outside_pattern(self, call, fq, fk, v):
-        fast = self._before(call)
-        return None if fast is None else fast.forward(call, fq, fk, v, before=True)
+        fast, how = self._direct(call)
+        return None if fast is None else fast.forward(call, fq, fk, v, **{how: True})
 
     def outside_pattern_backward(self, call, fq, fk, v, gn, gd):
-        fast = self._before(call)
-        return None if fast is None else fast.backward(call, fq, fk, v, gn, gd, before=True)
+        fast, how = self._direct(call)
+        return None if fast is None else fast.backward(call, fq, fk, v, gn, gd, **{how: True})
 
     def in_pattern(self, call, fq, fk, v):
         fast = self._intervals(call)
@@ -220,9 +230,10 @@ class LinearChunked(LinearImplementation):
 
     name = "linear_chunked"
     softmax_impls = ("cpu",)
+    slice_rows = SLICE_ROWS
 
-    def __init__(self, chunk: int = CHUNK, intervals: bool = True):
-        self.sums = ChunkedSums(chunk, intervals)
+    def __init__(self, chunk: int = CHUNK, intervals: bool = True, outside: bool = True):
+        self.sums = ChunkedSums(chunk, intervals, outside)
 
     def can_run(self, call):
         for t in (call.q, call.k, call.v):

@@ -36,7 +36,7 @@ from ...counters import bump
 from ...patterns.mechanism import SOFTMAX
 from .. import registry
 from ..registry import AttentionCall, Implementation, lse_dtype
-from .features import Features, features, features_backward
+from .features import Features, compute_dtype, features, features_backward
 from .naive import check_call
 
 NEG_INF = float("-inf")
@@ -115,14 +115,63 @@ class LinearImplementation(Implementation):
             why.append(f"{name}: {reason}")
         return None, "the softmax part cannot run (" + "; ".join(why) + ")"
 
+    #: split the linear part into calls of whole (batch, kv-head group) slices of about this many query rows
+    #: (rows x heads; None: one call). On CPU, a [B, H, S, 64] fp32 temporary at S = 16384, H = 8 is 32 MB:
+    #: glibc mmaps every allocation of >= 32 MB and unmaps it when freed, so each such temporary pays its page
+    #: faults again (~20 ms per 32 MB measured on the sandbox), and it does not stay in the caches. Slices of
+    #: <= 4 MB temporaries are recycled by the allocator and stay in L2 / L3.
+    slice_rows: int | None = None
+
+    def _slices(self, call: AttentionCall):
+        """``(sub-call, (batch slice, query-head slice))`` per slice of ``slice_rows`` (one slice: the call)."""
+        b, hq, s_q = call.q.shape[:3]
+        hk = call.k.shape[1]
+        rep = hq // hk
+        per = max(1, self.slice_rows // max(1, s_q * rep)) if self.slice_rows else hk
+        if per >= hk and (b == 1 or not self.slice_rows):
+            yield call, (slice(None), slice(None))
+            return
+        per = min(per, hk)
+        mask = call.mask
+        if mask is not None and mask.dim() < 4:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        for bi in range(b):
+            for h0 in range(0, hk, per):
+                bs, ks, qs = slice(bi, bi + 1), slice(h0, min(hk, h0 + per)), slice(h0 * rep, min(hk, h0 + per) * rep)
+                m = None
+                if mask is not None:
+                    m = mask[bs if mask.shape[0] > 1 else slice(None), qs if mask.shape[1] > 1 else slice(None)]
+                yield (dataclasses.replace(call, q=call.q[bs, qs], k=call.k[bs, ks], v=call.v[bs, ks], mask=m),
+                       (bs, qs))
+
     # -- forward -------------------------------------------------------------------------------------------
     def forward(self, call):
+        soft = None
+        if call.mechanism.kind == "hybrid":
+            impl, why = self.softmax_impl(call)
+            assert impl is not None, why
+            soft = impl.forward(dataclasses.replace(call, mechanism=SOFTMAX))
+        parts = list(self._slices(call))
+        if len(parts) == 1:
+            return self._forward_part(call, soft)
+        b, hq, s_q = call.q.shape[:3]
+        if soft is not None and soft[0].dtype == call.q.dtype and soft[1].dtype == lse_dtype(call.q.dtype):
+            out, lse = soft   # merged in place, slice by slice (each slice reads its part before writing it)
+        else:
+            out = call.q.new_empty(b, hq, s_q, call.v.shape[-1])
+            lse = torch.empty(b, hq, s_q, dtype=lse_dtype(call.q.dtype), device=call.q.device)
+        for sub, idx in parts:
+            o, l_ = self._forward_part(sub, None if soft is None else (soft[0][idx], soft[1][idx]))
+            out[idx], lse[idx] = o, l_
+        return out, lse
+
+    def _forward_part(self, call, soft):
         feats = features(call.q, call.k, call.mask, call.scale, call.mechanism)
         hq = call.q.shape[1]
         c = feats.log_scale(hq)
         v = _kv(call, feats)
-        if call.mechanism.kind == "hybrid":
-            return self._hybrid_forward(call, feats, c, v)
+        if soft is not None:
+            return self._hybrid_forward(call, feats, c, v, soft)
         num, den = self.sums.all_keys(feats.fq, feats.fk, v, call.is_causal)
         pos, safe = _safe(den)
         out = num.mul_((pos / safe)[..., None])                        # a zero denominator: 0 (in place: one pass)
@@ -153,10 +202,8 @@ class LinearImplementation(Implementation):
         pq, pk, pv = self.sums.in_pattern_backward(call, fq, fk, v, gn, gd)
         return dfq.sub_(pq), dfk.sub_(pk), dv.sub_(pv)
 
-    def _hybrid_forward(self, call, feats, c, v):
-        impl, why = self.softmax_impl(call)
-        assert impl is not None, why
-        o_s, lse_s = impl.forward(dataclasses.replace(call, mechanism=SOFTMAX))
+    def _hybrid_forward(self, call, feats, c, v, soft):
+        o_s, lse_s = soft
         num, den = self._outside(call, feats, v)
         ct = num.dtype
         lse_s = lse_s.to(ct)
@@ -173,6 +220,46 @@ class LinearImplementation(Implementation):
 
     # -- backward ------------------------------------------------------------------------------------------
     def backward(self, call, grad_out, out, lse, need_dbias):
+        ct = compute_dtype(call.q.dtype)
+        soft = None
+        if call.mechanism.kind == "hybrid":  # the softmax part first: its gradients take the linear part's in place
+            impl, why = self.softmax_impl(call)
+            assert impl is not None, why
+            live = ~torch.isneginf(lse)
+            if grad_out.device.type == "cpu" and bool(live.all()):   # (a host sync: CPU only)
+                g_s = grad_out
+            else:
+                g_s = grad_out * live[..., None].to(grad_out.dtype)   # empty merged rows: no gradient at all
+            soft = impl.backward(dataclasses.replace(call, mechanism=SOFTMAX), g_s, out, lse, False)[:3]
+        parts = list(self._slices(call))
+        if len(parts) == 1:
+            dq, dk, dv = self._backward_part(call, grad_out, out, lse)
+            if soft is not None:
+                dq, dk, dv = dq.add_(soft[0]), dk.add_(soft[1]), dv.add_(soft[2])
+            return dq, dk, dv, None
+        # the softmax part's fresh gradients in the compute dtype accumulate the slices (no full-size buffers)
+        acc = soft is not None and all(t.dtype == ct for t in soft)
+        if acc:
+            dq, dk, dv = soft
+        else:
+            dq = torch.empty(call.q.shape, dtype=ct, device=call.q.device)
+            dk = torch.empty(call.k.shape, dtype=ct, device=call.k.device)
+            dv = torch.empty(call.v.shape, dtype=ct, device=call.v.device)
+        rep = call.q.shape[1] // call.k.shape[1]
+        for sub, (bs, qs) in parts:
+            ks = slice(qs.start // rep, qs.start // rep + sub.k.shape[1])
+            part = self._backward_part(sub, grad_out[bs, qs], out[bs, qs], lse[bs, qs])
+            for full, idx, g in ((dq, (bs, qs), part[0]), (dk, (bs, ks), part[1]), (dv, (bs, ks), part[2])):
+                if acc:
+                    full[idx] += g
+                else:
+                    full[idx] = g
+        if soft is not None and not acc:
+            dq, dk, dv = dq.add_(soft[0]), dk.add_(soft[1]), dv.add_(soft[2])
+        return dq, dk, dv, None
+
+    def _backward_part(self, call, grad_out, out, lse):
+        """The linear part's gradients (compute dtype) of one slice."""
         mech = call.mechanism
         feats = features(call.q, call.k, call.mask, call.scale, mech)
         ct = feats.fq.dtype
@@ -188,17 +275,9 @@ class LinearImplementation(Implementation):
         gn = g * f[..., None]
         gd = -(g * o).sum(-1) * f
         v = _kv(call, feats)
-        hybrid = mech.kind == "hybrid"
-        if hybrid:
+        if mech.kind == "hybrid":
             dfq, dfk, dv = self._outside_backward(call, feats, v, gn, gd)
         else:
             dfq, dfk, dv = self.sums.all_keys_backward(feats.fq, feats.fk, v, call.is_causal, gn, gd)
         dq, dk = features_backward(call.q, call.k, call.mask, call.scale, mech, feats, dfq, dfk)
-        dv = _fold_kv(dv, call, feats)
-        if hybrid:
-            impl, why = self.softmax_impl(call)
-            assert impl is not None, why
-            g_s = grad_out * live[..., None].to(grad_out.dtype)   # empty merged rows: no gradient at all
-            sq, sk, sv, _ = impl.backward(dataclasses.replace(call, mechanism=SOFTMAX), g_s, out, lse, False)
-            dq, dk, dv = dq + sq.to(ct), dk + sk.to(ct), dv + sv.to(ct)
-        return dq, dk, dv, None
+        return dq, dk, _fold_kv(dv, call, feats)

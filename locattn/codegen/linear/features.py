@@ -119,7 +119,10 @@ def _phi(x: torch.Tensor, mech: Mechanism, query: bool, scale: float, mask: torc
         w = _favor_on(x.shape[-1], m, mech.seed, x.device, x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        sq = (x2 * x2).sum(-1, keepdim=True) * (-0.5 * a * a)
+        if grad:
+            sq = (x2 * x2).sum(-1, keepdim=True) * (-0.5 * a * a)
+        else:  # no [rows, D] temporary
+            sq = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().mul_(-0.5 * a * a)
         h = torch.addmm(sq, x2, w.T, alpha=a).view(*lead, m)                   # W (a x) - |a x|^2 / 2
         if query:
             h = h + key_max if grad else h.add_(key_max)
@@ -168,8 +171,9 @@ def _phi_backward(x: torch.Tensor, f: torch.Tensor, df: torch.Tensor, mech: Mech
     w = _favor_on(x.shape[-1], mech.features, mech.seed, x.device, x.dtype)
     a = favor_factor(scale, query)
     gf = df * f                                           # d/dh of exp(h - c)
-    dxs = gf @ w - (x * a) * gf.sum(-1, keepdim=True)     # dh/dxs = w_r - xs
-    return dxs * a
+    # dh/dxs = w_r - xs, xs = a x: dx = a (gf w) - a^2 x sum_r gf_r (in place: one [rows, D] result)
+    return torch.mm(gf.reshape(-1, gf.shape[-1]), w).view(*gf.shape[:-1], w.shape[-1]).mul_(a).addcmul_(
+        x, gf.sum(-1, keepdim=True), value=-a * a)
 
 
 def features_backward(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, mech: Mechanism,

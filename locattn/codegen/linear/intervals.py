@@ -35,6 +35,12 @@ def supported(pattern: Pattern, layout: Layout) -> bool:
     return pattern.local and len(layout.grid) == 1 and not layout.prefix and not layout.suffix
 
 
+def outside_supported(pattern: Pattern, layout: Layout, causal: bool, chunk: int) -> bool:
+    """``A \\ P`` directly (:meth:`IntervalSums.forward` with ``outside``): non-causal (A is every key, one state
+    ``H_all``) and no empty interval (the per-block state cannot be zeroed row by row)."""
+    return not causal and supported(pattern, layout) and not bool(tables(pattern, layout, False, chunk).empty.any())
+
+
 @dataclass(frozen=True, eq=False)
 class Run:
     """Blocks ``b0 .. b1 - 1`` whose ``c0`` is ``c_start + step * i``: their keys (and states) are one strided
@@ -126,18 +132,58 @@ def tables(pattern: Pattern, layout: Layout, causal: bool, chunk: int) -> Tables
                   causal and d == 1 and bool((hi == u).all()))
 
 
+#: group length of :func:`prefix_sum_`'s two-level scan
+SCAN_GROUP = 16
+
+
 def prefix_sum_(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
-    """In-place inclusive prefix sum along ``dim``, one slice at a time: ``torch.cumsum`` along a middle dimension
-    of a [.., n_chunks, m, Dv] state tensor is ~30x slower on CPU than this loop of vectorised adds."""
-    n = x.shape[dim]
-    order = range(n - 2, -1, -1) if reverse else range(1, n)
-    for i in order:
-        x.select(dim, i).add_(x.select(dim, i + 1 if reverse else i - 1))
+    """In-place inclusive prefix sum along ``dim`` by vectorised adds of whole slices: ``torch.cumsum`` along a
+    middle dimension of a [.., n_chunks, m, Dv] state tensor is ~30x slower on CPU. Two levels (groups of
+    ``SCAN_GROUP``: a scan inside every group at once, then the groups' carries) so a long scan costs
+    ``G + n / G`` adds, not ``n`` (each ~10 us of dispatch at these sizes)."""
+    n, g = x.shape[dim], SCAN_GROUP
+    if n <= 2 * g:
+        order = range(n - 2, -1, -1) if reverse else range(1, n)
+        for i in order:
+            x.select(dim, i).add_(x.select(dim, i + 1 if reverse else i - 1))
+        return x
+    ng = n // g
+    nf = ng * g
+    if not reverse:
+        body = x.narrow(dim, 0, nf).unflatten(dim, (ng, g))            # [.., ng, G, ..] (a view)
+        for i in range(1, g):
+            body.select(dim + 1, i).add_(body.select(dim + 1, i - 1))
+        for j in range(1, ng):
+            body.select(dim, j).add_(body.select(dim, j - 1).narrow(dim, g - 1, 1))
+        for i in range(nf, n):
+            x.select(dim, i).add_(x.select(dim, i - 1))
+        return x
+    body = x.narrow(dim, n - nf, nf).unflatten(dim, (ng, g))
+    for i in range(g - 2, -1, -1):
+        body.select(dim + 1, i).add_(body.select(dim + 1, i + 1))
+    for j in range(ng - 2, -1, -1):
+        body.select(dim, j).add_(body.select(dim, j + 1).narrow(dim, 0, 1))
+    for i in range(n - nf - 1, -1, -1):
+        x.select(dim, i).add_(x.select(dim, i + 1))
     return x
 
 
 def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
     return x.view(x.shape[0], hk, x.shape[1] // hk, *x.shape[2:])
+
+
+def _run_view(x: torch.Tensor, dim: int, start: int, step: int, count: int, length: int = 1) -> torch.Tensor:
+    """``x`` with dim ``dim`` replaced by ``count`` windows ``[start + step i, start + step i + length)`` (a view;
+    windows overlap when ``step < length``): shape ``[.., count, length, ..]``, or ``[.., count, ..]`` for
+    ``length == 1``."""
+    st = list(x.stride())
+    sh = list(x.shape)
+    off = x.storage_offset() + start * st[dim]
+    if length == 1:
+        sh[dim], st[dim] = count, step * st[dim]
+    else:
+        sh[dim:dim + 1], st[dim:dim + 1] = [count, length], [step * st[dim], st[dim]]
+    return x.as_strided(sh, st, off)
 
 
 class IntervalSums:
@@ -147,16 +193,18 @@ class IntervalSums:
         self.chunk = chunk
 
     # -- shared by both ends -------------------------------------------------------------------------------
-    def _keys(self, tab: Tables, fk, v, width: int):
-        """Keys padded with zeros to ``(n_chunks + width) C`` rows and the states ``H`` [B, Hk, n_chunks + 1,
-        m, Dv], ``Z`` [B, Hk, n_chunks + 1, m] (``H[0] = 0``, ``H[n_chunks]`` = all keys)."""
+    def _keys(self, tab: Tables, fk, v, ends: tuple[End, ...]):
+        """Keys (contiguous) padded with zeros to whole chunks and as far as the runs of ``ends`` read (no copy
+        when neither pads: a window of a sequence of whole chunks stays inside it) and the states ``H``
+        [B, Hk, n_chunks + 1, m, Dv], ``Z`` [B, Hk, n_chunks + 1, m] (``H[0] = 0``, ``H[n_chunks]`` = all keys)."""
         c, n = self.chunk, tab.n
         b, hk, _, m = fk.shape
         dv = v.shape[-1]
         n_chunks = -(-n // c)
-        rows = (n_chunks + width) * c
-        fkp = torch.cat([fk, fk.new_zeros(b, hk, rows - n, m)], 2)
-        vp = torch.cat([v, v.new_zeros(b, hk, rows - n, dv)], 2)
+        reach = max((r.c_start + r.step * (r.b1 - r.b0 - 1) + e.width) * c for e in ends for r in e.runs)
+        rows = max(n_chunks * c, reach)
+        fkp = torch.cat([fk, fk.new_zeros(b, hk, rows - n, m)], 2) if rows > n else fk.contiguous()
+        vp = torch.cat([v, v.new_zeros(b, hk, rows - n, dv)], 2) if rows > n else v.contiguous()
         st = fkp[:, :, :n_chunks * c].view(b, hk, n_chunks, c, m)
         h = fk.new_zeros(b, hk, n_chunks + 1, m, dv)
         torch.matmul(st.transpose(-2, -1), vp[:, :, :n_chunks * c].view(b, hk, n_chunks, c, dv), out=h[:, :, 1:])
@@ -185,15 +233,19 @@ class IntervalSums:
         zw = z_.as_strided((nr, m, 1), (st * m, 1, 1), z_.storage_offset() + run.c_start * m)
         return q.view(nr, c, m), kw, vw, hw, zw
 
-    def _eval(self, tab: Tables, end: End, fq, keys):
-        """``(num, den)`` of ``E_r(t_r)`` for every row (padded to whole blocks)."""
+    def _eval(self, tab: Tables, end: End, fq, keys, acc=None, alpha: float = 1.0):
+        """``(num, den)`` of ``E_r(t_r)`` for every row (padded to whole blocks); with ``acc = (num, den)``: only
+        the ragged part (no state term), times ``alpha``, added into ``acc`` in place."""
         c = self.chunk
         b_, hq, rows, m = fq.shape
         hk = keys[0].shape[1]
         rep = hq // hk
         dv = keys[1].shape[-1]
-        num = fq.new_empty(b_, hq, rows, dv)
-        den = fq.new_empty(b_, hq, rows)
+        if acc is None:
+            num = fq.new_empty(b_, hq, rows, dv)
+            den = fq.new_empty(b_, hq, rows)
+        else:
+            num, den = acc
         for run in end.runs:
             mask = run.mask_on(fq)
             nr = run.b1 - run.b0
@@ -203,17 +255,26 @@ class IntervalSums:
                     q, k, v, hh, zz = self._views(run, end.width, fq, keys, b, h, h // rep)
                     if run.step == 0:
                         kap = (q @ k.T).view(nr, c, -1).mul_(mask).view(nr * c, -1)
-                        torch.addmm(kap @ v, q, hh, out=num[b, h, rs])
-                        torch.add(kap.sum(-1), q @ zz, out=den[b, h, rs])
+                        if acc is None:
+                            torch.addmm(kap @ v, q, hh, out=num[b, h, rs])
+                            torch.add(kap.sum(-1), q @ zz, out=den[b, h, rs])
+                        else:
+                            num[b, h, rs].addmm_(kap, v, alpha=alpha)
+                            den[b, h, rs].add_(kap.sum(-1), alpha=alpha)
                     else:
                         kap = torch.bmm(q, k.transpose(1, 2)).mul_(mask)
-                        num[b, h, rs] = torch.baddbmm(torch.bmm(kap, v), q, hh).view(-1, dv)
-                        den[b, h, rs] = (torch.bmm(q, zz)[..., 0] + kap.sum(-1)).view(-1)
+                        if acc is None:
+                            num[b, h, rs] = torch.baddbmm(torch.bmm(kap, v), q, hh).view(-1, dv)
+                            den[b, h, rs] = (torch.bmm(q, zz)[..., 0] + kap.sum(-1)).view(-1)
+                        else:
+                            num[b, h, rs].view(nr, c, dv).baddbmm_(kap, v, alpha=alpha)
+                            den[b, h, rs].add_(kap.sum(-1).view(-1), alpha=alpha)
         return num, den
 
-    def _eval_backward(self, tab: Tables, end: End, fq, keys, gn, gd, dfq, dfk, dv, dh, dz):
+    def _eval_backward(self, tab: Tables, end: End, fq, keys, gn, gd, dfq, dfk, dv, dh, dz, states: bool = True):
         """Adds the gradients of ``sum_r gn_r . num_r + gd_r den_r`` at this end into dfq / dfk / dv (padded
-        rows) and the states' gradients into ``dh`` / ``dz`` [B, Hk, n_chunks + 1, ...]."""
+        rows) and the states' gradients into ``dh`` / ``dz`` [B, Hk, n_chunks + 1, ...] (``states=False``: the
+        ragged part's alone, as :meth:`_eval` with ``acc`` computes it)."""
         c = self.chunk
         b_, hq, rows, m = fq.shape
         hk = keys[0].shape[1]
@@ -237,21 +298,31 @@ class IntervalSums:
                     if run.step == 0:
                         kap = (q @ k.T).view(nr, c, -1).mul_(mask).view(nr * c, -1)
                         dk_ = torch.addmm(gz[:, None], g, v.T).view(nr, c, -1).mul_(mask).view(nr * c, -1)
-                        dfq[b, h, rs] += torch.addmm(dk_ @ k, g, hh.T).addcmul_(gz[:, None], zz[None, :])
-                        dfk[b, kh, r0:r0 + span] += dk_.T @ q
-                        dv[b, kh, r0:r0 + span] += kap.T @ g
-                        dh[b, kh, run.c_start] += q.T @ g
-                        dz[b, kh, run.c_start] += q.T @ gz
+                        if states:
+                            dfq[b, h, rs] += torch.addmm(dk_ @ k, g, hh.T).addcmul_(gz[:, None], zz[None, :])
+                            dh[b, kh, run.c_start] += q.T @ g
+                            dz[b, kh, run.c_start] += q.T @ gz
+                        else:
+                            dfq[b, h, rs].addmm_(dk_, k)
+                        dfk[b, kh, r0:r0 + span].addmm_(dk_.T, q)
+                        dv[b, kh, r0:r0 + span].addmm_(kap.T, g)
                     else:
                         g3, gz3 = g.view(nr, c, d_v), gz.view(nr, c, 1)
                         kap = torch.bmm(q, k.transpose(1, 2)).mul_(mask)
                         dk_ = torch.baddbmm(gz3, g3, v.transpose(1, 2)).mul_(mask)
-                        gq = torch.baddbmm(torch.bmm(dk_, k), g3, hh.transpose(1, 2)).add_(gz3 * zz.transpose(1, 2))
-                        dfq[b, h, rs] += gq.view(-1, m)
-                        dfk[b, kh].index_add_(0, kidx, torch.bmm(dk_.transpose(1, 2), q).view(-1, m))
-                        dv[b, kh].index_add_(0, kidx, torch.bmm(kap.transpose(1, 2), g3).view(-1, d_v))
-                        dh[b, kh].index_add_(0, cidx, torch.bmm(q.transpose(1, 2), g3))
-                        dz[b, kh].index_add_(0, cidx, torch.bmm(q.transpose(1, 2), gz3)[..., 0])
+                        if states:
+                            gq = torch.baddbmm(torch.bmm(dk_, k), g3, hh.transpose(1, 2))
+                            dfq[b, h, rs] += gq.add_(gz3 * zz.transpose(1, 2)).view(-1, m)
+                            dh[b, kh].index_add_(0, cidx, torch.bmm(q.transpose(1, 2), g3))
+                            dz[b, kh].index_add_(0, cidx, torch.bmm(q.transpose(1, 2), gz3)[..., 0])
+                        else:
+                            dfq[b, h, rs].view(nr, c, m).baddbmm_(dk_, k)
+                        if run.step >= end.width:  # disjoint key windows: accumulate in place
+                            _run_view(dfk[b, kh], 0, r0, run.step * c, nr, span).baddbmm_(dk_.transpose(1, 2), q)
+                            _run_view(dv[b, kh], 0, r0, run.step * c, nr, span).baddbmm_(kap.transpose(1, 2), g3)
+                        else:
+                            dfk[b, kh].index_add_(0, kidx, torch.bmm(dk_.transpose(1, 2), q).view(-1, m))
+                            dv[b, kh].index_add_(0, kidx, torch.bmm(kap.transpose(1, 2), g3).view(-1, d_v))
 
     def _states_backward(self, tab: Tables, keys, dh, dz, dfk, dv):
         """``H[c] = sum_{u < cC} fk_u v_u^T``: a key in chunk j gets ``G[j] = sum_{c > j} dH[c]``."""
@@ -290,28 +361,70 @@ class IntervalSums:
         return (self._sink_mask(tab, causal, fq_u.device), _grouped(fq_u, hk), fk[:, :, None, :ns],
                 v[:, :, None, :ns])
 
-    def forward(self, call, fq, fk, v, before: bool = False):
+    def _block_states(self, tab: Tables, keys):
+        """Non-causal ``A \\ P``, block by block: ``H_all - H[c0_hi] + H[c0_lo]`` [B, Hk, nb, m, Dv] and the same of
+        ``Z`` [B, Hk, nb, m] (one state per block of rows instead of one per end and one for all keys). Gathered
+        run by run (each run's states are one strided view: no index tensors, no temporaries)."""
+        out = []
+        for st in keys[2:4]:
+            nb = tab.hi.c0.numel()
+            blk = st.new_empty(*st.shape[:2], nb, *st.shape[3:])
+            for run in tab.hi.runs:
+                torch.sub(st[:, :, -1:], _run_view(st, 2, run.c_start, run.step, run.b1 - run.b0),
+                          out=blk[:, :, run.b0:run.b1])
+            for run in tab.lo.runs:
+                blk[:, :, run.b0:run.b1].add_(_run_view(st, 2, run.c_start, run.step, run.b1 - run.b0))
+            out.append(blk)
+        return out[0], out[1]
+
+    @staticmethod
+    def _scatter_states(tab: Tables, d_st: torch.Tensor, d_blk: torch.Tensor) -> None:
+        """The adjoint of :meth:`_block_states` for one state (``d_st`` [B, Hk, n_chunks + 1, ..] += ...)."""
+        d_st[:, :, -1] += d_blk.sum(2)
+        for end, sign in ((tab.lo, 1.0), (tab.hi, -1.0)):
+            for run in end.runs:
+                part = d_blk[:, :, run.b0:run.b1]
+                if run.step == 0:   # one state for the whole run
+                    d_st[:, :, run.c_start].add_(part.sum(2), alpha=sign)
+                else:               # distinct states: a strided view
+                    _run_view(d_st, 2, run.c_start, run.step, run.b1 - run.b0).add_(part, alpha=sign)
+
+    def forward(self, call, fq, fk, v, before: bool = False, outside: bool = False):
         """Sums over each query's keys in P(i) (its interval and the sinks outside it); ``before``
-        (:attr:`Tables.ends_at_query` only): over ``A(i) \\ P(i)`` = the keys before the interval, sinks excluded."""
+        (:attr:`Tables.ends_at_query` only): over ``A(i) \\ P(i)`` = the keys before the interval, sinks excluded;
+        ``outside`` (:func:`outside_supported` only): over ``A(i) \\ P(i)`` = every key but the interval and the
+        sinks, as ``fq . (H_all - H[c0_hi] + H[c0_lo]) - ragged_hi + ragged_lo`` (one state product per row)."""
         tab = tables(call.pattern, call.layout, call.is_causal, self.chunk)
         ct = fq.dtype
         n = tab.n
-        rows = -(-n // self.chunk) * self.chunk
+        c = self.chunk
+        rows = -(-n // c) * c
         fq_u, fk_u, v_u = self._to_u(tab, fq, fk, v.to(ct))
-        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
+        keys = self._keys(tab, fk_u, v_u, (tab.lo,) if before else (tab.lo, tab.hi))
         fqp = self._pad_rows(fq_u, rows)
-        n_lo, d_lo = self._eval(tab, tab.lo, fqp, keys)
-        if before:
-            num, den = n_lo[:, :, :n], d_lo[:, :, :n]
+        if outside:
+            sh, sz = self._block_states(tab, keys)
+            b_, hq, _, m = fqp.shape
+            hk, nb = sh.shape[1], rows // c
+            qg = _grouped(fqp, hk).view(b_, hk, hq // hk, nb, c, m)
+            num_p = (qg @ sh[:, :, None]).view(b_, hq, rows, -1)
+            den_p = (qg @ sz[:, :, None, :, :, None]).view(b_, hq, rows)
+            self._eval(tab, tab.hi, fqp, keys, (num_p, den_p), -1.0)
+            self._eval(tab, tab.lo, fqp, keys, (num_p, den_p), 1.0)
+            num, den = num_p[:, :, :n], den_p[:, :, :n]
         else:
-            n_hi, d_hi = self._eval(tab, tab.hi, fqp, keys)
-            keep = (~tab.empty).to(fq.device)
-            num = n_hi[:, :, :n].sub_(n_lo[:, :, :n]).mul_(keep[:, None])
-            den = d_hi[:, :, :n].sub_(d_lo[:, :, :n]).mul_(keep)
+            n_lo, d_lo = self._eval(tab, tab.lo, fqp, keys)
+            if before:
+                num, den = n_lo[:, :, :n], d_lo[:, :, :n]
+            else:
+                n_hi, d_hi = self._eval(tab, tab.hi, fqp, keys)
+                keep = (~tab.empty).to(fq.device)
+                num = n_hi[:, :, :n].sub_(n_lo[:, :, :n]).mul_(keep[:, None])
+                den = d_hi[:, :, :n].sub_(d_lo[:, :, :n]).mul_(keep)
         if tab.sink_u.numel():  # rows in u-order, sink keys in token order (the first keys)
             sm, qg, ks, vs = self._sinks(tab, call.is_causal, fq_u, fk, v.to(ct))
             kap = (qg @ ks.transpose(-2, -1)) * sm
-            sign = -1.0 if before else 1.0
+            sign = -1.0 if before or outside else 1.0
             num = num.add((kap @ vs).flatten(1, 2), alpha=sign)
             den = den.add(kap.sum(-1).flatten(1, 2), alpha=sign)
         if tab.tok is not None:  # back to token order
@@ -319,21 +432,40 @@ class IntervalSums:
             den = torch.empty_like(den).index_copy_(2, tab.tok.to(fq.device), den)
         return num, den
 
-    def backward(self, call, fq, fk, v, gn, gd, before: bool = False):
+    def backward(self, call, fq, fk, v, gn, gd, before: bool = False, outside: bool = False):
         tab = tables(call.pattern, call.layout, call.is_causal, self.chunk)
         ct = fq.dtype
         fq_u, fk_u, v_u, gn_u, gd_u = self._to_u(tab, fq, fk, v.to(ct), gn, gd)
         n = tab.n
-        rows = -(-n // self.chunk) * self.chunk
-        keys = self._keys(tab, fk_u, v_u, tab.lo.width if before else max(tab.hi.width, tab.lo.width))
+        c = self.chunk
+        rows = -(-n // c) * c
+        keys = self._keys(tab, fk_u, v_u, (tab.lo,) if before else (tab.lo, tab.hi))
         fqp = self._pad_rows(fq_u, rows)
-        dfq = torch.zeros_like(fqp)
         dfk, dv = torch.zeros_like(keys[0]), torch.zeros_like(keys[1])
         dh, dz = torch.zeros_like(keys[2]), torch.zeros_like(keys[3])
-        if before:
+        if outside:
+            gn_p, gd_p = self._pad_rows(gn_u, rows), self._pad_rows(gd_u, rows)
+            sh, sz = self._block_states(tab, keys)
+            b_, hq, _, m = fqp.shape
+            hk, nb, rep = sh.shape[1], rows // c, hq // sh.shape[1]
+            qg = _grouped(fqp, hk).view(b_, hk, rep, nb, c, m)
+            gg = _grouped(gn_p, hk).view(b_, hk, rep, nb, c, -1)
+            gz = _grouped(gd_p, hk).view(b_, hk, rep, nb, c, 1)
+            dfq = (gg @ sh[:, :, None].transpose(-2, -1)).addcmul_(gz, sz[:, :, None, :, None, :])
+            dfq = dfq.view(b_, hq, rows, m)
+            dsh = (qg.transpose(-2, -1) @ gg).sum(2)                           # [B, Hk, nb, m, Dv]
+            dsz = (qg * gz).sum((2, 4))                                         # [B, Hk, nb, m]
+            self._scatter_states(tab, dh, dsh)
+            self._scatter_states(tab, dz, dsz)
+            self._eval_backward(tab, tab.lo, fqp, keys, gn_p, gd_p, dfq, dfk, dv, dh, dz, states=False)
+            self._eval_backward(tab, tab.hi, fqp, keys, gn_p.neg(), gd_p.neg(), dfq, dfk, dv, dh, dz,
+                                states=False)
+        elif before:
+            dfq = torch.zeros_like(fqp)
             self._eval_backward(tab, tab.lo, fqp, keys, self._pad_rows(gn_u, rows), self._pad_rows(gd_u, rows), dfq,
                                 dfk, dv, dh, dz)
         else:
+            dfq = torch.zeros_like(fqp)
             keep = (~tab.empty).to(fq.device)
             gn_w = self._pad_rows(gn_u * keep[:, None], rows)    # empty intervals: the window part is 0
             gd_w = self._pad_rows(gd_u * keep, rows)
@@ -345,7 +477,7 @@ class IntervalSums:
         if ns:
             sm, qg, ks, vs = self._sinks(tab, call.is_causal, fq_u, fk, v.to(ct))
             hk = fk.shape[1]
-            sign = -1.0 if before else 1.0
+            sign = -1.0 if before or outside else 1.0
             gng, gdg = _grouped(gn_u, hk) * sign, _grouped(gd_u, hk) * sign
             kap = (qg @ ks.transpose(-2, -1)) * sm
             dk_ = (gng @ vs.transpose(-2, -1) + gdg[..., None]) * sm
