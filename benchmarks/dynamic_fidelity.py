@@ -38,14 +38,6 @@ def dynamic_policy(top_p: float, block: int, sinks: int, base: int) -> dict:
     return {"version": 1, "default": {"pattern": "dense"}, "rule": [rule]}
 
 
-def measured_causal_kept(s: int) -> float:
-    """Mean over dynamic sites (and their heads) of the measured fraction of causal scores kept."""
-    d = locattn.densities()
-    if not d:
-        return float("nan")
-    return sum(v["mean"] for v in d.values()) / len(d) * (2 * s / (s + 1))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -75,7 +67,7 @@ def main(argv=None) -> int:
             locattn.reset_counters()
             r = smollm2.perplexity(lm, ids, dynamic_policy(p, block, 4, base), inductor)
             rows.append({"policy": f"dynamic top_p {p} block {block} + 4 sinks" + (f" + window {base}" if base else ""),
-                         "ppl": r.ppl, "change": r.ppl / dense.ppl - 1, "causal_kept": measured_causal_kept(n),
+                         "ppl": r.ppl, "change": r.ppl / dense.ppl - 1, "causal_kept": smollm2.causal_kept(r.decisions, n),
                          "seconds": r.seconds})
     print(f"{lm.name}, {n} tokens of {'+'.join(smollm2.FIDELITY_TEXTS)} (load {smollm2.load_avg()})")
     print("| policy | perplexity | change | causal scores kept |")

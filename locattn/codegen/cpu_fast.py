@@ -49,7 +49,7 @@ from ..patterns.base import Layout, Pattern, allowed, dilation_groups, u_to_coor
 from ..patterns.plan import axis_bounds_u
 from . import cpu_tables
 from .blocked import Blocked
-from .registry import AttentionCall, Implementation, bias_scores, lse_dtype
+from .registry import AttentionCall, Implementation, lse_dtype, site_scores
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -279,7 +279,7 @@ class WindowPlan:
             return hit
         m = self.bool_mask(segs[:1], inner[:1]) if uniform else self.bool_mask(segs, inner)
         out = None if (uniform and bool(m.all())) else \
-            torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, NEG_INF).unsqueeze(1)
+            site_scores(m, dtype).unsqueeze(1)
         if self._cached[0] + m.numel() <= _MASK_CACHE_ELEMS:
             self._masks[key] = out
             self._cached[0] += m.numel()
@@ -409,13 +409,9 @@ def _site_additive(call: AttentionCall, qi: torch.Tensor | None, kj: torch.Tenso
         g = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
         if qi is not None:
             g = g.expand(*g.shape[:2], s_q, s_k)[:, :, qi, kj]
-        if t.dtype == torch.bool:
-            g = torch.zeros(g.shape, dtype=dtype).masked_fill_(~g, NEG_INF)
-        else:
-            g = bias_scores(g, dtype)
+        g = site_scores(g, dtype)
         out = g if out is None else out + g
     return out
-
 
 def _dense_empty_rows(add: torch.Tensor, s_q: int, causal: bool) -> torch.Tensor:
     """Query rows with no allowed key under the additive mask ``add [Bm, Hm, Lm, Sk]`` (``Lm`` is 1 or ``s_q``) and

@@ -25,7 +25,7 @@ import torch
 
 from ..patterns.base import allowed
 from .blocked import call_tables
-from .registry import AttentionCall, bias_scores
+from .registry import AttentionCall, site_scores
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -151,10 +151,7 @@ def _site_terms(call: AttentionCall, bk: Bucket, qi: torch.Tensor, kj: torch.Ten
             g = t4[:, qc[:, :, None], kc[:, None, :]].transpose(0, 1)
         else:
             g = t4[bk.xs[:, None, None], qc[:, :, None], kc[:, None, :]].unsqueeze(1)
-        if t.dtype == torch.bool:
-            g = torch.zeros(g.shape, dtype=dtype).masked_fill_(~g, NEG_INF)
-        else:
-            g = bias_scores(g, dtype)
+        g = site_scores(g, dtype)
         out = g if out is None else out + g
     return out
 

@@ -106,6 +106,13 @@ def bias_scores(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return b.masked_fill(b < BIAS_MASK_BELOW, float("-inf"))
 
 
+def site_scores(term: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A site mask (bool: 0 where True, -inf where False) or bias (:func:`bias_scores`) as additive scores."""
+    if term.dtype == torch.bool:
+        return torch.zeros(term.shape, dtype=dtype).masked_fill_(~term, float("-inf"))
+    return bias_scores(term, dtype)
+
+
 def lse_dtype(q_dtype: torch.dtype) -> torch.dtype:
     """The op's log-sum-exp dtype: float32, or float64 for float64 inputs (fp64 goldens stay exact)."""
     return torch.float64 if q_dtype == torch.float64 else torch.float32
