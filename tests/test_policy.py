@@ -136,13 +136,17 @@ def test_show_draws_a_pattern(tmp_path):
 
 
 def test_policy_files_load_on_python_310_without_tomllib(tmp_path):
-    """Python 3.10 has no ``tomllib``: the policy module falls back to the ``tomli`` backport (a dependency there)."""
-    pytest.importorskip("tomli")
+    """Python 3.10 has no ``tomllib``: the policy module falls back to the ``tomli`` backport (a dependency there).
+
+    The child process stands in for 3.10 without needing the backport installed here (on 3.11 pip does not install it,
+    and the parent may only see setuptools' vendored copy): ``tomli`` is the stdlib ``tomllib`` under the backport's
+    name (the backport's API is the same), and ``tomllib`` itself is made unimportable."""
     import subprocess
     import sys
 
     path = _write(tmp_path, GOOD)
-    code = ("import sys, torch\n"
+    code = ("import sys, torch, tomllib\n"
+            "sys.modules['tomli'] = tomllib                      # the backport's API is tomllib's\n"
             "sys.modules['tomllib'] = None                       # no tomllib, as on 3.10\n"
             "sys.version_info = (3, 10, 14, 'final', 0)\n"
             "from locattn.policy import Policy\n"
