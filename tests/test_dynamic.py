@@ -208,6 +208,25 @@ def test_causal_rule_aligns_queries_bottom_right(impl, s_q, case):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("case", [c for c in OP_CASES if c[0] in ("1d-causal-base-sinks", "1d-max-mask-gqa",
+                                                                     "2d-globals-base")], ids=lambda c: c[0])
+def test_cpu_table_executor_split_into_one_row_per_call(monkeypatch, case):
+    """The ``cpu`` table executor with one query block per fused call: every call gathers its keys into the same
+    per-thread workspace and scatters its key gradients with duplicates across calls (per-(b, h) tables)."""
+    from locattn.codegen import cpu_tables
+
+    monkeypatch.setattr(cpu_tables, "CALL_ELEMS", 1)
+    test_op_matches_golden("cpu", case)
+
+
+def test_cpu_table_executor_split_with_shared_tables(monkeypatch):
+    """Static tables shared by every (batch, head) (queries at an offset), one query block per call."""
+    from locattn.codegen import cpu_tables
+
+    monkeypatch.setattr(cpu_tables, "CALL_ELEMS", 1)
+    test_causal_rule_aligns_queries_bottom_right("cpu", 70, OFFSET_CASES[0])
+
+
 def test_non_causal_local_rule_refuses_fewer_queries():
     spec = SiteSpec((HeadGroup(None, SlidingWindow(window=3), Layout()),)).to_json()
     q, k = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 9, 8)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +49,7 @@ from ..patterns.plan import axis_bounds_u
 from . import cpu_tables
 from .blocked import Blocked
 from .registry import AttentionCall, Implementation, lse_dtype, site_scores
+from .workspace import clear_workspace, workspace as _workspace  # noqa: F401  (clear_workspace: public here)
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -57,35 +57,6 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: elements of one materialised per-call mask / per-call key gradient (bounds peak memory)
 CHUNK_ELEMS = 1 << 24
 NEG_INF = float("-inf")
-#: internal temporaries (strips, blocked q/out, key-gradient strips) are kept per thread for reuse: a fresh
-#: multi-MB allocation is page-faulted on first touch, which costs as much as the copy into it
-WORKSPACE_BYTES = 512 << 20
-_ws = threading.local()
-
-
-def _workspace(tag: str, shape, dtype, zero: bool = False) -> torch.Tensor:
-    """A contiguous ``shape`` tensor backed by a reusable per-thread buffer (contents undefined unless zero)."""
-    n = math.prod(shape)
-    bufs = getattr(_ws, "bufs", None)
-    if bufs is None:
-        bufs = _ws.bufs = {}
-    t = bufs.get(tag)
-    if t is None or t.dtype != dtype or t.numel() < n:
-        bufs.pop(tag, None)
-        with torch.inference_mode(False):  # a normal tensor: reused outside inference mode, written inside it
-            t = torch.empty(n, dtype=dtype)
-        used = sum(b.numel() * b.element_size() for b in bufs.values())
-        if used + t.numel() * t.element_size() <= WORKSPACE_BYTES:
-            bufs[tag] = t
-    v = t[:n].view(shape)
-    return v.zero_() if zero else v
-
-
-def clear_workspace() -> None:
-    """Free this thread's cached temporaries."""
-    _ws.bufs = {}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # per-axis plan
 
