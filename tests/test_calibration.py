@@ -288,16 +288,29 @@ def test_validation_catches_accumulated_error_that_per_site_errors_miss():
 
 
 @pytest.mark.slow
-def test_held_out_validation_backs_off_sites_until_the_budget_holds():
+@pytest.mark.parametrize("resolves", [0, 4])
+def test_held_out_validation_tightens_until_the_budget_holds(resolves):
     """The held-out sample's attention is sharper than the fit samples' (inputs scaled up), so the policy the
-    search chose on the fit samples misses the budget there: sites go back to dense until it holds."""
+    search chose on the fit samples misses the budget there. With ``resolves = 0`` sites go back to dense until
+    it holds; by default the proxy budget is searched again on the held-out sample (each re-solved choice
+    recorded with its proxy budget and held-out metric) and the largest feasible one kept."""
     budget = 0.05
     model = _model(layers=4, bias=_distance_bias(512, 0.5))
     samples = _samples(3) + [(4 * torch.randn(1, 512, 32),)]
-    cal = calibrate_with_report(model, samples, budget=budget, candidates=WINDOWS, cost="blocks", progress=False)
-    held = [m for what, _, m in cal.report.evaluations if what == "holdout"]
-    assert held[0] > budget and held[-1] <= budget and cal.report.holdout_error == held[-1]
-    assert cal.report.backed_off and len(cal.policy.rules) < 4
+    cal = calibrate_with_report(model, samples, budget=budget, candidates=WINDOWS, cost="blocks", progress=False,
+                                resolves=resolves)
+    held = [(e, m) for what, e, m in cal.report.evaluations if what == "holdout"]
+    assert held[0][1] > budget and held[-1][1] <= budget and cal.report.holdout_error == held[-1][1]
+    if resolves == 0:
+        assert cal.report.backed_off and not cal.report.resolved and len(cal.policy.rules) < 4
+    else:
+        res = cal.report.resolved
+        assert 1 <= len(res) <= resolves and res == held[1:1 + len(res)]   # (proxy E, held-out metric) each
+        assert res[0][0] < held[0][0]                                       # below the search's proxy budget
+        feasible = [(e, m) for e, m in res if m <= budget]
+        assert feasible and not cal.report.backed_off
+        assert cal.report.holdout_error == max(feasible)[1]                # the largest feasible proxy budget
+        assert "re-solved the knapsack" in cal.report.summary()
     with torch.no_grad():   # measured independently
         out = torch.compile(model, backend=locattn.backend(cal.policy, inductor=False))(samples[-1][0])
         ref = model(samples[-1][0])

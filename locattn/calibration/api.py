@@ -69,7 +69,7 @@ def calibrate_with_report(model: torch.nn.Module | Callable, samples, *, budget:
                           progress: bool = True, **options) -> Calibration:
     """Like :func:`calibrate`, returning the :class:`~locattn.calibration.engine.Calibration` (policy + report).
     Extra ``options`` are :class:`~locattn.calibration.engine.Options` fields (``cost``, ``rows``,
-    ``holdout``, ``max_evals``, ``backend``, ``resolution``)."""
+    ``holdout``, ``max_evals``, ``resolves``, ``backend``, ``resolution``)."""
     unknown = set(options) - set(Options.__dataclass_fields__)
     if unknown:
         raise TypeError(f"locattn.calibrate: unknown option(s) {sorted(unknown)}")

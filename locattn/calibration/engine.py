@@ -6,8 +6,11 @@
 3. **Search**: for a proxy error budget ``E`` the knapsack (:func:`.solver.solve`) picks a candidate per
    (site, head); the resulting policy runs end to end on the fit samples and ``metric`` is measured;
    :class:`.solver.BudgetSearch` moves ``E`` until the metric lands just under ``budget``.
-4. **Validate**: the chosen policy runs on the held-out samples; while the metric exceeds the budget, the sites
-   with the largest predicted error go back to dense (1, then 2, 4, ... more at a time).
+4. **Validate**: the chosen policy runs on the held-out samples; when the metric exceeds the budget there, the
+   proxy budget is searched again on the held-out samples (:meth:`Engine._resolve`: shrink, then bisect; at
+   most ``resolves`` evaluations; the solver, not a rule of thumb, picks which heads get more keys); only if no
+   re-solved choice meets the budget do the sites with the largest predicted error go back to dense (1, then
+   2, 4, ... more at a time).
 
 A budget that only dense attention meets gives the all-dense policy, saying so in its header.
 """
@@ -52,6 +55,9 @@ class Options:
     holdout: int | None = None
     #: end-to-end evaluations of the search on the fit samples
     max_evals: int = 5
+    #: held-out validation: end-to-end evaluations of re-solved choices (smaller proxy budgets) before whole
+    #: sites go back to dense
+    resolves: int = 4
     backend: str = ""
     resolution: int = 4096
 
@@ -69,6 +75,8 @@ class Options:
             raise CalibrationError(f"locattn.calibrate: proxy must be 'output' or 'gradient', got {self.proxy!r}")
         if self.rows < 1 or self.max_evals < 1:
             raise CalibrationError("locattn.calibrate: rows and max_evals must be >= 1")
+        if isinstance(self.resolves, bool) or not isinstance(self.resolves, int) or self.resolves < 0:
+            raise CalibrationError(f"locattn.calibrate: resolves must be an int >= 0, got {self.resolves!r}")
 
 
 @dataclass
@@ -329,7 +337,7 @@ class Engine:
             with clock("search"):
                 choice = self._search(cost, err, items, report)
             with clock("validate"):
-                choice = self._validate(choice, err, items, report)
+                choice = self._validate(choice, cost, err, items, report)
         self._fill_report(report, choice, cost, items)
         report.wall_s = time.perf_counter() - t0
         policy = build_policy(self.sites, self._choice(choice, items), header=report.header())
@@ -371,9 +379,10 @@ class Engine:
                            f"dense")
             return torch.zeros(len(items), dtype=torch.long)
         report.fit_error = next(m for w, e, m in report.evaluations if e == best[0])
+        self._chosen_e = best[0]
         return best[1]
 
-    def _validate(self, col: torch.Tensor, err, items, report) -> torch.Tensor:
+    def _validate(self, col: torch.Tensor, cost, err, items, report) -> torch.Tensor:
         if not bool((col != 0).any()):
             return col
         idx = self.hold or self.fit
@@ -381,20 +390,19 @@ class Engine:
             report.holdout_error = report.fit_error
             return col
         col = col.clone()
-        bar = _progress(len(idx), "validation on held-out samples", self.opts.progress)
-        step = 1
+        bar = _progress(0, "validation on held-out samples", self.opts.progress)
         with bar:
-            while True:
-                m = self.evaluate(build_policy(self.sites, self._choice(col, items)), idx, bar)
-                report.evaluations.append(("holdout", float("nan"), m))
-                report.holdout_error = m
-                if m <= self.opts.budget or not bool((col != 0).any()):
-                    break
+            e = getattr(self, "_chosen_e", None)    # the proxy budget the search chose ``col`` at
+            m = self._held_out(col, e, idx, items, report, bar)
+            if m > self.opts.budget and e is not None and self.opts.resolves:
+                col, m = self._resolve(col, e, m, cost, err, idx, items, report, bar)
+            step = 1
+            while m > self.opts.budget and bool((col != 0).any()):
                 # back off the sites with the largest predicted error, 1, then 2, 4, ... at a time
                 per_site: dict[str, float] = {}
-                for (rec, _), e, c in zip(items, err.gather(1, col[:, None]).squeeze(1).tolist(), col.tolist()):
+                for (rec, _), er, c in zip(items, err.gather(1, col[:, None]).squeeze(1).tolist(), col.tolist()):
                     if c != 0:
-                        per_site[rec.path] = per_site.get(rec.path, 0.0) + e
+                        per_site[rec.path] = per_site.get(rec.path, 0.0) + er
                 worst = sorted(per_site, key=lambda p: -per_site[p])
                 for p in worst[:step]:
                     for j, (rec, _) in enumerate(items):
@@ -404,7 +412,7 @@ class Engine:
                 log.info("locattn calibrate: held-out metric %.4g > budget %.4g: %d site(s) back to dense", m,
                          self.opts.budget, min(step, len(worst)))
                 step *= 2
-                bar.total += len(idx)
+                m = self._held_out(col, None, idx, items, report, bar)
         if report.holdout_error is not None and report.holdout_error > self.opts.budget:
             report.met = False
             report.note = (f"budget {self.opts.budget:g} cannot be met even with every site dense (measured "
@@ -412,6 +420,51 @@ class Engine:
         elif not bool((col != 0).any()):
             report.note = f"budget {self.opts.budget:g} was met on held-out samples only with every site dense"
         return col
+
+    def _held_out(self, col, e, idx, items, report, bar) -> float:
+        """The held-out metric of choice ``col`` (made at proxy budget ``e``; None: not a solver's choice)."""
+        bar.total += len(idx)
+        m = self.evaluate(build_policy(self.sites, self._choice(col, items)), idx, bar)
+        report.evaluations.append(("holdout", float("nan") if e is None else e, m))
+        report.holdout_error = m
+        return m
+
+    def _resolve(self, col, e_bad, m_bad, cost, err, idx, items, report, bar):
+        """Search the proxy budget on the held-out samples: the search's choice ``col`` (at ``e_bad``) measured
+        ``m_bad`` > budget there. Shrink E by ``rho = 0.9 budget / m`` (squared, then to the 4th, ... after each
+        further miss) until a choice meets the budget, then bisect (geometrically) between the largest feasible
+        and the smallest infeasible E; at most ``opts.resolves`` evaluations. Returns the best feasible choice
+        and its metric, else the last one tried (the caller backs off whole sites from there)."""
+        budget = self.opts.budget
+        best = None                         # (e, col, m) feasible, largest e
+        last = (col, m_bad)
+        e_cur, m_cur, misses = e_bad, m_bad, 0
+        for _ in range(self.opts.resolves):
+            if best is None:
+                rho = min(0.9, 0.9 * budget / m_cur) if math.isfinite(m_cur) and m_cur > 0 else 0.5
+                e_try = e_cur * rho ** (2 ** misses)
+            else:
+                if e_bad / best[0] < 1.5:
+                    break                   # bracket tight enough
+                e_try = math.sqrt(best[0] * e_bad)
+            new = solve(cost, err, e_try, self.opts.resolution)
+            if not bool((new != 0).any()):
+                break                       # all dense: leave that verdict to the back-off
+            m = self._held_out(new, e_try, idx, items, report, bar)
+            report.resolved.append((e_try, m))
+            log.info("locattn calibrate: held-out: re-solved at proxy error %.3e -> metric %.4g", e_try, m)
+            if m <= budget:
+                if best is None or e_try > best[0]:
+                    best = (e_try, new, m)
+            else:
+                e_bad = min(e_bad, e_try)
+                e_cur, m_cur, misses = e_try, m, misses + 1
+                last = (new, m)
+        if best is not None:
+            report.holdout_error = best[2]
+            return best[1].clone(), best[2]
+        report.holdout_error = last[1]
+        return last[0].clone(), last[1]
 
     def _fill_report(self, report: CalibrationReport, col: torch.Tensor, cost, items) -> None:
         choice = self._choice(col, items)

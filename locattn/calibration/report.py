@@ -62,6 +62,8 @@ class CalibrationReport:
     time_ratio: float = 1.0
     evaluations: list[tuple[str, float, float]] = field(default_factory=list)   # (what, proxy E, metric)
     backed_off: list[str] = field(default_factory=list)
+    #: held-out validation's re-solved choices: (proxy E, held-out metric) of each, in order
+    resolved: list[tuple[float, float]] = field(default_factory=list)
     sites: list[SiteResult] = field(default_factory=list)
     wall_s: float = 0.0
     #: phase -> (wall s, process CPU s): record, cost, search, validate
@@ -79,6 +81,10 @@ class CalibrationReport:
             f"attention time {self.time_ratio:.1%} of dense (cost: {self.cost_mode}, per-head error proxy: "
             f"{self.proxy})",
         ]
+        if self.resolved:
+            steps = ", ".join(f"E {e:.3g}: {m:.4g}" for e, m in self.resolved)
+            lines.append(f"held-out validation re-solved the knapsack {len(self.resolved)} time(s) (proxy error: "
+                         f"held-out metric: {steps}); the fit-sample figure is the search's choice")
         if self.backed_off:
             lines.append(f"validation backed off {len(self.backed_off)} site(s) to dense: {', '.join(self.backed_off)}")
         if self.note:
