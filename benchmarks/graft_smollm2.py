@@ -6,8 +6,9 @@ Perplexity on one text (default ``/usr/share/common-licenses/GPL-2``) of
 * ``sliding_window`` ``--window`` + ``--sinks`` sinks on every layer (exact softmax over those keys),
 * ``hybrid``: the same keys exact, every other key by the favor linear estimate (``--features``), training-free,
 * both again after ``locattn.graft`` for ``--steps`` steps trained on *another* text (default GPL-3):
-  ``--seq``-token windows of it, the teacher's inputs per attention module (``inputs="teacher"``), only the
-  attention modules' parameters, Adam at ``--lr``.
+  ``--seq``-token windows of it, the teacher's inputs per attention module (``--inputs teacher``; ``student``
+  with ``--output-weight`` adds the final logits' MSE), only the attention modules' parameters (``--params
+  all``: every parameter), Adam at ``--lr``.
 
 Perplexity: the text is cut into non-overlapping ``--eval-seq``-token windows, each scored from its own start;
 ``exp(mean NLL)`` over every predicted token. Wall times of every graft and evaluation are reported with the
@@ -89,6 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=200, help="graft steps (0: training-free rows only)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--variants", nargs="*", default=["sliding_window", "hybrid"])
+    ap.add_argument("--params", choices=["attention", "all"], default="attention",
+                    help="what grafting trains (locattn.graft)")
+    ap.add_argument("--inputs", choices=["teacher", "student"], default="teacher",
+                    help="each attention module's inputs while grafting (locattn.graft)")
+    ap.add_argument("--output-weight", type=float, default=0.0,
+                    help="weight of the final logits' MSE (needs --inputs student)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
         student = copy.deepcopy(model)
         hist: list = []
         t0 = time.perf_counter()
-        locattn.graft(student, pol, train, steps=args.steps, lr=args.lr, history=hist, progress=not args.quick)
+        locattn.graft(student, pol, train, steps=args.steps, lr=args.lr, history=hist, progress=not args.quick,
+                      inputs=args.inputs, output_weight=args.output_weight, params=args.params)
         record(f"{kind} + graft {args.steps}", pol, student, time.perf_counter() - t0, hist)
         del student
     dense = rows[0]["perplexity"]
