@@ -335,9 +335,9 @@ class Engine:
             report.note = "budget 0 allows no error: every site stays dense"
         else:
             with clock("search"):
-                choice = self._search(cost, err, items, report)
+                choice, e = self._search(cost, err, items, report)
             with clock("validate"):
-                choice = self._validate(choice, cost, err, items, report)
+                choice = self._validate(choice, e, cost, err, items, report)
         self._fill_report(report, choice, cost, items)
         report.wall_s = time.perf_counter() - t0
         policy = build_policy(self.sites, self._choice(choice, items), header=report.header())
@@ -345,7 +345,9 @@ class Engine:
         bump("calibration", "calibrated")
         return Calibration(policy, report)
 
-    def _search(self, cost, err, items, report) -> torch.Tensor:
+    def _search(self, cost, err, items, report) -> tuple[torch.Tensor, float | None]:
+        """The choice (candidate per item) whose fit-sample metric meets the budget at the largest proxy budget
+        ``E`` tried, and that ``E`` (all dense and None when none does)."""
         opts = self.opts
         cheap = cheapest(cost)
         e_max = float(err.gather(1, cheap[:, None]).sum())
@@ -377,12 +379,13 @@ class Engine:
             report.note = (f"budget {opts.budget:g} could not be met with any sparse candidate on the fit samples "
                            f"(smallest measured: {min(m for _, _, m in report.evaluations):.4g}): every site stays "
                            f"dense")
-            return torch.zeros(len(items), dtype=torch.long)
+            return torch.zeros(len(items), dtype=torch.long), None
         report.fit_error = next(m for w, e, m in report.evaluations if e == best[0])
-        self._chosen_e = best[0]
-        return best[1]
+        return best[1], best[0]
 
-    def _validate(self, col: torch.Tensor, cost, err, items, report) -> torch.Tensor:
+    def _validate(self, col: torch.Tensor, e: float | None, cost, err, items, report) -> torch.Tensor:
+        """``col`` (chosen by the search at proxy budget ``e``) checked on the held-out samples, re-solved or
+        backed off until the metric meets the budget there."""
         if not bool((col != 0).any()):
             return col
         idx = self.hold or self.fit
@@ -392,7 +395,6 @@ class Engine:
         col = col.clone()
         bar = _progress(0, "validation on held-out samples", self.opts.progress)
         with bar:
-            e = getattr(self, "_chosen_e", None)    # the proxy budget the search chose ``col`` at
             m = self._held_out(col, e, idx, items, report, bar)
             if m > self.opts.budget and e is not None and self.opts.resolves:
                 col, m = self._resolve(col, e, m, cost, err, idx, items, report, bar)

@@ -384,6 +384,7 @@ def _site_additive(call: AttentionCall, qi: torch.Tensor | None, kj: torch.Tenso
         out = g if out is None else out + g
     return out
 
+
 def _dense_empty_rows(add: torch.Tensor, s_q: int, causal: bool) -> torch.Tensor:
     """Query rows with no allowed key under the additive mask ``add [Bm, Hm, Lm, Sk]`` (``Lm`` is 1 or ``s_q``) and
     the top-left causal mask: ``[Bm, Hm, Lm or s_q]`` bool, in O(mask size) — the causal mask is not built. Under
